@@ -1,0 +1,28 @@
+# The two commands: `make demo` and `make test`. Each sets everything up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hvpmtl-installed
+
+.PHONY: setup demo test test-fast bench clean
+setup: $(STAMP)
+$(STAMP): requirements.txt setup.py tools/setup_env.sh
+	bash tools/setup_env.sh $(VENV)
+
+demo: setup
+	VENV=$(VENV) bash launchers/demo.sh
+
+test: setup
+	bash tools/install_system_deps.sh
+	$(PY) -m pytest tests
+
+# Everything but the cluster tests (no Debian packages needed).
+test-fast: setup
+	$(PY) -m pytest tests -m "not cluster"
+
+bench: setup
+	$(PY) benchmarks/train_step.py --device auto
+	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/data_pipeline.py
+
+clean:
+	rm -rf runs demo_data mlruns mlflow.db .pytest_cache

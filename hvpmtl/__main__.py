@@ -1,0 +1,5 @@
+import sys
+
+from hvpmtl.cli import main
+
+sys.exit(main())
