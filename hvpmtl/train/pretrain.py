@@ -87,8 +87,23 @@ class Preemption:
         self.requested = True
 
 
+def prepare_deepspeed() -> None:
+    """On a machine without CUDA: DeepSpeed's CPU accelerator, without its shared-memory all-reduce op
+    (inference only, and a 60 s JIT build on first use)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if torch.cuda.is_available():
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    except (ImportError, AttributeError, TypeError):
+        pass
+
+
 class Pretrainer:
     def __init__(self, cfg: ExperimentConfig, resume: str = "auto"):
+        prepare_deepspeed()
         import deepspeed
 
         self.cfg = cfg
@@ -122,6 +137,7 @@ class Pretrainer:
         self.nonfinite_total = 0
         self.queue = None
         self._panel_batch = None
+        self._bar = None
         run_id = None
         # per-rank seed for dropout / drop-path, so ranks do not draw the same masks
         seed_everything(cfg.run.seed + 1000 * self.rank + 1)
@@ -320,7 +336,6 @@ class Pretrainer:
 
     def run(self) -> int:
         cfg = self.cfg
-        self._bar = None
         if self.is_main and cfg.run.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
             self._bar = tqdm(total=self.total_steps, initial=self.step, desc="pretrain", unit="step")
@@ -363,14 +378,6 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"hvpmtl: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        try:  # the shm all-reduce op is only for inference and costs a 60 s JIT build on first use
-            import deepspeed.ops
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        except (ImportError, AttributeError, TypeError):
-            pass
     try:
         trainer = Pretrainer(cfg, args.resume)
     except ConfigError as e:

@@ -1,0 +1,77 @@
+"""Student objectives wiring, switched-off heads, and the EMA teacher."""
+import copy
+
+import pytest
+import torch
+
+from hvpmtl.config import load_config
+from hvpmtl.models.meta_arch import Student, Teacher, teacher_momentum
+
+
+def _batch(cfg, b=2):
+    s = cfg.model.img_size
+    g = s // 16
+    mask = torch.zeros(b, g, g, dtype=torch.bool)
+    mask[:, : g // 2] = True
+    return torch.randn(b, 3, s, s), torch.randn(b, 3, s, s), mask, (torch.rand(b, cfg.data.num_classes) < 0.3).float()
+
+
+def test_total_is_the_weighted_sum_of_the_four_objectives():
+    torch.manual_seed(0)
+    cfg = load_config("configs/test_tiny.yaml")
+    st = Student(cfg)
+    te = Teacher(st)
+    v1, v2, m, y = _batch(cfg)
+    out = st(v1, v2, m, y, teacher_sim=te(v1))
+    w = cfg.objectives
+    expected = w.asl.weight * out["asl"] + w.swav.weight * out["swav"] + w.mim.weight * out["mim"] \
+        + w.distill.weight * out["distill"]
+    assert torch.allclose(out["loss"], expected)
+    out["loss"].backward()
+    assert all(p.grad is not None for n, p in st.named_parameters() if p.requires_grad and "mask_token" not in n)
+    assert all(p.grad is None for p in te.parameters())
+
+
+@pytest.mark.parametrize("off", ["asl", "swav", "mim", "distill"])
+def test_switched_off_objective_is_absent(off):
+    cfg = load_config("configs/test_tiny.yaml", [f"objectives.{off}.enabled=false"])
+    st = Student(cfg)
+    v1, v2, m, y = _batch(cfg)
+    te = Teacher(st) if off != "distill" else None
+    out = st(v1, v2, m, y, teacher_sim=te(v1) if te else None)
+    assert off not in out and torch.isfinite(out["loss"])
+    if off == "swav":
+        assert st.prototype_head is None
+    if off == "mim":
+        assert st.mim_decoder is None
+
+
+def test_teacher_ema_update_formula_and_fp32():
+    torch.manual_seed(0)
+    cfg = load_config("configs/test_tiny.yaml")
+    st = Student(cfg)
+    te = Teacher(st)
+    before = copy.deepcopy(te.state_dict())
+    with torch.no_grad():
+        for p in st.parameters():
+            p.add_(torch.randn_like(p))
+    te.update(st, 0.9)
+    sd_s = dict(st.named_parameters())
+    for name, p in te.named_parameters():
+        expected = 0.9 * before[name] + 0.1 * sd_s[name]
+        assert torch.allclose(p, expected, atol=1e-6), name
+        assert p.dtype == torch.float32 and not p.requires_grad
+    # a bf16 student still updates an fp32 teacher
+    st.to(torch.bfloat16)
+    te.update(st, 0.5)
+    assert all(p.dtype == torch.float32 for p in te.parameters())
+    assert not te.training
+
+
+def test_teacher_momentum_schedule():
+    cfg = load_config("configs/test_tiny.yaml", ["objectives.distill.momentum_schedule=cosine",
+                                                  "objectives.distill.momentum=0.99"])
+    assert teacher_momentum(cfg, 0, 100) == pytest.approx(0.99)
+    assert teacher_momentum(cfg, 50, 100) == pytest.approx(0.995)
+    assert teacher_momentum(cfg, 100, 100) == pytest.approx(1.0)
+    assert teacher_momentum(load_config("configs/test_tiny.yaml"), 50, 100) == 0.995

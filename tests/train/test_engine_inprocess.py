@@ -1,0 +1,111 @@
+"""The engine in this process (1 rank, real DeepSpeed ZeRO-2 on gloo): non-finite losses and checkpoints."""
+import os
+import warnings
+
+import pytest
+import torch
+
+from hvpmtl.config import load_config
+from hvpmtl.train import checkpoint
+from hvpmtl.train.pretrain import EXIT_NONFINITE, Pretrainer
+
+
+class ListLoader:
+    """A loader over fixed batches, with the engine's loader interface."""
+
+    def __init__(self, batches):
+        self.batches, self.position, self.epoch = batches, 0, 0
+
+    def __iter__(self):
+        while self.position < len(self.batches):
+            self.position += 1
+            yield self.batches[self.position - 1]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def set_epoch(self, e):
+        self.epoch = e
+
+    def state_dict(self):
+        return {"position": self.position, "epoch": self.epoch}
+
+    def load_state_dict(self, sd):
+        self.position, self.epoch = sd["position"], sd["epoch"]
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine") / "run"
+    cfg = load_config("configs/test_tiny.yaml", [f"run.output_dir={out}", "run.max_nonfinite_in_row=3",
+                                                 "run.keep_checkpoints=2", "tracking.enabled=false"])
+    t = Pretrainer(cfg, resume="none")
+    yield t
+    t.tracker.close()
+
+
+def _params(t):
+    return [p.detach().clone() for p in t.engine.module.parameters()]
+
+
+def test_nonfinite_losses_skip_the_step_count_and_stop(trainer):
+    good = next(iter(trainer.loader))
+    trainer.loader.set_epoch(0)
+    bad = dict(good)
+    bad["view1"] = good["view1"].clone()
+    bad["view1"][0, 0, 0, 0] = float("nan")
+    # one good step first, so there is a state to keep
+    trainer.loader = ListLoader([good])
+    assert trainer.train_one_epoch() is None and trainer.step == 1
+    before = _params(trainer)
+    trainer.loader = ListLoader([bad] * 5)
+    code = trainer.train_one_epoch()
+    assert code == EXIT_NONFINITE
+    assert trainer.nonfinite_total == 3 and trainer.step == 1
+    # no update reached the weights
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(trainer)))
+    # and the last good state was saved
+    assert (trainer.ckpt_dir / checkpoint.tag_for(1) / "COMPLETE").is_file()
+    lines = (trainer.out_dir / "metrics.jsonl").read_text()
+    assert '"nonfinite_skipped": 3' in lines
+
+
+def test_checkpoints_keep_last_n_and_fall_back_past_damaged_ones(trainer):
+    trainer.loader = ListLoader([])
+    for s in (10, 11, 12):
+        trainer.step = s
+        trainer.save()
+    tags = sorted(p.name for p in trainer.ckpt_dir.glob("step_*"))
+    assert tags == [checkpoint.tag_for(11), checkpoint.tag_for(12)]
+    assert (trainer.ckpt_dir / "latest").read_text() == checkpoint.tag_for(12)
+
+    # a truncated file: the manifest catches it
+    newest = trainer.ckpt_dir / checkpoint.tag_for(12)
+    f = newest / "rank_0.pt"
+    f.write_bytes(f.read_bytes()[:10])
+    with pytest.warns(UserWarning, match=r"step_00000012 is not usable \(rank_0.pt is 10 bytes"):
+        cands = checkpoint.candidates(trainer.ckpt_dir)
+    assert [c.name for c in cands] == [checkpoint.tag_for(11)]
+
+    # same size but garbage: loading fails, the older one is used, with a warning
+    trainer.step = 13
+    trainer.save()
+    broken = trainer.ckpt_dir / checkpoint.tag_for(13) / "mp_rank_00_model_states.pt"
+    broken.write_bytes(b"\0" * broken.stat().st_size)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        found = checkpoint.resume_latest(trainer.engine, trainer.ckpt_dir, log=lambda m: None)
+    assert found is not None and found[0].name == checkpoint.tag_for(11) and found[1]["step"] == 11
+    assert any("step_00000013 could not be loaded" in str(x.message) for x in w)
+
+
+def test_interrupted_save_is_never_latest(trainer):
+    """A save that died before its manifest leaves `latest` on the previous complete tag."""
+    trainer.step = 20
+    trainer.save()
+    partial = trainer.ckpt_dir / checkpoint.tag_for(21)
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    assert (trainer.ckpt_dir / "latest").read_text() == checkpoint.tag_for(20)
+    with pytest.warns(UserWarning, match="no COMPLETE manifest"):
+        assert checkpoint.candidates(trainer.ckpt_dir)[0].name == checkpoint.tag_for(20)
