@@ -9,7 +9,7 @@ $(STAMP): requirements.txt setup.py tools/setup_env.sh
 	bash tools/setup_env.sh $(VENV)
 
 demo: setup
-	VENV=$(VENV) bash launchers/demo.sh
+	VENV=$(VENV) bash launchers/demo.sh $(ARGS)
 
 test: setup
 	bash tools/install_system_deps.sh

@@ -32,6 +32,7 @@ class ModelConfig:
     decoder_heads: int = 8
     decoder_ffn_dim: int = 2048
     decoder_self_attn: bool = False  # off: self-attention over 11,166 queries costs O(C^2)
+    decoder_groups: int = 0  # 0: one query per class (Query2Label); G > 0: G group queries (ML-Decoder)
     decoder_dropout: float = 0.1
     # SwAV head
     proto_hidden_dim: int = 2048
@@ -144,6 +145,7 @@ class RunConfig:
     eval_every: int = 0  # steps between online linear-probe/kNN evaluations; 0 = off
     image_log_every: int = 0  # steps between MLflow image panels; 0 = off
     progress_bar: bool = True
+    compile: bool = False  # torch.compile the backbones (student and teacher) and the label decoder
 
 
 @dataclass
@@ -298,6 +300,8 @@ def validate(cfg: ExperimentConfig, source: str = "<config>") -> None:
            f"must equal model.img_size ({m.img_size}), got {d.img_size}")
     _check(m.decoder_dim % m.decoder_heads == 0, source, "model.decoder_heads",
            f"must divide model.decoder_dim ({m.decoder_dim})")
+    _check(0 <= m.decoder_groups <= d.num_classes, source, "model.decoder_groups",
+           f"must be in [0, data.num_classes ({d.num_classes})], got {m.decoder_groups}")
     for k in ("decoder_layers", "decoder_dim", "num_prototypes", "proto_out_dim", "proto_hidden_dim"):
         _check(getattr(m, k) > 0, source, f"model.{k}", "must be > 0")
     _check(d.format in ("tencent", "shards", "imagefolder", "tensors"), source, "data.format",

@@ -64,11 +64,32 @@ class LabelDecoderLayer(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, tgt, query_pos, memory, memory_pos):
-        if self.self_attn is not None:
-            qk = tgt + query_pos
-            tgt = self.norm_sa(tgt + self.drop(self.self_attn(qk, qk, tgt)))
-        tgt = self.norm1(tgt + self.drop(self.cross_attn(tgt + query_pos, memory + memory_pos, memory)))
+        """tgt None stands for the all-zero input of the first layer: the queries are then the label
+        embeddings alone, shared by the batch, and no [B, C, d] zeros are made."""
+        if tgt is None:
+            tgt = self.norm1(self.drop(self.cross_attn(query_pos, memory + memory_pos, memory)))
+        else:
+            if self.self_attn is not None:
+                qk = tgt + query_pos
+                tgt = self.norm_sa(tgt + self.drop(self.self_attn(qk, qk, tgt)))
+            tgt = self.norm1(tgt + self.drop(self.cross_attn(tgt + query_pos, memory + memory_pos, memory)))
         return self.norm2(tgt + self.drop(self.ffn(tgt)))
+
+
+class GroupFullyConnected(nn.Module):
+    """ML-Decoder's group decoding head: G query outputs, each expanded to ceil(C / G) classes."""
+
+    def __init__(self, num_classes: int, groups: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.per_group = -(-num_classes // groups)
+        self.weight = nn.Parameter(torch.empty(groups, self.per_group, dim))
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        nn.init.uniform_(self.weight, -1 / math.sqrt(dim), 1 / math.sqrt(dim))
+
+    def forward(self, h):
+        logits = torch.einsum("bgd,gkd->bgk", h, self.weight.to(h.dtype)).flatten(1)
+        return logits[:, : self.num_classes] + self.bias
 
 
 class GroupWiseLinear(nn.Module):
@@ -94,22 +115,26 @@ class LabelDecoder(nn.Module):
 
     def __init__(self, in_dim: int, num_classes: int, dim: int = 768, layers: int = 2, heads: int = 8,
                  ffn_dim: int = 2048, dropout: float = 0.1, self_attn: bool = False,
-                 grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False, groups: int = 0):
         super().__init__()
         self.num_classes = num_classes
         self.input_proj = nn.Linear(in_dim, dim)
+        # Q0: one embedding per class. They are the decoder's queries (Query2Label) unless `groups` > 0,
+        # where G group queries decode (ML-Decoder) and Q0 serves the distillation similarity only.
         self.label_embed = nn.Parameter(torch.empty(num_classes, dim))
         nn.init.normal_(self.label_embed, std=0.02)
+        self.group_embed = nn.Parameter(torch.randn(groups, dim) * 0.02) if groups else None
         self.layers = nn.ModuleList(LabelDecoderLayer(dim, heads, ffn_dim, dropout, self_attn) for _ in range(layers))
-        self.classifier = GroupWiseLinear(num_classes, dim)
+        self.classifier = GroupFullyConnected(num_classes, groups, dim) if groups else GroupWiseLinear(num_classes, dim)
         self.grad_checkpointing = grad_checkpointing
 
     def forward(self, features: torch.Tensor):
         B, H, W, _ = features.shape
         memory = self.input_proj(features.reshape(B, H * W, -1))
         pos = sine_position_embedding(H, W, memory.shape[-1], memory.device, memory.dtype).unsqueeze(0)
-        query_pos = self.label_embed.to(memory.dtype).unsqueeze(0)
-        tgt = torch.zeros(B, self.num_classes, memory.shape[-1], device=memory.device, dtype=memory.dtype)
+        queries = self.group_embed if self.group_embed is not None else self.label_embed
+        query_pos = queries.to(memory.dtype).unsqueeze(0)
+        tgt = None
         for layer in self.layers:
             if self.grad_checkpointing and self.training:
                 tgt = checkpoint(layer, tgt, query_pos, memory, pos, use_reentrant=False)

@@ -37,7 +37,8 @@ class Student(nn.Module):
         # Heads of switched-off objectives are not built: no dead parameters in the optimizer or ZeRO buckets.
         self.label_decoder = LabelDecoder(
             d0, cfg.data.num_classes, m.decoder_dim, m.decoder_layers, m.decoder_heads, m.decoder_ffn_dim,
-            m.decoder_dropout, m.decoder_self_attn, m.grad_checkpointing) if w["asl"] or w["distill"] else None
+            m.decoder_dropout, m.decoder_self_attn, m.grad_checkpointing, m.decoder_groups,
+        ) if w["asl"] or w["distill"] else None
         self.prototype_head = PrototypeHead(d0, m.proto_hidden_dim, m.proto_out_dim,
                                             m.num_prototypes) if w["swav"] else None
         self.mim_decoder = MIMDecoder(d0, self.backbone.stride) if w["mim"] else None
@@ -45,7 +46,8 @@ class Student(nn.Module):
 
     def no_weight_decay_names(self) -> set[str]:
         """Parameters kept out of weight decay besides norms and biases (handled by ndim)."""
-        names = {"backbone.mask_token", "label_decoder.label_embed", "prototype_head.prototypes.weight"}
+        names = {"backbone.mask_token", "label_decoder.label_embed", "label_decoder.group_embed",
+                 "prototype_head.prototypes.weight"}
         nwd = getattr(self.backbone.model, "no_weight_decay", None)
         for n in (nwd() if nwd else ()):
             names.add(f"backbone.model.{n}")
@@ -58,6 +60,14 @@ class Student(nn.Module):
     def forward(self, view1, view2, mask, labels, teacher_sim=None, queue=None, freeze_prototypes: bool = False):
         """Returns a dict: 'loss' (weighted total) and each enabled objective's unweighted value, plus
         'z1', 'z2' (detached SwAV embeddings for the queue)."""
+        # With half-precision weights (DeepSpeed bf16), autocast inside the module: the engine's forward
+        # runs with autocast off, and fp32 tensors made on the fly (timm Swin's shifted-window attention
+        # mask on H100, seen 2026-11-26) would otherwise meet bf16 activations in a matmul.
+        dtype = self.backbone.mask_token.dtype
+        with torch.autocast(view1.device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16)):
+            return self._forward(view1, view2, mask, labels, teacher_sim, queue, freeze_prototypes)
+
+    def _forward(self, view1, view2, mask, labels, teacher_sim, queue, freeze_prototypes):
         ob = self.cfg.objectives
         w = self.weights
         out: dict[str, torch.Tensor] = {}

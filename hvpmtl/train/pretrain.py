@@ -48,6 +48,8 @@ def resolve_precision(cfg: ExperimentConfig) -> str:
 
 def build_ds_config(cfg: ExperimentConfig, world_size: int, precision: str) -> dict:
     path = Path(cfg.run.ds_config)
+    if not path.is_absolute() and not path.exists():  # the shipped ds_configs/, from any working directory
+        path = Path(__file__).resolve().parents[2] / path
     try:
         ds = json.loads(path.read_text())
     except OSError as e:
@@ -118,6 +120,11 @@ class Pretrainer:
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         self.student = Student(cfg)
         self.teacher = Teacher(self.student).to(self.device) if self.student.weights["distill"] > 0 else None
+        if cfg.run.compile:  # in place: parameter names (and so checkpoints, exports) are unchanged
+            for m in (self.student.backbone, self.student.label_decoder,
+                      *((self.teacher.backbone, self.teacher.label_decoder) if self.teacher else ())):
+                if m is not None:
+                    m.compile()
         self.loader = self._build_loader()
         o = cfg.optim
         self.steps_per_epoch = o.steps_per_epoch or max(1, len(self.loader) // o.grad_accum_steps)

@@ -61,3 +61,18 @@ def test_sine_position_embedding_distinct_and_bounded():
     pe = sine_position_embedding(3, 4, 8, "cpu", torch.float32)
     assert pe.shape == (12, 8) and pe.abs().max() <= 1
     assert torch.unique(pe, dim=0).shape[0] == 12
+
+
+def test_group_decoding_shapes_and_head_matches_a_loop():
+    from hvpmtl.models.label_decoder import GroupFullyConnected
+    dec = LabelDecoder(in_dim=8, num_classes=10, dim=8, layers=1, heads=2, ffn_dim=16, groups=3)
+    logits, g = dec(torch.randn(2, 3, 3, 8))
+    assert logits.shape == (2, 10) and g.shape == (2, 8)
+    head = GroupFullyConnected(10, 3, 4).double()  # 4 classes per group, the last group padded
+    h = torch.randn(2, 3, 4, dtype=torch.float64)
+    out = head(h)
+    for b in range(2):
+        for c in range(10):
+            gi, k = divmod(c, 4)
+            expected = float(h[b, gi] @ head.weight[gi, k]) + head.bias[c].item()
+            assert abs(out[b, c].item() - expected) < 1e-12

@@ -75,3 +75,19 @@ def test_teacher_momentum_schedule():
     assert teacher_momentum(cfg, 50, 100) == pytest.approx(0.995)
     assert teacher_momentum(cfg, 100, 100) == pytest.approx(1.0)
     assert teacher_momentum(load_config("configs/test_tiny.yaml"), 50, 100) == 0.995
+
+
+def test_half_precision_student_runs_with_fp32_tensors_inside():
+    """A bf16 student (as under DeepSpeed bf16) autocasts internally, so fp32 intermediates (e.g. an
+    attention mask built on the fly) cannot meet bf16 activations in a matmul; losses stay fp32."""
+    torch.manual_seed(0)
+    cfg = load_config("configs/test_tiny.yaml")
+    st = Student(cfg)
+    te = Teacher(st)
+    v1, v2, m, y = _batch(cfg)
+    sim = te(v1)
+    st = st.to(torch.bfloat16)
+    fp32_bias = torch.zeros(1, dtype=torch.float32)
+    st.backbone.model.blocks[0].attn.qkv.register_forward_hook(lambda mod, args, out: out + fp32_bias)
+    out = st(v1.bfloat16(), v2.bfloat16(), m, y, teacher_sim=sim)
+    assert all(out[k].dtype == torch.float32 and torch.isfinite(out[k]) for k in ("asl", "swav", "mim", "distill"))

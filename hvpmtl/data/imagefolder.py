@@ -1,0 +1,81 @@
+"""Single-label ImageFolder data (root/<class>/<image>) on DALI, for fine-tuning and evaluation.
+
+Classes are the sorted sub-folder names (torchvision's ImageFolder order). Training: one view,
+random resized crop + flip, a global reshuffle per epoch, the last partial batch dropped, same
+resumable state as the pre-training loader. Evaluation: resize + centre crop, every image once.
+Batches: {"image": [B,3,S,S], "label": [B] int64, "index": [B] int64}.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hvpmtl.data import augment
+from hvpmtl.data.issues import DataError
+from hvpmtl.data.loader import EpochLoader, EvalLoader, to_device
+from hvpmtl.data.tencent import LabelList
+
+EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def scan_image_folder(root: str | Path) -> tuple[list[str], LabelList, np.ndarray]:
+    """(class names, the files as a LabelList without multi-labels, their class indices)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"{root}: no class sub-folders (expected root/<class>/<image>)")
+    paths, targets = [], []
+    for c, name in enumerate(classes):
+        for p in sorted((root / name).rglob("*")):
+            if p.suffix.lower() in EXTENSIONS and p.is_file():
+                paths.append(str(p.relative_to(root)).encode())
+                targets.append(c)
+    if not paths:
+        raise DataError(f"{root}: no images with extensions {', '.join(EXTENSIONS)}")
+    n = len(paths)
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum([len(p) for p in paths], out=offsets[1:])
+    labels = LabelList(str(root), b"".join(paths), offsets, np.arange(1, n + 1, dtype=np.int64),
+                       np.zeros(n + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))
+    return classes, labels, np.asarray(targets, np.int64)
+
+
+class ImageFolderTrainLoader(EpochLoader):
+    output_names = ("image",)
+
+    def __init__(self, *, targets: np.ndarray, classes: list[str], img_size: int, **kw):
+        self.img_size, self.classes = img_size, classes
+        self.targets = torch.from_numpy(targets)
+        super().__init__(**kw)
+
+    def _views(self, images) -> tuple:
+        return (augment.finetune_view(images, self.img_size, half=self.half),)
+
+    def _finish(self, out: dict, ids: torch.Tensor) -> dict:
+        return {"image": to_device(out["image"], self.device, self.dtype),
+                "label": to_device(self.targets[ids], self.device), "index": to_device(ids, self.device)}
+
+
+def build_imagefolder_loader(root: str, batch_size: int, img_size: int, train: bool, rank: int = 0,
+                             world_size: int = 1, seed: int = 0, device: str = "auto", num_threads: int = 2,
+                             local_rank: int = 0, dtype=torch.float32):
+    """An ImageFolder loader; `.classes` holds the class names, `.num_samples` the image count.
+
+    train=True: ImageFolderTrainLoader (set_epoch, state_dict/load_state_dict, len = batches per
+    rank with the remainder dropped). train=False: EvalLoader over every image once (ranks may
+    differ by one batch).
+    """
+    classes, labels, targets = scan_image_folder(root)
+    if train:
+        return ImageFolderTrainLoader(targets=targets, classes=classes, img_size=img_size, labels=labels, root=root,
+                                      batch_size=batch_size, rank=rank, world_size=world_size, local_rank=local_rank,
+                                      seed=seed, dtype=dtype, device=device, num_threads=num_threads)
+    loader = EvalLoader(labels=labels, root=root, batch_size=batch_size, rank=rank, world_size=world_size,
+                        local_rank=local_rank, img_size=img_size, device=device, num_threads=num_threads,
+                        dtype=dtype, int_labels=targets)
+    loader.classes = classes
+    return loader

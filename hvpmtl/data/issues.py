@@ -1,0 +1,66 @@
+"""Problems found in a data set, each naming its file and line (or shard and key).
+
+Errors make a sample unusable (the loader refuses the data set, or skips the sample with
+`data.skip_corrupt` / `data.skip_list`); warnings are reported and the sample is used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ERROR = "error"
+WARNING = "warning"
+
+# code -> (severity, one-line advice). The codes are stable: tests and skip lists use them.
+CODES = {
+    "missing-file": (ERROR, "the image file does not exist under the image root"),
+    "unreadable": (ERROR, "the image file cannot be read (permissions or I/O error)"),
+    "zero-byte": (ERROR, "the image file is empty"),
+    "truncated": (ERROR, "the JPEG stream ends before its end-of-image marker"),
+    "corrupt-jpeg": (ERROR, "the JPEG markers are broken or it does not decode"),
+    "not-jpeg": (ERROR, "not JPEG content; the pipeline decodes JPEG only: convert it or skip it"),
+    "grayscale": (WARNING, "1-channel JPEG; decoded to RGB by repeating the channel"),
+    "cmyk": (WARNING, "CMYK/YCCK JPEG; decoded to RGB by the decoder's colour conversion"),
+    "empty-line": (WARNING, "empty line, ignored"),
+    "no-labels": (WARNING, "image without labels: a negative for every class"),
+    "malformed": (ERROR, "expected 'path idx:conf idx:conf ...'"),
+    "bad-index": (ERROR, "class index outside [0, num_classes)"),
+    "bad-conf": (ERROR, "confidence outside (0, 1]"),
+    "duplicate-label": (WARNING, "class listed twice on one line; the larger confidence is kept"),
+    "duplicate-path": (ERROR, "the same image listed twice; the later line is skipped"),
+    "empty-shard": (ERROR, "the shard holds no samples"),
+    "bad-shard": (ERROR, "the shard or its members cannot be read"),
+    "missing-index": (WARNING, "no DALI index next to the shard; `hvpmtl data index-shards` writes it"),
+    "bad-dictionary": (ERROR, "dictionary row is not 'index<TAB>id<TAB>parent<TAB>name'"),
+    "class-count": (ERROR, "num_classes does not match the dictionary"),
+}
+
+
+@dataclass(frozen=True)
+class Issue:
+    code: str
+    file: str  # list file, dictionary or shard
+    line: int  # 1-based line in the list file; 0 = whole file; for shards the sample's position
+    message: str
+    path: str = ""  # the image path as written in the list file, or the shard member key
+
+    @property
+    def severity(self) -> str:
+        return CODES[self.code][0]
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity == ERROR
+
+    def format(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        what = f" ({self.path})" if self.path else ""
+        return f"{where}: {self.severity} [{self.code}]{what}: {self.message}"
+
+
+class DataError(RuntimeError):
+    """A data set that cannot be used as it is; the message says where and how to fix it."""
+
+
+def make_issue(code: str, file: str, line: int, detail: str = "", path: str = "") -> Issue:
+    advice = CODES[code][1]
+    return Issue(code, file, line, f"{detail}; {advice}" if detail else advice, path)

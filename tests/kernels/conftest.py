@@ -1,0 +1,28 @@
+"""Kernel tests run the real Triton code in Triton's interpreter, on CPU tensors.
+
+TRITON_INTERPRET=1 must be set when the @triton.jit decorators run, so the fixtures below set it
+(for the test only, via monkeypatch) and import -- or re-import, if something imported it
+earlier without the interpreter -- the kernel module. Other tests keep the plain CPU path.
+"""
+import importlib
+
+import pytest
+
+
+def interpreted_module(name: str, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    module = importlib.import_module(name)
+    if not module.INTERPRETED:
+        module = importlib.reload(module)
+    assert module.INTERPRETED
+    return module
+
+
+@pytest.fixture
+def asl_kernel(monkeypatch):
+    return interpreted_module("hvpmtl.kernels.weighted_asl", monkeypatch)
+
+
+@pytest.fixture
+def sinkhorn_kernel(monkeypatch):
+    return interpreted_module("hvpmtl.kernels.sinkhorn", monkeypatch)
