@@ -1,8 +1,8 @@
 """Kernel tests run the real Triton code in Triton's interpreter, on CPU tensors.
 
-TRITON_INTERPRET=1 must be set when the @triton.jit decorators run, so the fixtures below set it
-(for the test only, via monkeypatch) and import -- or re-import, if something imported it
-earlier without the interpreter -- the kernel module. Other tests keep the plain CPU path.
+TRITON_INTERPRET=1 must be set when the @triton.jit decorators run (triton.language's own helpers
+included), so tests/conftest.py sets it for the whole session; the fixtures below also make sure
+the kernel module they hand out was imported in interpreter mode.
 """
 import importlib
 

@@ -109,3 +109,36 @@ def test_interrupted_save_is_never_latest(trainer):
     assert (trainer.ckpt_dir / "latest").read_text() == checkpoint.tag_for(20)
     with pytest.warns(UserWarning, match="no COMPLETE manifest"):
         assert checkpoint.candidates(trainer.ckpt_dir)[0].name == checkpoint.tag_for(20)
+
+
+def test_gradient_accumulation_equals_the_joined_micro_batch(tmp_path):
+    """micro 2 x accumulation 2 takes the same optimizer step as micro 4 x 1 (objectives whose value does not
+    depend on the batch split; SwAV's codes do, so it is off), and the teacher moves once, at the boundary."""
+    common = ["objectives.swav.enabled=false", "tracking.enabled=false", "optim.max_steps=1",
+              "run.checkpoint_every=1000"]
+    runs = {}
+    for name, micro, accum in (("joined", 4, 1), ("accum", 2, 2)):
+        cfg = load_config("configs/test_tiny.yaml", common + [f"run.output_dir={tmp_path / name}",
+                                                              f"optim.micro_batch_size={micro}",
+                                                              f"optim.grad_accum_steps={accum}"])
+        t = Pretrainer(cfg, resume="none")
+        teacher_before = [p.clone() for p in t.teacher.parameters()]
+        updates = []
+        orig = t.teacher.update
+        t.teacher.update = lambda *a, **k: (updates.append(1), orig(*a, **k))
+        t.loader.set_epoch(0)
+        assert t.train_one_epoch() == 0 and t.step == 1
+        t.tracker.close()
+        runs[name] = (_params(t), [p.clone() for p in t.teacher.parameters()], len(updates),
+                      (t.out_dir / "metrics.jsonl").read_text())
+        assert any(not torch.equal(a, b) for a, b in zip(teacher_before, runs[name][1]))
+    (pa, ta, na, ma), (pb, tb, nb, mb) = runs["joined"], runs["accum"]
+    assert na == nb == 1
+    for a, b in zip(pa, pb):
+        assert torch.allclose(a, b, atol=2e-6, rtol=1e-4)
+    for a, b in zip(ta, tb):
+        assert torch.allclose(a, b, atol=2e-6, rtol=1e-4)
+    import json
+    la, lb = json.loads(ma.splitlines()[0]), json.loads(mb.splitlines()[0])
+    for k in ("asl", "mim", "distill", "loss"):
+        assert abs(la[k] - lb[k]) < 1e-5 * max(1, abs(la[k])), k
