@@ -18,7 +18,7 @@ def map_slurm_env() -> None:
     env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000))  # as the sbatch scripts
 
 
 def init_distributed(timeout_s: int = 600) -> tuple[int, int, int]:
@@ -73,3 +73,83 @@ def any_rank(flag: bool, device) -> bool:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+class Heartbeat:
+    """Names the rank that died or hung when a collective fails.
+
+    Each rank stamps "time step" into the rendezvous store from a daemon thread every `interval`
+    seconds. After a failed collective, `lost_ranks()` reads the stamps twice, a few intervals apart:
+    a rank whose stamp did not move is dead or stopped. If the store itself (hosted by rank 0) is gone,
+    rank 0 is the one lost.
+    """
+
+    def __init__(self, rank: int, world_size: int, interval: float = 1.0):
+        import threading
+
+        self.rank, self.world, self.interval = rank, world_size, interval
+        self.step = 0
+        self.store_error: str | None = None
+        self._stop = threading.Event()
+        self.store = None
+        if world_size > 1:
+            try:
+                self.store = dist.distributed_c10d._get_default_store()
+            except (AttributeError, RuntimeError, ValueError):
+                self.store = None
+        if self.store is not None:
+            self._beat()
+            self._thread = threading.Thread(target=self._loop, name="hvpmtl-heartbeat", daemon=True)
+            self._thread.start()
+
+    @staticmethod
+    def _key(rank: int) -> str:
+        return f"hvpmtl/heartbeat/{rank}"
+
+    def _beat(self) -> None:
+        import time
+
+        try:
+            self.store.set(self._key(self.rank), f"{time.time():.3f} {self.step}")
+        except Exception as e:  # noqa: BLE001 — the store's host (rank 0) is gone
+            self.store_error = f"{type(e).__name__}: {e}"
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._beat()
+
+    def _read(self) -> dict[int, str | None]:
+        out = {}
+        for r in range(self.world):
+            try:
+                out[r] = self.store.get(self._key(r)).decode() if self.store.check([self._key(r)]) else None
+            except Exception as e:  # noqa: BLE001
+                self.store_error = f"{type(e).__name__}: {e}"
+                return {}
+        return out
+
+    def lost_ranks(self) -> str:
+        """A sentence naming the ranks that stopped responding, or '' when every rank is alive."""
+        import time
+
+        if self.store is None:
+            return ""
+        first = self._read()
+        time.sleep(3 * self.interval)
+        second = self._read() if first else {}
+        if self.store_error and not second:
+            return (f"rank 0 is lost: the rendezvous store it hosts is unreachable "
+                    f"({os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}; {self.store_error})")
+        now = time.time()
+        lost = []
+        for r in range(self.world):
+            if r == self.rank:
+                continue
+            if second.get(r) is None or second[r] == first.get(r):
+                stamp = (second.get(r) or "").split()
+                age = f"last heartbeat {now - float(stamp[0]):.0f} s ago at step {stamp[1]}" if stamp else "no heartbeat"
+                lost.append(f"rank {r} ({age})")
+        return "lost " + ", ".join(lost) if lost else ""
+
+    def close(self) -> None:
+        self._stop.set()

@@ -1,7 +1,8 @@
 """HVP-MTL pre-training: set-up (`Pretrainer.__init__`) apart from the loop (`train_one_epoch`).
 
 Started on every rank by launchers/pretrain.py (deepspeed, torchrun or srun). Exit codes:
-0 finished, 2 config error, 3 preempted (checkpoint saved, requeue me), 4 too many non-finite losses.
+0 finished, 2 config error, 3 preempted (checkpoint saved, requeue me), 4 too many non-finite losses,
+5 another rank died or hung (named in the message; the job cannot go on without it).
 """
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ import torch
 import torch.distributed as dist
 
 from hvpmtl.config import ConfigError, ExperimentConfig, check_batch_sizes, load_config, save_config
-from hvpmtl.dist import all_reduce_mean, any_rank, init_distributed
+from hvpmtl.dist import Heartbeat, all_reduce_mean, any_rank, init_distributed
 from hvpmtl.models.meta_arch import OBJECTIVES, Student, Teacher, teacher_momentum
 from hvpmtl.train import checkpoint
 from hvpmtl.train.optim import build_optimizer, build_scheduler
 from hvpmtl.train.tracking import Tracker
 
-EXIT_OK, EXIT_CONFIG, EXIT_PREEMPTED, EXIT_NONFINITE = 0, 2, 3, 4
+EXIT_OK, EXIT_CONFIG, EXIT_PREEMPTED, EXIT_NONFINITE, EXIT_PEER_LOST = 0, 2, 3, 4, 5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -151,6 +152,7 @@ class Pretrainer:
         if resume != "none":
             run_id = self._resume(resume)
         self.preemption = Preemption()
+        self.heartbeat = Heartbeat(self.rank, self.world)
         self.tracker = Tracker(cfg, active=self.is_main, run_id=run_id)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -276,6 +278,7 @@ class Pretrainer:
                     return EXIT_NONFINITE
                 continue
             self.nonfinite_in_row = 0
+            self.heartbeat.step = self.step
             for k, v in losses.items():
                 acc[k] = acc.get(k, 0.0) + v
             n_micro += 1
@@ -362,7 +365,18 @@ class Pretrainer:
                 if self.step % cfg.run.checkpoint_every != 0:
                     self.save()
                 self._export_backbone()
+        except (RuntimeError, dist.DistError) as e:
+            lost = self.heartbeat.lost_ranks()
+            if not lost:
+                raise
+            # a collective failed because a peer died or hung: say which, instead of a bare gloo/NCCL error
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            print(f"[hvpmtl] rank {self.rank}: a collective failed at step {self.step + 1}: {lost}. "
+                  f"The job cannot continue; restart it with --resume auto from the last checkpoint. "
+                  f"({type(e).__name__}: {first})", file=sys.stderr, flush=True)
+            code = EXIT_PEER_LOST
         finally:
+            self.heartbeat.close()
             if self._bar is not None:
                 self._bar.close()
             self.tracker.close("FINISHED" if code in (EXIT_OK, EXIT_PREEMPTED) else "FAILED")
@@ -391,6 +405,8 @@ def main(argv=None) -> int:
         print(f"hvpmtl: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     code = trainer.run()
+    if code == EXIT_PEER_LOST:
+        os._exit(code)  # a process group with a dead peer can hang in its own teardown
     if dist.is_initialized():
         dist.destroy_process_group()
     return code

@@ -36,7 +36,12 @@ class Tracker:
         self.mlflow = mlflow
         self.uri = default_tracking_uri(cfg)
         mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(cfg.tracking.experiment)
+        name = cfg.tracking.experiment
+        if self.uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
+            # artifacts beside the database, not in ./mlruns of whatever directory the job started in
+            store = Path(self.uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
+            mlflow.create_experiment(name, artifact_location=store.as_uri())
+        mlflow.set_experiment(name)
         # a resumed run continues the same MLflow run
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.run.name)
         self.run_id = run.info.run_id

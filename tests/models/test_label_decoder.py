@@ -74,5 +74,5 @@ def test_group_decoding_shapes_and_head_matches_a_loop():
     for b in range(2):
         for c in range(10):
             gi, k = divmod(c, 4)
-            expected = float(h[b, gi] @ head.weight[gi, k]) + head.bias[c].item()
+            expected = float((h[b, gi] @ head.weight[gi, k]).detach()) + head.bias[c].item()
             assert abs(out[b, c].item() - expected) < 1e-12
