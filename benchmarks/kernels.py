@@ -14,7 +14,6 @@ Every row runs inside its own try/except: a failing row prints its error and the
 table comes last. Exit code 1 if --check has a FAIL or an error.
 """
 import argparse
-import importlib.util
 import math
 import sys
 import traceback
@@ -25,21 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _import_package():
-    """hvpmtl and hvpmtl.kernels, also from a bare checkout (kernels/ is installed as hvpmtl.kernels)."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        import hvpmtl.kernels  # noqa: F401
-    except ModuleNotFoundError:
-        spec = importlib.util.spec_from_file_location(
-            "hvpmtl.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["hvpmtl.kernels"] = module
-        spec.loader.exec_module(module)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bootstrap import import_package  # noqa: E402
 
-
-_import_package()
+import_package()
 
 import triton  # noqa: E402
 import triton.testing  # noqa: E402

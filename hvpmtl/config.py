@@ -269,7 +269,11 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> ExperimentConfig:
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = (),
+                schema=ExperimentConfig, validator=None):
+    """YAML file (or defaults) + `--set` overrides -> a validated `schema` instance (ExperimentConfig unless
+    another dataclass tree is given, e.g. the fine-tuning config, with its own validator)."""
+    validator = validator or (validate if schema is ExperimentConfig else None)
     values: dict = {}
     source = "<defaults>"
     if path is not None:
@@ -279,8 +283,9 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         values = _merge(values, parse_override(o))
     if overrides:
         source += " + --set " + " ".join(overrides)
-    cfg = _build(ExperimentConfig, values, "", source)
-    validate(cfg, source)
+    cfg = _build(schema, values, "", source)
+    if validator is not None:
+        validator(cfg, source)
     return cfg
 
 

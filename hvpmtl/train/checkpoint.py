@@ -145,3 +145,16 @@ def resume_latest(engine, ckpt_dir: str | Path, log=print):
         log(f"resumed from {tag_dir}")
         return tag_dir, client_state, rank_state
     return None
+
+
+def resume(engine, ckpt_dir: str | Path, how: str, log=print):
+    """`--resume` semantics shared by pre-training and fine-tuning: 'auto' = the newest loadable checkpoint
+    in ckpt_dir (None if there is none), else the path of one checkpoint, which must be complete."""
+    if how == "auto":
+        return resume_latest(engine, ckpt_dir, log=log)
+    tag_dir = Path(how)
+    ok, why = is_complete(tag_dir)
+    if not ok:
+        from hvpmtl.config import ConfigError
+        raise ConfigError(f"--resume {how}: not a usable checkpoint ({why})")
+    return (tag_dir, *load(engine, tag_dir))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import signal
@@ -177,14 +176,7 @@ class Pretrainer:
         return build_pretrain_loader(cfg.data, local_rank=self.local_rank, seed=cfg.data.seed, dtype=dtype, **kw)
 
     def _resume(self, resume: str):
-        if resume == "auto":
-            found = checkpoint.resume_latest(self.engine, self.ckpt_dir, log=self.log)
-        else:
-            tag_dir = Path(resume)
-            ok, why = checkpoint.is_complete(tag_dir)
-            if not ok:
-                raise ConfigError(f"--resume {resume}: not a usable checkpoint ({why})")
-            found = (tag_dir, *checkpoint.load(self.engine, tag_dir))
+        found = checkpoint.resume(self.engine, self.ckpt_dir, resume, log=self.log)
         if found is None:
             return None
         _, client, rank_state = found

@@ -1,0 +1,104 @@
+"""Online evaluation during pre-training: kNN and linear-probe mAP on the labelled held-out split.
+
+Called by the engine on every rank every `run.eval_every` steps. Each rank extracts features for
+its share of `data.holdout_list` (the eval loader gives rank r the ids r, r+W, ...); the features
+are gathered on every rank, rank 0 fits the probes and broadcasts the numbers, so every rank
+returns the same dict and no rank waits on a long single-rank job at a barrier.
+
+The held-out images are split in two by their position in the list: even positions train the
+probes, odd positions test them (fixed, so numbers are comparable across steps and runs).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from hvpmtl.config import ConfigError, ExperimentConfig
+from hvpmtl.eval.features import extract_features
+from hvpmtl.eval.knn import knn_eval
+from hvpmtl.eval.linear_probe import linear_probe
+
+EVAL_BATCH_SIZE = 64
+_LOADERS: dict = {}  # EvalLoader per (held-out list, size, rank...): each iteration builds a fresh DALI pipeline
+
+
+def _distributed(world_size: int) -> bool:
+    return world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def _all_gather_rows(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Concatenate every rank's [n_r, ...] tensor (n_r may differ) in rank order."""
+    if not _distributed(world_size):
+        return x
+    n = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s.item()) for s in sizes]
+    pad = x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))
+    parts = [x.new_zeros((max(sizes), *x.shape[1:])) for _ in range(world_size)]
+    dist.all_gather(parts, torch.cat([x, pad]))
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def split_halves(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (probe-train, probe-test) by the parity of the sample's position in the list."""
+    train = index % 2 == 0
+    return train, ~train
+
+
+def probe_scores(features: np.ndarray, labels: np.ndarray, index: np.ndarray, *, num_classes: int,
+                 knn_k: int = 20, knn_temperature: float = 0.07, device="cpu") -> dict[str, float]:
+    """kNN and linear-probe mAP (percent) of multi-label features split by `split_halves`."""
+    order = np.argsort(index, kind="stable")
+    features, labels, index = features[order], labels[order], index[order]
+    tr, te = split_halves(index)
+    if tr.sum() == 0 or te.sum() == 0:
+        raise ValueError(f"online eval: the held-out split has {len(index)} image(s); it needs at least 2")
+    y = labels > 0
+    knn = knn_eval(features[tr], y[tr], features[te], y[te], multilabel=True, num_classes=num_classes, k=knn_k,
+                   temperature=knn_temperature, device=device)
+    lin = linear_probe(features[tr], y[tr], features[te], y[te], multilabel=True, num_classes=num_classes,
+                       device=device)
+    return {"eval/knn_map": knn["map"], "eval/linear_map": lin["map"]}
+
+
+def evaluate_online(backbone, cfg: ExperimentConfig, *, device, rank: int, world_size: int) -> dict[str, float]:
+    """{"eval/knn_map", "eval/linear_map"} in percent, identical on every rank. Collective: every rank
+    must call it. The backbone's train/eval mode is restored."""
+    if not cfg.data.holdout_list:
+        raise ConfigError("run.eval_every > 0 needs data.holdout_list (a labelled held-out list file; "
+                          "`hvpmtl data make-synthetic --holdout N` writes one)")
+    from hvpmtl.data.pipeline import build_eval_loader
+
+    local_rank = device.index if getattr(device, "type", "cpu") == "cuda" and device.index is not None else 0
+    d = cfg.data
+    key = (d.holdout_list, d.root, d.img_size, d.num_classes, d.device, rank, world_size, local_rank)
+    if key not in _LOADERS:  # the list is read and checked once per run, not at every evaluation
+        _LOADERS[key] = build_eval_loader(d, batch_size=EVAL_BATCH_SIZE, rank=rank, world_size=world_size,
+                                          local_rank=local_rank, dtype=torch.float32)
+    loader = _LOADERS[key]
+    if len(loader):
+        out = extract_features(backbone, loader, device=device)
+    else:  # fewer held-out images than ranks: this rank still joins the gathers
+        out = {"features": np.zeros((0, backbone.embed_dim), np.float32),
+               "labels": np.zeros((0, d.num_classes), np.float32), "index": np.zeros(0, np.int64)}
+    feats = _all_gather_rows(torch.from_numpy(out["features"]).to(device), world_size)
+    labels = _all_gather_rows(torch.from_numpy(out["labels"].astype(np.float32)).to(device), world_size)
+    index = _all_gather_rows(torch.from_numpy(out["index"]).to(device), world_size)
+    result = torch.zeros(3, dtype=torch.float64, device=device)  # knn, linear, ok
+    error = None
+    if rank == 0:
+        try:
+            r = probe_scores(feats.cpu().numpy(), labels.cpu().numpy(), index.cpu().numpy(),
+                             num_classes=cfg.data.num_classes, device=device)
+            result = torch.tensor([r["eval/knn_map"], r["eval/linear_map"], 1.0], dtype=torch.float64, device=device)
+        except Exception as e:  # noqa: BLE001 — the other ranks must hear of it, not wait for ever
+            error = e
+    if _distributed(world_size):
+        dist.broadcast(result, src=0)
+    if error is not None:
+        raise error
+    if result[2] == 0:
+        raise RuntimeError("online evaluation failed on rank 0 (see its log)")
+    return {"eval/knn_map": float(result[0]), "eval/linear_map": float(result[1])}

@@ -1,0 +1,278 @@
+"""MLflow image panels of what the student does, logged by rank 0 every `run.image_log_every` steps.
+
+  panels/mim_step_XXXXXX.png        input, masked input, reconstruction, reconstruction in the masked area
+  panels/labels_step_XXXXXX.png     top-k predicted labels (class names from data.dictionary) vs the truth
+                                    (+ panels/labels_step_XXXXXX.json with the numbers)
+  panels/swav_codes_step_XXXXXX.png histograms of the argmax Sinkhorn code and of the argmax prototype
+                                    score per view: one tall bar of scores = collapse
+  panels/losses_step_XXXXXX.png     loss curves per objective from <run.output_dir>/metrics.jsonl
+
+A panel whose head is off (objective disabled) is skipped. The student runs without gradients
+in eval mode; its training mode is restored. A panel that fails is reported as a warning: a
+picture must not stop a training run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+
+from hvpmtl.config import ExperimentConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TOP_K = 5
+MIN_TILE = 128  # small training crops are enlarged to at least this many pixels
+LOSS_KEYS = ("loss", "asl", "swav", "mim", "distill")
+_SOLO_GROUP = None
+
+
+# ----------------------------------------------------------------------------- image helpers
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """ImageNet-normalised [B, 3, H, W] -> [B, H, W, 3] uint8."""
+    x = images.detach().float().cpu()
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = (x * std + mean).clamp(0, 1)
+    return (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def _font():
+    return ImageFont.load_default()
+
+
+def _grid(rows: list[np.ndarray], names: list[str]) -> Image.Image:
+    """rows of [B, H, W, 3] uint8 -> one image, a label at the left of each row."""
+    b, h, w, _ = rows[0].shape
+    scale = max(1, math.ceil(MIN_TILE / h))
+    th, tw, margin, gap = h * scale, w * scale, 110, 2
+    canvas = Image.new("RGB", (margin + b * (tw + gap), len(rows) * (th + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (row, name) in enumerate(zip(rows, names)):
+        y = r * (th + gap)
+        draw.text((4, y + th // 2 - 6), name, fill="black", font=_font())
+        for i in range(b):
+            tile = Image.fromarray(row[i]).resize((tw, th), Image.NEAREST)
+            canvas.paste(tile, (margin + i * (tw + gap), y))
+    return canvas
+
+
+def _figure_to_image(fig) -> Image.Image:
+    fig.canvas.draw()
+    img = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return img
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+# ----------------------------------------------------------------------------- panels
+
+
+@torch.no_grad()
+def mim_panel(student, view1: torch.Tensor, mask: torch.Tensor) -> Image.Image:
+    """Rows: input, masked input (grey), reconstruction, reconstruction pasted into the masked area."""
+    rec = student.mim_decoder(student.backbone(view1, mask)).float()
+    patch = view1.shape[-1] // mask.shape[-1]
+    m = mask.float().repeat_interleave(patch, 1).repeat_interleave(patch, 2).unsqueeze(1).cpu()
+    x = view1.float().cpu()
+    grey = torch.zeros_like(x)  # 0 in normalised space = the ImageNet mean colour
+    masked = x * (1 - m) + grey * m
+    pasted = x * (1 - m) + rec.cpu() * m
+    return _grid([to_uint8(x), to_uint8(masked), to_uint8(rec), to_uint8(pasted)],
+                 ["input", "masked", "reconstruction", "rec. in mask"])
+
+
+def class_names(cfg: ExperimentConfig) -> list[str]:
+    if cfg.data.dictionary and Path(cfg.data.dictionary).is_file():
+        from hvpmtl.data.tencent import read_dictionary
+        names = read_dictionary(cfg.data.dictionary).names
+        if len(names) == cfg.data.num_classes:
+            return names
+    return [str(i) for i in range(cfg.data.num_classes)]
+
+
+@torch.no_grad()
+def label_predictions(student, view1: torch.Tensor, labels: torch.Tensor, names: list[str], k: int = TOP_K):
+    """Per sample: top-k predicted (name, probability) and the true (name, confidence) labels."""
+    logits, _ = student.label_decoder(student.backbone(view1))
+    probs = torch.sigmoid(logits.float()).cpu()
+    k = min(k, probs.shape[1])
+    top_p, top_i = probs.topk(k, dim=1)
+    out = []
+    for b in range(probs.shape[0]):
+        truth = [(names[c], round(float(labels[b, c]), 3)) for c in torch.nonzero(labels[b] > 0).view(-1).tolist()]
+        pred = [(names[c], round(float(p), 3)) for c, p in zip(top_i[b].tolist(), top_p[b].tolist())]
+        out.append({"predicted": pred, "true": truth})
+    return out
+
+
+def labels_panel(view1: torch.Tensor, preds: list[dict]) -> Image.Image:
+    thumbs = to_uint8(view1)
+    side, line, width = 96, 12, 560
+    blocks = []
+    for p in preds:
+        lines = ["predicted (top-%d):" % len(p["predicted"])]
+        truth = {n for n, _ in p["true"]}
+        lines += [f"  {'+' if n in truth else '-'} {n[:28]}  {v:.2f}" for n, v in p["predicted"]]
+        lines.append("true:")
+        lines += ["  " + s for s in textwrap.wrap(", ".join(n for n, _ in p["true"]) or "(none)", 60)]
+        blocks.append(lines)
+    heights = [max(side, len(ls) * line + 8) for ls in blocks]
+    canvas = Image.new("RGB", (width, sum(heights) + 2 * len(heights)), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for img, lines, h in zip(thumbs, blocks, heights):
+        canvas.paste(Image.fromarray(img).resize((side, side), Image.BILINEAR), (0, y))
+        for j, s in enumerate(lines):
+            draw.text((side + 8, y + 4 + j * line), s, fill="black", font=_font())
+        y += h + 2
+    return canvas
+
+
+def _single_process_group():
+    """A process group of this rank alone: Sinkhorn on rank 0's panel batch must not wait for the
+    other ranks (they are training). None outside torch.distributed."""
+    global _SOLO_GROUP
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    if _SOLO_GROUP is None:
+        # built directly (not by dist.new_group, which every rank would have to call)
+        from torch.distributed.distributed_c10d import ProcessGroupGloo
+        _SOLO_GROUP = ProcessGroupGloo(dist.HashStore(), 0, 1)
+    return _SOLO_GROUP
+
+
+@torch.no_grad()
+def code_assignments(student, view1: torch.Tensor, view2: torch.Tensor, cfg: ExperimentConfig) -> dict[str, np.ndarray]:
+    """Per prototype, how many views (both views of the batch) pick it: {"codes": argmax of the
+    Sinkhorn codes (the targets), "scores": argmax of the raw prototype scores (the predictions)}.
+
+    With collapsed embeddings every score row is the same, so "scores" is one bar; the Sinkhorn
+    rows are then uniform and their argmax only follows rounding noise, so "codes" shows the
+    equipartition Sinkhorn imposes rather than the collapse. The two together tell them apart."""
+    from hvpmtl.losses.swav import sinkhorn_codes
+
+    sw = cfg.objectives.swav
+    head = student.prototype_head
+    scores = torch.cat([head(student.backbone(view1))[1], head(student.backbone(view2))[1]]).float()
+    codes = sinkhorn_codes(scores, sw.epsilon, sw.sinkhorn_iters, sw.t_max, group=_single_process_group())
+    k = scores.shape[1]
+    return {"codes": np.bincount(codes.argmax(dim=1).cpu().numpy(), minlength=k),
+            "scores": np.bincount(scores.argmax(dim=1).cpu().numpy(), minlength=k)}
+
+
+def codes_panel(counts: dict[str, np.ndarray], step: int) -> Image.Image:
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 1, figsize=(8, 4.5), dpi=100, sharex=True)
+    titles = {"codes": "argmax of Sinkhorn codes (targets)", "scores": "argmax of prototype scores (predictions)"}
+    for ax, (key, colour) in zip(axes, (("codes", "tab:blue"), ("scores", "tab:orange"))):
+        c = counts[key]
+        ax.bar(np.arange(len(c)), c, width=1.0, color=colour)
+        ax.set_title(f"{titles[key]}: {int((c > 0).sum())}/{len(c)} prototypes used, largest "
+                     f"{100 * c.max() / max(1, c.sum()):.0f}% of {int(c.sum())} views", fontsize=9)
+        ax.set_ylabel("views", fontsize=8)
+    axes[-1].set_xlabel("prototype")
+    fig.suptitle(f"SwAV assignments at step {step} (one tall bar in the lower plot = collapse)", fontsize=9)
+    fig.tight_layout()
+    return _figure_to_image(fig)
+
+
+def read_metrics(path: str | Path) -> dict[str, tuple[list[int], list[float]]]:
+    """{key: (steps, values)} for the loss keys in a metrics.jsonl (later lines win on a repeated step)."""
+    series: dict[str, dict[int, float]] = {}
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    for line in p.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line being written
+        if "step" not in rec:
+            continue
+        for k in LOSS_KEYS:
+            if k in rec and rec[k] is not None and math.isfinite(rec[k]):
+                series.setdefault(k, {})[int(rec["step"])] = float(rec[k])
+    return {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in series.items()}
+
+
+def losses_panel(series: dict, step: int) -> Image.Image:
+    plt = _pyplot()
+    keys = [k for k in LOSS_KEYS if k in series]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6), dpi=100, squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        steps, values = series[k]
+        ax.plot(steps, values, lw=1)
+        ax.set_title(k if k != "loss" else "loss (weighted total)", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"losses up to step {step}", fontsize=9)
+    fig.tight_layout()
+    return _figure_to_image(fig)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def log_panels(tracker, student, batch: dict, cfg: ExperimentConfig, step: int) -> list[str]:
+    """Log every panel the student's enabled heads allow; returns the artifact names logged.
+
+    batch: {"view1", "view2", "mask", "labels", "index"}, a few fixed training samples."""
+    p = next(student.parameters())
+    dev, dtype = p.device, p.dtype
+    v1 = batch["view1"].to(dev, dtype)
+    v2 = batch["view2"].to(dev, dtype)
+    mask = batch["mask"].to(dev)
+    labels = batch["labels"].float().cpu()
+    tag = f"step_{step:06d}"
+    logged = []
+
+    def emit(name, make):
+        try:
+            img = make()
+        except Exception as e:  # noqa: BLE001 — see the module docstring
+            warnings.warn(f"image panel '{name}' at step {step} failed: {type(e).__name__}: {e}")
+            return
+        if img is not None:
+            tracker.log_image(img, f"panels/{name}_{tag}.png")
+            logged.append(f"panels/{name}_{tag}.png")
+
+    was_training = student.training
+    student.eval()
+    try:
+        if student.mim_decoder is not None:
+            emit("mim", lambda: mim_panel(student, v1, mask))
+        if student.label_decoder is not None:
+            def labels_image():
+                preds = label_predictions(student, v1, labels, class_names(cfg))
+                out = Path(cfg.run.output_dir) / "panels" / f"labels_{tag}.json"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps({"step": step, "index": batch["index"].view(-1).tolist(),
+                                           "samples": preds}, indent=1))
+                tracker.log_artifact(out, "panels")
+                logged.append(f"panels/{out.name}")
+                return labels_panel(v1, preds)
+            emit("labels", labels_image)
+        if student.prototype_head is not None:
+            emit("swav_codes", lambda: codes_panel(code_assignments(student, v1, v2, cfg), step))
+    finally:
+        student.train(was_training)
+    emit("losses", lambda: (lambda s: losses_panel(s, step) if s else None)(
+        read_metrics(Path(cfg.run.output_dir) / "metrics.jsonl")))
+    return logged

@@ -1,0 +1,104 @@
+"""Fine-tuning through launchers/finetune.py and real DeepSpeed (1 rank), plus its pieces: the
+schedule, layer-wise LR decay, initialisation from an export, and config errors."""
+import json
+import math
+import sys
+
+import pytest
+import timm
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from hvpmtl.config import ConfigError
+from hvpmtl.eval.export import export_run, read_backbone_file
+from hvpmtl.eval.finetune import build_model, finetune_lr, main, param_groups
+from hvpmtl.eval.finetune_config import load_finetune_config
+
+from .conftest import ROOT, run
+
+TINY = ROOT / "configs/finetune_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def exported(pretrain_run, tmp_path_factory):
+    return export_run(pretrain_run["dir"], tmp_path_factory.mktemp("exp") / "bb.safetensors")
+
+
+def test_two_epochs_report_top1_and_write_checkpoints(exported, shapes, tmp_path):
+    out = tmp_path / "ft"
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    code, log = run([sys.executable, str(ROOT / "launchers/finetune.py"), "--config", str(TINY),
+                     "--set", f"model.init={exported}", "--set", f"data.train_dir={shapes['train']}",
+                     "--set", f"data.val_dir={shapes['val']}", "--set", f"run.output_dir={out}",
+                     "--set", f"run.ds_config={ROOT / 'ds_configs/zero2.json'}", "--set", f"tracking.tracking_uri={db}"],
+                    cwd=tmp_path)
+    assert code == 0, log[-4000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if "val/top1" in m]
+    assert [m["epoch"] for m in evals] == [0, 1]
+    assert all(0 <= m["val/top1"] <= 100 and m["val/images"] == 12 for m in evals)
+    assert [m["step"] for m in evals] == [3, 6]  # 24 images / batch 8 per epoch
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000006"]
+    assert (out / "checkpoints/step_00000006/COMPLETE").is_file()
+    client = MlflowClient(db)
+    r = client.search_runs([client.get_experiment_by_name("hvpmtl-finetune").experiment_id])[0]
+    assert r.data.metrics["val/top1"] == pytest.approx(evals[-1]["val/top1"])
+    # the fine-tuned classifier loads into timm with its 3-way head
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=64, global_pool="avg", fc_norm=False)
+    model.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    assert json.loads((out / "classes.json").read_text()) == ["circle", "square", "triangle"]
+
+
+def _cfg(tmp_path, *more):
+    return load_finetune_config(TINY, [f"data.train_dir={tmp_path}", f"data.val_dir={tmp_path}", *more])
+
+
+def test_init_from_export_copies_every_backbone_weight(exported, tmp_path):
+    cfg = _cfg(tmp_path, f"model.init={exported}")
+    model = build_model(cfg, num_classes=5)
+    state, _ = read_backbone_file(exported)
+    own = model.state_dict()
+    assert set(own) - set(state) == {"head.weight", "head.bias"}
+    for k, v in state.items():
+        torch.testing.assert_close(own[k], v, rtol=0, atol=0)
+    # a different architecture is refused, naming the file
+    bad = _cfg(tmp_path, f"model.init={exported}", "model.backbone=vit_small_patch16_224")
+    with pytest.raises((ConfigError, RuntimeError), match="size mismatch|does not fit"):
+        build_model(bad, num_classes=5)
+
+
+def test_layer_decay_scales_and_schedule(tmp_path):
+    cfg = _cfg(tmp_path, "model.random_init=true", "optim.layer_decay=0.5")
+    model = build_model(cfg, num_classes=3)
+    groups = param_groups(model, cfg, lr=1.0)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    depth = len(model.blocks)
+    head, first, embed = (by_param[id(p)] for p in (model.head.weight, model.blocks[0].attn.qkv.weight,
+                                                    model.patch_embed.proj.weight))
+    assert head["lr"] == pytest.approx(1.0)
+    assert first["lr"] == pytest.approx(0.5 ** depth) and embed["lr"] == pytest.approx(0.5 ** (depth + 1))
+    assert by_param[id(model.blocks[0].norm1.weight)]["weight_decay"] == 0  # norms and biases: no decay
+    # linear warm-up from warmup_lr, then cosine to min_lr
+    assert finetune_lr(0, 10, 110, 1.0, 0.1, 0.01) == pytest.approx(0.1)
+    assert finetune_lr(5, 10, 110, 1.0, 0.1, 0.01) == pytest.approx(0.55)
+    assert finetune_lr(10, 10, 110, 1.0, 0.1, 0.01) == pytest.approx(1.0)
+    assert finetune_lr(60, 10, 110, 1.0, 0.1, 0.01) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert finetune_lr(110, 10, 110, 1.0, 0.1, 0.01) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("sets,key", [
+    (["model.init=x.safetensors", "model.random_init=true"], "model.init"),
+    ([], "model.init"),
+    (["model.random_init=true", "data.mixup=0.8", "optim.micro_batch_size=7"], "optim.micro_batch_size"),
+    (["model.random_init=true", "optim.layer_decay=1.5"], "optim.layer_decay"),
+    (["model.random_init=true", "optim.epochs=x"], "optim.epochs"),
+])
+def test_config_errors_name_the_key(tmp_path, sets, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        _cfg(tmp_path, *sets)
+
+
+def test_launcher_exits_2_on_a_config_error(tmp_path, capsys):
+    assert main(["--config", str(TINY), "--set", "model.random_init=true"]) == 2
+    assert "data.train_dir" in capsys.readouterr().err

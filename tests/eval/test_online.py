@@ -1,0 +1,104 @@
+"""Online kNN / linear-probe evaluation: called by the engine, identical on 1 and 2 ranks, restores the
+backbone's mode, and refuses a config without a held-out list."""
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from hvpmtl.config import ConfigError, load_config
+from hvpmtl.data.pipeline import build_eval_loader
+from hvpmtl.eval.features import extract_features
+from hvpmtl.eval.knn import knn_eval
+from hvpmtl.eval.linear_probe import linear_probe
+from hvpmtl.eval.online import evaluate_online, split_halves
+from hvpmtl.models.backbone import MaskableBackbone
+
+from .conftest import NUM_CLASSES, ROOT
+
+
+def _cfg(syn):
+    return load_config(ROOT / "configs/test_tiny.yaml", [
+        "model.img_size=32", "data.img_size=32", f"data.num_classes={NUM_CLASSES}", f"data.root={syn['root']}",
+        f"data.holdout_list={syn['holdout_list']}", "data.device=cpu"])
+
+
+def _backbone():
+    torch.manual_seed(0)
+    return MaskableBackbone("vit_tiny_patch16_224", img_size=32)
+
+
+def test_engine_logs_online_metrics(pretrain_run):
+    evals = [m for m in pretrain_run["metrics"] if "eval/knn_map" in m]
+    assert [m["step"] for m in evals] == [2]
+    for k in ("eval/knn_map", "eval/linear_map"):
+        assert 0 < evals[0][k] <= 100
+    from mlflow import MlflowClient
+    client = MlflowClient(pretrain_run["tracking_uri"])
+    exp = client.get_experiment_by_name("hvpmtl")
+    run = client.search_runs([exp.experiment_id])[0]
+    assert run.data.metrics["eval/linear_map"] == pytest.approx(evals[0]["eval/linear_map"])
+
+
+def test_single_rank_matches_the_probes_on_the_same_features(syn):
+    cfg = _cfg(syn)
+    bb = _backbone().train()
+    got = evaluate_online(bb, cfg, device=torch.device("cpu"), rank=0, world_size=1)
+    assert bb.training  # mode restored
+    f = extract_features(bb, build_eval_loader(cfg.data, batch_size=5, rank=0, world_size=1, local_rank=0),
+                         device="cpu")
+    assert sorted(f["index"].tolist()) == list(range(24))
+    tr, te = split_halves(f["index"])
+    assert tr.sum() == te.sum() == 12
+    y = f["labels"] > 0
+    knn = knn_eval(f["features"][tr], y[tr], f["features"][te], y[te], multilabel=True, num_classes=NUM_CLASSES)
+    lin = linear_probe(f["features"][tr], y[tr], f["features"][te], y[te], multilabel=True, num_classes=NUM_CLASSES)
+    assert got["eval/knn_map"] == pytest.approx(knn["map"], abs=1e-4)
+    assert got["eval/linear_map"] == pytest.approx(lin["map"], abs=1e-3)
+
+
+def _worker(rank, world, port, syn, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        r = evaluate_online(_backbone(), _cfg(syn), device=torch.device("cpu"), rank=rank, world_size=world)
+        queue.put((rank, r))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_give_the_single_rank_numbers(syn):
+    ref = evaluate_online(_backbone(), _cfg(syn), device=torch.device("cpu"), rank=0, world_size=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, syn, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(queue.get(timeout=240) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+    assert results[0] == results[1]  # every rank returns the broadcast numbers
+    for k, v in ref.items():
+        assert results[0][k] == pytest.approx(v, abs=1e-3)
+
+
+def test_missing_holdout_list_is_a_config_error(syn):
+    cfg = _cfg(syn)
+    cfg.data.holdout_list = ""
+    with pytest.raises(ConfigError, match="data.holdout_list"):
+        evaluate_online(_backbone(), cfg, device=torch.device("cpu"), rank=0, world_size=1)
+
+
+def test_split_halves_is_by_position():
+    tr, te = split_halves(np.array([5, 0, 3, 2]))
+    assert tr.tolist() == [False, True, False, True] and te.tolist() == [True, False, True, False]

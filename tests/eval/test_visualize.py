@@ -1,0 +1,86 @@
+"""MLflow image panels: logged by the engine as artifacts of its run; heads that are off are skipped;
+un-normalisation and the metrics reader checked on hand-made inputs."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+
+from hvpmtl.config import load_config
+from hvpmtl.eval.visualize import (IMAGENET_MEAN, IMAGENET_STD, code_assignments, log_panels, read_metrics,
+                                   to_uint8)
+from hvpmtl.models.meta_arch import Student
+from hvpmtl.train.tracking import Tracker
+
+from .conftest import ROOT
+
+
+def _artifacts(uri, run_id, path="panels"):
+    return sorted(a.path for a in MlflowClient(uri).list_artifacts(run_id, path))
+
+
+def test_engine_logs_every_panel_as_mlflow_artifacts(pretrain_run):
+    client = MlflowClient(pretrain_run["tracking_uri"])
+    run = client.search_runs([client.get_experiment_by_name("hvpmtl").experiment_id])[0]
+    names = _artifacts(pretrain_run["tracking_uri"], run.info.run_id)
+    assert names == ["panels/labels_step_000002.json", "panels/labels_step_000002.png",
+                     "panels/losses_step_000002.png", "panels/mim_step_000002.png",
+                     "panels/swav_codes_step_000002.png"]
+    local = client.download_artifacts(run.info.run_id, "panels", str(pretrain_run["cwd"] / "dl"))
+    mim = Image.open(f"{local}/mim_step_000002.png")
+    assert mim.width > 4 * 128 and mim.height >= 4 * 128  # 4 rows of >= 128 px tiles for 64 px crops
+    labels = json.loads(open(f"{local}/labels_step_000002.json").read())
+    assert len(labels["samples"]) == 4 and all(len(s["predicted"]) == 5 for s in labels["samples"])
+    names = {n for s in labels["samples"] for n, _ in s["predicted"]}
+    assert names & {"circle", "square", "red", "crowded scene", "patterned"}  # names from data.dictionary
+
+
+def test_to_uint8_inverts_imagenet_normalisation():
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)).astype(np.float64)
+    x = (rgb / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    out = to_uint8(torch.from_numpy(x).permute(0, 3, 1, 2).float())
+    assert np.abs(out.astype(int) - rgb.astype(int)).max() <= 1
+
+
+def test_read_metrics_keeps_the_last_value_per_step(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    f.write_text("\n".join([json.dumps({"step": 1, "loss": 3.0, "mim": 1.0}), json.dumps({"step": 2, "loss": 2.0}),
+                            json.dumps({"step": 2, "loss": 1.5}), json.dumps({"step": 2, "eval/knn_map": 5}),
+                            '{"step": 3, "lo']))  # a line being written
+    s = read_metrics(f)
+    assert s["loss"] == ([1, 2], [3.0, 1.5]) and s["mim"] == ([1], [1.0]) and "eval/knn_map" not in s
+
+
+def test_switched_off_heads_are_skipped_and_mode_restored(tmp_path):
+    cfg = load_config(ROOT / "configs/test_tiny.yaml", [
+        f"run.output_dir={tmp_path / 'run'}", "objectives.asl.enabled=false", "objectives.swav.enabled=false",
+        "objectives.distill.enabled=false", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"])
+    torch.manual_seed(0)
+    student = Student(cfg).train()
+    assert student.label_decoder is None and student.prototype_head is None
+    g = torch.Generator().manual_seed(0)
+    batch = {"view1": torch.randn(3, 3, 64, 64, generator=g), "view2": torch.randn(3, 3, 64, 64, generator=g),
+             "mask": torch.rand(3, 4, 4, generator=g) > 0.5, "labels": torch.zeros(3, 8), "index": torch.arange(3)}
+    tracker = Tracker(cfg, active=True)
+    tracker.log_metrics({"loss": 1.0, "mim": 1.0}, 1)
+    logged = log_panels(tracker, student, batch, cfg, step=7)
+    tracker.close()
+    assert student.training
+    assert logged == ["panels/mim_step_000007.png", "panels/losses_step_000007.png"]
+    assert _artifacts(f"sqlite:///{tmp_path}/m.db", tracker.run_id) == sorted(logged)
+
+
+def test_collapsed_prototype_scores_give_one_bar():
+    cfg = load_config(ROOT / "configs/test_tiny.yaml")
+    torch.manual_seed(0)
+    student = Student(cfg).eval()
+    v = torch.randn(1, 3, 64, 64).expand(6, -1, -1, -1)  # every view the same image: collapsed embeddings
+    counts = code_assignments(student, v, v, cfg)
+    assert counts["scores"].sum() == 12 and counts["scores"].max() == 12
+    assert counts["codes"].sum() == 12
+    varied = code_assignments(student, torch.randn(6, 3, 64, 64) * 3, torch.randn(6, 3, 64, 64) * 3, cfg)
+    assert varied["scores"].sum() == 12 and varied["scores"].max() < 12
+    # Sinkhorn spreads distinct views over the prototypes
+    assert (varied["codes"] > 0).sum() >= 4
