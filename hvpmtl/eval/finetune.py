@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ from hvpmtl.dist import all_reduce_mean, any_rank, init_distributed
 from hvpmtl.eval.finetune_config import FinetuneConfig, load_finetune_config, save_finetune_config
 from hvpmtl.train import checkpoint
 from hvpmtl.train.pretrain import (EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, Preemption, build_ds_config,
-                                   resolve_precision, seed_everything)
+                                   prepare_deepspeed, resolve_precision, seed_everything)
 from hvpmtl.train.tracking import Tracker
 
 
@@ -312,14 +311,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"hvpmtl finetune: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        try:  # the shm all-reduce op is only for inference and costs a 60 s JIT build on first use
-            import deepspeed.ops
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        except (ImportError, AttributeError, TypeError):
-            pass
+    prepare_deepspeed()
     try:
         trainer = Finetuner(cfg, args.resume)
     except (ConfigError, DataError) as e:
