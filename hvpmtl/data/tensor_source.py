@@ -33,10 +33,13 @@ class TensorSource:
             self.epoch, self.position = epoch, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "batch_size": self.batch_size,
+                "world_size": self.world}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.epoch, self.position = sd["epoch"], sd["position"]
+        # the position is global: saved with another world size or micro batch, it maps to the same sample
+        consumed = sd["position"] * sd.get("batch_size", self.batch_size) * sd.get("world_size", self.world)
+        self.epoch, self.position = sd["epoch"], consumed // (self.batch_size * self.world)
 
     def _sample(self, index: int):
         c = self.cfg

@@ -10,7 +10,8 @@ resamples position embeddings / relative-position tables when the size differs) 
 AdamW with layer-wise LR decay (timm's param_groups_layer_decay), linear warm-up from warmup_lr,
 then cosine to min_lr, per step; label smoothing, optional mixup/cutmix (timm.data.Mixup); top-1
 (and top-5) on data.val_dir after every epoch; checkpoints through hvpmtl.train.checkpoint;
-MLflow through the engine's Tracker. Exit codes: 0 done, 2 config error, 3 preempted (requeue).
+MLflow through the engine's Tracker. Exit codes: 0 done, 2 config error, 3 preempted (requeue),
+6 checkpoint state refused (hvpmtl.train.checkpoint).
 """
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="fine-tuning YAML (configs/finetune_*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.epochs=10 (repeatable)")
-    p.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), none, or a checkpoint dir")
+    p.add_argument("--resume", default="auto",
+                   help="auto (default: newest usable checkpoint of this run), none, fresh (start over), or a "
+                        "checkpoint tag/folder (see launchers/pretrain.py --help)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -55,7 +58,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
     import timm
     from safetensors.torch import save_file
 
-    from hvpmtl.eval.export import read_backbone_file
+    from hvpmtl.train.safe_load import UnsafeFileError
 
     m = cfg.model
     kw = dict(num_classes=num_classes, img_size=m.img_size, drop_path_rate=m.drop_path_rate, global_pool=m.global_pool)
@@ -63,7 +66,10 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
         kw["fc_norm"] = False  # keep the pre-trained final norm, pool after it (as the pre-training features)
     if m.random_init:
         return timm.create_model(m.backbone, pretrained=False, **kw)
-    state, _ = read_backbone_file(m.init)
+    try:
+        state, _ = checkpoint.read_backbone_file(m.init)
+    except (checkpoint.CheckpointError, UnsafeFileError) as e:
+        raise ConfigError(f"model.init: {e}") from None
     with tempfile.TemporaryDirectory() as tmp:  # timm's file loader adapts sizes; give it safetensors
         f = Path(tmp) / "init.safetensors"
         save_file({k: v.float().contiguous() for k, v in state.items()}, str(f))
@@ -120,6 +126,7 @@ class Finetuner:
         ds_config = build_ds_config(cfg, self.world, self.precision)
         self.out_dir = Path(cfg.run.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
+        self.run_state = checkpoint.open_run(self.out_dir, resume, log=self.log)
         d, o = cfg.data, cfg.optim
         common = dict(device=d.device, num_threads=d.num_threads, local_rank=self.local_rank, dtype=self.input_dtype)
         self.train_loader = build_imagefolder_loader(d.train_dir, o.micro_batch_size, cfg.model.img_size, train=True,
@@ -171,7 +178,7 @@ class Finetuner:
             print(f"[hvpmtl finetune] {msg}", flush=True)
 
     def _resume(self, resume: str):
-        found = checkpoint.resume(self.engine, self.ckpt_dir, resume, log=self.log)
+        found = checkpoint.resume(self.engine, self.run_state, log=self.log)
         if found is None:
             return None
         _, client, rank_state = found
@@ -184,7 +191,7 @@ class Finetuner:
         client = {"step": self.step, "epoch": next_epoch, "best_top1": self.best_top1,
                   "mlflow_run_id": self.tracker.run_id}
         rank_state = {"rng": checkpoint.rng_state(), "data": self.train_loader.state_dict()}
-        path = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, rank_state, self.cfg.run.keep_checkpoints)
+        path = checkpoint.save(self.engine, self.run_state, self.step, client, rank_state, self.cfg.run.keep_checkpoints)
         self.log(f"checkpoint {path}")
         return path
 
@@ -259,14 +266,11 @@ class Finetuner:
         """The fine-tuned classifier as timm safetensors (fp32 master weights under bf16/fp16)."""
         from safetensors.torch import save_file
 
-        state = self.engine.module.state_dict()
-        if self.precision != "fp32":
-            tag = checkpoint.candidates(self.ckpt_dir)[0]
-            if self.is_main:
-                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-                state = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
         if not self.is_main:
             return None
+        state = self.engine.module.state_dict()
+        if self.precision != "fp32":
+            state = checkpoint.read_weights(checkpoint.candidates(self.ckpt_dir)[0], "student")[0]
         path = self.out_dir / "model.safetensors"
         save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(path),
                   metadata={"format": "pt", "timm_model": self.cfg.model.backbone,
@@ -317,7 +321,14 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as e:
         print(f"hvpmtl finetune: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    code = trainer.run()
+    except checkpoint.CheckpointError as e:
+        print(f"hvpmtl finetune: checkpoint error: {e}", file=sys.stderr, flush=True)
+        return checkpoint.EXIT_CHECKPOINT
+    try:
+        code = trainer.run()
+    except checkpoint.CheckpointError as e:
+        print(f"hvpmtl finetune: checkpoint error: {e}", file=sys.stderr, flush=True)
+        return checkpoint.EXIT_CHECKPOINT
     if dist.is_initialized():
         dist.destroy_process_group()
     return code

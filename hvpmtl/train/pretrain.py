@@ -2,7 +2,9 @@
 
 Started on every rank by launchers/pretrain.py (deepspeed, torchrun or srun). Exit codes:
 0 finished, 2 config error, 3 preempted (checkpoint saved, requeue me), 4 too many non-finite losses,
-5 another rank died or hung (named in the message; the job cannot go on without it).
+5 another rank died or hung (named in the message; the job cannot go on without it), 6 the run's saved
+state cannot be used safely (output_dir locked by another job, no loadable checkpoint, a load that failed
+half-way, --resume none into a used folder: hvpmtl.train.checkpoint.CheckpointError).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from hvpmtl.train.optim import build_optimizer, build_scheduler
 from hvpmtl.train.tracking import Tracker
 
 EXIT_OK, EXIT_CONFIG, EXIT_PREEMPTED, EXIT_NONFINITE, EXIT_PEER_LOST = 0, 2, 3, 4, 5
+EXIT_CHECKPOINT = checkpoint.EXIT_CHECKPOINT  # 6
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,7 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=2e-4 (repeatable)")
     p.add_argument("--resume", default="auto",
-                   help="auto (newest complete checkpoint in run.output_dir, if any), none, or a checkpoint dir")
+                   help="auto (default: this run's newest usable checkpoint in run.output_dir, if any), none (start; "
+                        "refused if the folder holds checkpoints), fresh (start over: the old run's files move to "
+                        "output_dir/superseded/), or a checkpoint: tag name or folder")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 
@@ -116,6 +121,8 @@ class Pretrainer:
         ds_config = build_ds_config(cfg, self.world, self.precision)
         self.out_dir = Path(cfg.run.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
+        # lock + the resume decision, agreed by all ranks, before anything is built
+        self.run_state = checkpoint.open_run(self.out_dir, resume, log=self.log)
 
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         self.student = Student(cfg)
@@ -176,7 +183,7 @@ class Pretrainer:
         return build_pretrain_loader(cfg.data, local_rank=self.local_rank, seed=cfg.data.seed, dtype=dtype, **kw)
 
     def _resume(self, resume: str):
-        found = checkpoint.resume(self.engine, self.ckpt_dir, resume, log=self.log)
+        found = checkpoint.resume(self.engine, self.run_state, log=self.log)
         if found is None:
             return None
         _, client, rank_state = found
@@ -198,7 +205,7 @@ class Pretrainer:
                   "teacher": self.teacher.state_dict() if self.teacher is not None else None,
                   "mlflow_run_id": self.tracker.run_id}
         rank_state = {"rng": checkpoint.rng_state(), "data": self.loader.state_dict(), "queue": self.queue}
-        path = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, rank_state, self.cfg.run.keep_checkpoints)
+        path = checkpoint.save(self.engine, self.run_state, self.step, client, rank_state, self.cfg.run.keep_checkpoints)
         self.log(f"checkpoint {path}")
         return path
 
@@ -306,7 +313,7 @@ class Pretrainer:
             self._panel_batch = {k: v[:8].detach().clone() for k, v in batch.items()}
         if cfg.run.eval_every and self.step % cfg.run.eval_every == 0:
             from hvpmtl.eval.online import evaluate_online
-            backbone = self.teacher.backbone if self.teacher is not None else self.engine.module.backbone
+            backbone = self._backbone_to_use()[0]
             results = evaluate_online(backbone, cfg, device=self.device, rank=self.rank, world_size=self.world)
             self.tracker.log_metrics(results, self.step)
         if cfg.run.image_log_every and self.is_main and self.step % cfg.run.image_log_every == 0:
@@ -378,10 +385,16 @@ class Pretrainer:
         if not self.is_main:
             return
         from hvpmtl.eval.export import save_timm_backbone
-        src = self.teacher.backbone if self.teacher is not None else self.engine.module.backbone
-        path = save_timm_backbone(src, self.out_dir / "backbone.safetensors")
+        src, which, why = self._backbone_to_use()
+        path = save_timm_backbone(src, self.out_dir / "backbone.safetensors",
+                                  {"which": which, "step": self.step, "run_id": self.run_state.run_id})
         self.tracker.log_artifact(path, "backbone")
-        self.log(f"backbone exported to {path}")
+        self.log(f"backbone ({which}: {why}) exported to {path}")
+
+    def _backbone_to_use(self):
+        """(backbone, 'teacher'|'student', why): the EMA teacher once it has left its random start."""
+        which, why = checkpoint.default_weights(self.cfg, self.step, self.teacher is not None)
+        return (self.teacher.backbone if which == "teacher" else self.engine.module.backbone), which, why
 
 
 def main(argv=None) -> int:
@@ -396,7 +409,14 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"hvpmtl: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    code = trainer.run()
+    except checkpoint.CheckpointError as e:  # nothing was trained; the lock is released at exit
+        print(f"hvpmtl: checkpoint error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CHECKPOINT
+    try:
+        code = trainer.run()
+    except checkpoint.CheckpointError as e:  # a checkpoint could not be written (lock lost, files missing)
+        print(f"hvpmtl: checkpoint error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CHECKPOINT
     if code == EXIT_PEER_LOST:
         os._exit(code)  # a process group with a dead peer can hang in its own teardown
     if dist.is_initialized():
