@@ -609,6 +609,10 @@ def resume(engine, run: RunState, log=print):
         _barrier()
         if rank == 0:
             shutil.rmtree(choice.universal_root / choice.tag_dir.name, ignore_errors=True)
+            try:
+                choice.universal_root.rmdir()
+            except OSError:
+                pass  # not empty: another conversion's leftovers
     if errors:
         raise CheckpointError(f"loading {choice.tag_dir} failed ({'; '.join(errors)}). The model and optimizer may be "
                               "partly loaded, so the run stops here instead of training from a mixed state")
