@@ -378,6 +378,10 @@ def open_run(out_dir: str | Path, how: str = "auto", *, log=print, lock: bool = 
     files move to superseded/), or a checkpoint folder / tag name. Raises CheckpointError."""
     out_dir = Path(out_dir)
     rank, world = _rank_world()
+    if any(c in str(out_dir.resolve()) for c in "[]*?"):
+        # DeepSpeed finds its model-states files with glob(): such a run could save but never resume
+        raise CheckpointError(f"run.output_dir {out_dir}: DeepSpeed cannot load checkpoints from a path with "
+                              "any of the characters [ ] * ? in it; choose another folder name")
 
     def claim():
         held = RunLock(out_dir, log=log).acquire() if lock else None
@@ -603,7 +607,10 @@ def resume(engine, run: RunState, log=print):
         elif int(client_state.get("step", -1)) != int(choice.manifest["step"]):
             error = f"it holds step {client_state.get('step')}, its manifest says {choice.manifest['step']}"
     except Exception as e:  # noqa: BLE001 — whatever failed, the engine is now partly loaded
-        error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400] if str(e).strip() else ''}"
+        import traceback
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        error = (f"{type(e).__name__} at {where.filename}:{where.lineno}"
+                 f"{': ' + str(e).strip().splitlines()[0][:400] if str(e).strip() else ''}")
     errors = [f"rank {r}: {e}" for r, e in enumerate(_gather(error)) if e]
     if choice.universal_root is not None:
         _barrier()

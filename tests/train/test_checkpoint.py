@@ -195,6 +195,11 @@ def test_a_load_that_fails_half_way_stops_the_run(trainer, copy):
         ck.resume(trainer.engine, run, log=lambda m: None)
 
 
+def test_a_folder_deepspeed_could_never_resume_from_is_refused_before_training(tmp_path):
+    with pytest.raises(ck.CheckpointError, match=r"cannot load checkpoints from a path with any of the characters"):
+        ck.open_run(tmp_path / "run[1]", "none")
+
+
 def test_rank_state_for_another_world_size():
     def state(r):
         torch.manual_seed(r)
