@@ -336,11 +336,6 @@ class RunState:
     def ckpt_dir(self) -> Path:
         return self.out_dir / "checkpoints"
 
-    def check_lock(self) -> None:
-        if self.lock is not None and self.lock.lost:
-            raise CheckpointError(f"not writing a checkpoint: {self.lock.lost}. Another job now owns "
-                                  f"{self.out_dir}; this one stops")
-
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + os.urandom(4).hex()
@@ -633,8 +628,10 @@ def resume(engine, run: RunState, log=print):
 
 def save(engine, run: RunState, step: int, client_state: dict, rank_state: dict, keep: int) -> Path:
     """Every rank calls this. Returns the tag directory once its manifest is written."""
-    run.check_lock()
     rank, world = _rank_world()
+    lost = _broadcast(run.lock.lost if run.lock is not None else None)  # rank 0 holds the lock; all stop together
+    if lost:
+        raise CheckpointError(f"not writing a checkpoint: {lost}. Another job now owns {run.out_dir}; this one stops")
     ckpt_dir = run.ckpt_dir
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag

@@ -5,7 +5,8 @@ program: a pickle can name any importable callable and run it while it loads. Ev
 reads goes through one of these:
 
 - `load_torch(path)`: `torch.load(weights_only=True)` with an allow-list of the few plain
-  classes DeepSpeed puts in its ZeRO files (loss scaler, ZeRO stage enum, fragment address).
+  classes DeepSpeed puts in its ZeRO files (loss scaler, ZeRO stage enum, fragment address) and
+  numpy's array reconstruction.
 - `load_numpy_pickle(path)`: a plain pickle of dicts, lists and numpy arrays (Detectron2's
   `.pkl`), through an unpickler that resolves only numpy's array-rebuilding globals.
 - `WeightsOnlyCheckpointEngine`: DeepSpeed's torch checkpoint engine with `load` made weights-only;
@@ -35,12 +36,22 @@ def deepspeed_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+def numpy_safe_globals() -> list:
+    """numpy arrays as plain data (the RNG state in rank files of hvpmtl before 2026-11, Detectron2 .pkl)."""
+    import numpy as np
+
+    kinds = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType") and n[:-5] in
+             {"Bool", "Int8", "UInt8", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64", "Float16",
+              "Float32", "Float64"}]
+    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype, *kinds]
+
+
 @functools.lru_cache(maxsize=None)
 def _allowed() -> list:
     try:
-        return deepspeed_safe_globals()
+        return numpy_safe_globals() + deepspeed_safe_globals()
     except ImportError:  # reading exported files needs no DeepSpeed
-        return []
+        return numpy_safe_globals()
 
 
 def load_torch(path: str | Path, map_location="cpu", mmap: bool = False):

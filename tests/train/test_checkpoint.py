@@ -195,6 +195,26 @@ def test_a_load_that_fails_half_way_stops_the_run(trainer, copy):
         ck.resume(trainer.engine, run, log=lambda m: None)
 
 
+def test_checkpoints_of_hvpmtl_before_run_ids_are_resumed_into_a_new_run(copy):
+    """Manifests of sizes only, rank files with numpy RNG arrays (what earlier versions wrote)."""
+    for s in STEPS:
+        tag = copy / "checkpoints" / ck.tag_for(s)
+        m = json.loads((tag / "COMPLETE").read_text())
+        rewrite(tag / "COMPLETE", json.dumps({"step": s, "files": {k: e["size"] for k, e in m["files"].items()}}))
+    rank_file = copy / "checkpoints" / ck.tag_for(6) / "rank_0.pt"
+    state = torch.load(rank_file, weights_only=True)
+    state["rng"]["numpy"] = np.random.get_state()  # a tuple holding an ndarray
+    rank_file.unlink()
+    torch.save(state, rank_file)
+    m = json.loads((rank_file.parent / "COMPLETE").read_text())
+    m["files"]["rank_0.pt"] = rank_file.stat().st_size
+    rewrite(rank_file.parent / "COMPLETE", json.dumps(m))
+    run = _open(copy)
+    assert run.choice.tag_dir.name == ck.tag_for(6) and run.run_id
+    ck.set_rng_state(run.choice.rank_state["rng"])
+    assert ck.prune(copy / "checkpoints", run.run_id, copy / "checkpoints" / ck.tag_for(6), keep=1) == []
+
+
 def test_a_folder_deepspeed_could_never_resume_from_is_refused_before_training(tmp_path):
     with pytest.raises(ck.CheckpointError, match=r"cannot load checkpoints from a path with any of the characters"):
         ck.open_run(tmp_path / "run[1]", "none")
