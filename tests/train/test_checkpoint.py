@@ -345,3 +345,26 @@ def test_backbone_files_with_a_payload_are_refused_by_eval_and_fine_tuning(tmp_p
         torch.save(obj, bad)
     state, meta = ck.read_backbone_file(bad)
     assert state["blocks.0.norm1.weight"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_world_size_change_the_converter_cannot_handle_is_refused_with_both_sizes_and_the_command(copy,
+                                                                                                   monkeypatch):
+    tag = copy / "checkpoints" / ck.tag_for(6)
+    for a, b in (("rank_0.pt", "rank_1.pt"), ("zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                               "zero_pp_rank_1_mp_rank_00_optim_states.pt")):
+        os.link(tag / a, tag / b)
+    m = json.loads((tag / "COMPLETE").read_text())
+    m["world_size"] = 2
+    m["files"]["rank_1.pt"] = dict(m["files"]["rank_0.pt"], ranks=[1])
+    m["files"]["zero_pp_rank_1_mp_rank_00_optim_states.pt"] = dict(
+        m["files"]["zero_pp_rank_0_mp_rank_00_optim_states.pt"], ranks=[1])
+    rewrite(tag / "COMPLETE", json.dumps(m))
+
+    def fails(*a, **k):
+        raise RuntimeError("cannot merge these partitions")
+    monkeypatch.setattr(ck, "universal", fails)
+    with pytest.raises(ck.CheckpointError, match=r"written by 2 rank\(s\) and cannot be re-partitioned for 1 "
+                                                 r"\(RuntimeError: cannot merge.*Resume on 2 rank\(s\), or convert it "
+                                                 r"yourself: python -m deepspeed.checkpoint.ds_to_universal "
+                                                 r"--input_folder .*step_00000006"):
+        _open(copy)
