@@ -3,13 +3,13 @@ MLflow with the checkout's own environment, and srun'd ranks, which see only SLU
 a local 2-rank launch."""
 from __future__ import annotations
 
-import os
-import re
-import shlex
 from pathlib import Path
 
 import pytest
 import yaml
+
+from docs.checkout import make_checkout  # tests/docs: a checkout with its own .venv, as after `make setup`
+from docs.commands import documented_commands
 
 from . import tiny_run
 from .launch_env import REPO, launch_env
@@ -20,29 +20,14 @@ from .slurm_cluster import TERMINAL_STATES
 pytestmark = pytest.mark.cluster
 
 ONE_NODE = tiny_run.ONE_NODE_SBATCH
-VENV_ROOT = Path(os.environ.get("VIRTUAL_ENV") or Path(tiny_run.VENV_BIN).parent)  # not resolved: a venv's bin/python
-# is a symlink to the base interpreter
-
-
-def checkout(where: Path, with_venv: bool = True) -> Path:
-    """A checkout as a user has it after `make setup`: the repository's files, and `.venv` (the venv running these
-    tests) inside it. The sbatch scripts must find both from where they lie, with no setting."""
-    root = where / "hvpmtl"
-    root.mkdir()
-    for entry in REPO.iterdir():
-        if entry.name not in (".venv", ".git", "runs", "demo_data"):
-            (root / entry.name).symlink_to(entry)
-    if with_venv:
-        (root / ".venv").symlink_to(VENV_ROOT, target_is_directory=True)
-    return root
 
 
 def readme_sbatch_line() -> list[str]:
-    """The README's `sbatch ... launchers/slurm/pretrain.sbatch ...` command, as tokens."""
-    lines = [m.group(0) for m in re.finditer(r"^sbatch [^\n#]*launchers/slurm/pretrain\.sbatch[^\n#]*",
-                                             (REPO / "README.md").read_text(), re.M)]
+    """The README's first `sbatch ... launchers/slurm/pretrain.sbatch ...` command, as tokens."""
+    lines = [c.argv for c in documented_commands(REPO / "README.md", REPO)
+             if c.argv[0] == "sbatch" and "launchers/slurm/pretrain.sbatch" in c.argv]
     assert lines, "README.md documents no `sbatch ... launchers/slurm/pretrain.sbatch` command"
-    return shlex.split(lines[0])
+    return lines[0]
 
 
 def documented_sbatch_cmd(output_dir: Path, *more: str) -> list[str]:
@@ -65,7 +50,7 @@ def job_env(slurm) -> dict:
 
 def test_readme_sbatch_line_trains_checkpoints_and_logs_to_mlflow_with_the_checkouts_venv(
         slurm, run_dir, reference_metrics):
-    root = checkout(run_dir)
+    root = make_checkout(run_dir)
     out = run_dir / "run"
     # a value with spaces (and a comma) must reach the launcher as one argument
     cmd = documented_sbatch_cmd(out, "--set", "run.name=tiny run, with spaces")
@@ -95,7 +80,7 @@ def test_readme_sbatch_line_trains_checkpoints_and_logs_to_mlflow_with_the_check
 
 
 def test_without_the_checkouts_venv_the_job_stops_at_once_saying_make_setup(slurm, run_dir):
-    root = checkout(run_dir, with_venv=False)
+    root = make_checkout(run_dir, with_venv=False)
     cp = run(documented_sbatch_cmd(run_dir / "run"), timeout=30, env=job_env(slurm), cwd=root)
     job_id = cp.stdout.strip().split(";")[0]
     output = root / f"slurm-hvpmtl-pretrain-{job_id}.out"
