@@ -3,13 +3,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hvpmtl-installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo demo-clean test test-fast bench clean
 setup: $(STAMP)
 $(STAMP): requirements.txt setup.py tools/setup_env.sh
 	bash tools/setup_env.sh $(VENV)
 
 demo: setup
 	VENV=$(VENV) bash launchers/demo.sh $(ARGS)
+
+# Start the demo anew (a finished demo is not run again); keeps demo_data/ and the MLflow history.
+demo-clean:
+	rm -rf runs/demo
 
 test: setup
 	bash tools/install_system_deps.sh

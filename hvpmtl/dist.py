@@ -8,17 +8,7 @@ import os
 import torch
 import torch.distributed as dist
 
-
-def map_slurm_env() -> None:
-    """Under srun the ranks only see SLURM_*: derive what torch.distributed expects."""
-    env = os.environ
-    if "RANK" in env or "SLURM_PROCID" not in env:
-        return
-    env["RANK"] = env["SLURM_PROCID"]
-    env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
-    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000))  # as the sbatch scripts
+from hvpmtl.slurm_env import map_slurm_env  # srun's SLURM_* -> RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*
 
 
 def init_distributed(timeout_s: int = 600) -> tuple[int, int, int]:
