@@ -2,6 +2,7 @@
 backbone's mode, and refuses a config without a held-out list."""
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from hvpmtl.eval.linear_probe import linear_probe
 from hvpmtl.eval.online import evaluate_online, split_halves
 from hvpmtl.models.backbone import MaskableBackbone
 
-from .conftest import NUM_CLASSES, ROOT
+ROOT = Path(__file__).resolve().parents[2]
+NUM_CLASSES = 24  # the synthetic dictionary's
 
 
 def _cfg(syn):

@@ -1,6 +1,7 @@
 """MLflow image panels: logged by the engine as artifacts of its run; heads that are off are skipped;
 un-normalisation and the metrics reader checked on hand-made inputs."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from hvpmtl.eval.visualize import (IMAGENET_MEAN, IMAGENET_STD, code_assignments
 from hvpmtl.models.meta_arch import Student
 from hvpmtl.train.tracking import Tracker
 
-from .conftest import ROOT
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _artifacts(uri, run_id, path="panels"):

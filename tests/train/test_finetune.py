@@ -3,6 +3,7 @@ schedule, layer-wise LR decay, initialisation from an export, and config errors.
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -12,10 +13,10 @@ from safetensors.torch import load_file
 
 from hvpmtl.config import ConfigError
 from hvpmtl.eval.export import export_run, read_backbone_file
-from hvpmtl.eval.finetune import build_model, finetune_lr, main, param_groups
+from hvpmtl.train.finetune import build_model, finetune_lr, main, param_groups
 from hvpmtl.eval.finetune_config import load_finetune_config
 
-from .conftest import ROOT, run
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = ROOT / "configs/finetune_tiny.yaml"
 
@@ -25,10 +26,10 @@ def exported(pretrain_run, tmp_path_factory):
     return export_run(pretrain_run["dir"], tmp_path_factory.mktemp("exp") / "bb.safetensors")
 
 
-def test_two_epochs_report_top1_and_write_checkpoints(exported, shapes, tmp_path):
+def test_two_epochs_report_top1_and_write_checkpoints(exported, shapes, tmp_path, launch):
     out = tmp_path / "ft"
     db = f"sqlite:///{tmp_path}/mlflow.db"
-    code, log = run([sys.executable, str(ROOT / "launchers/finetune.py"), "--config", str(TINY),
+    code, log = launch([sys.executable, str(ROOT / "launchers/finetune.py"), "--config", str(TINY),
                      "--set", f"model.init={exported}", "--set", f"data.train_dir={shapes['train']}",
                      "--set", f"data.val_dir={shapes['val']}", "--set", f"run.output_dir={out}",
                      "--set", f"run.ds_config={ROOT / 'ds_configs/zero2.json'}", "--set", f"tracking.tracking_uri={db}"],
