@@ -26,6 +26,17 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_exten
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+LAUNCHING_FIXTURES = {"pretrain_run", "launch"}  # fixtures that start processes
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test-fast` deselects `slow`: every test that starts processes carries it, explicitly
+    (mp.spawn, subprocess) or through a launching fixture."""
+    for item in items:
+        if LAUNCHING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT

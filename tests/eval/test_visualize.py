@@ -78,10 +78,10 @@ def test_collapsed_prototype_scores_give_one_bar():
     torch.manual_seed(0)
     student = Student(cfg).eval()
     v = torch.randn(1, 3, 64, 64).expand(6, -1, -1, -1)  # every view the same image: collapsed embeddings
-    counts = code_assignments(student, v, v, cfg)
+    counts = code_assignments(student, v, v)
     assert counts["scores"].sum() == 12 and counts["scores"].max() == 12
     assert counts["codes"].sum() == 12
-    varied = code_assignments(student, torch.randn(6, 3, 64, 64) * 3, torch.randn(6, 3, 64, 64) * 3, cfg)
+    varied = code_assignments(student, torch.randn(6, 3, 64, 64) * 3, torch.randn(6, 3, 64, 64) * 3)
     assert varied["scores"].sum() == 12 and varied["scores"].max() < 12
     # Sinkhorn spreads distinct views over the prototypes
     assert (varied["codes"] > 0).sum() >= 4
