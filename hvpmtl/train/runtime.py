@@ -169,6 +169,7 @@ def main(args, parser, schema, make_trainer, name: str = "hvpmtl") -> int:
     later, is one line on stderr and exit 2 on every rank, no traceback."""
     if not isinstance(args, argparse.Namespace):
         args = parser().parse_args(args)
+    ours = not dist.is_initialized()  # the process group is torn down by whoever made it
     code = EXIT_CONFIG
     try:
         cfg = load_config(args.config, args.overrides, schema=schema)
@@ -179,6 +180,6 @@ def main(args, parser, schema, make_trainer, name: str = "hvpmtl") -> int:
         print(f"{name}: data error: {e}", file=sys.stderr, flush=True)
     if code == EXIT_PEER_LOST:
         os._exit(code)  # a process group with a dead peer can hang in its own teardown
-    if dist.is_initialized():
+    if ours and dist.is_initialized():
         dist.destroy_process_group()
     return code
