@@ -49,7 +49,9 @@ def python() -> str:
 
 
 def _env(**extra) -> dict:
-    e = dict(os.environ)
+    # not the rendezvous of this process's own (in-process test) process group
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     e.update({"DS_ACCELERATOR": "cpu", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1",
               "PATH": f"{BIN}:{e.get('PATH', '')}"})
     e.update(extra)

@@ -225,7 +225,8 @@ class HVPMetaArch:
         optimizer steps done. The batch comes from the loader already in the step's dtype."""
         sw = self.cfg.objectives.swav
         boundary = self.engine.is_gradient_accumulation_boundary()
-        v1, v2, mask, labels = (batch[k].to(self.device, non_blocking=True) for k in ("view1", "view2", "mask", "labels"))
+        v1, v2, mask, labels = (batch[k].to(self.device, non_blocking=True)
+                                for k in ("view1", "view2", "mask", "labels"))
         teacher_sim = None
         if self.teacher is not None:
             with autocast(self.device.type, self.dtype):

@@ -9,7 +9,8 @@ def trainer_parser(what: str, config_help: str, set_example: str) -> argparse.Ar
     p = argparse.ArgumentParser(description=f"{what} (run through deepspeed, torchrun or srun)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="exit codes: 0 done, 2 config or data error (no traceback), 3 preempted "
-                                       "(checkpoint saved, requeue), 4 too many non-finite losses, 5 a rank died or hung")
+                                       "(checkpoint saved, requeue), 4 too many non-finite losses, "
+                                       "5 a rank died or hung")
     p.add_argument("--config", required=True, help=config_help)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a config value, e.g. --set {set_example} (repeatable)")

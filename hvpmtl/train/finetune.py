@@ -8,9 +8,9 @@ Started on every rank by launchers/finetune.py (deepspeed, torchrun or srun):
 A timm model with a fresh `num_classes` head is initialised from an exported backbone (timm
 resamples position embeddings / relative-position tables when the size differs) or at random;
 AdamW with layer-wise LR decay (timm's param_groups_layer_decay), the LR schedule of pre-training
-(hvpmtl/train/schedules.py: linear warm-up from warmup_lr, cosine to min_lr, per step); label smoothing, optional mixup/cutmix (timm.data.Mixup); top-1
-(and top-5) on data.val_dir after every epoch; checkpoints through hvpmtl.train.checkpoint;
-MLflow, preemption and exit codes shared with pre-training (hvpmtl/train/runtime.py).
+(hvpmtl/train/schedules.py: linear warm-up from warmup_lr, cosine to min_lr, per step); label
+smoothing, optional mixup/cutmix (timm.data.Mixup); top-1 (and top-5) on data.val_dir after every
+epoch. Set-up, checkpoints, MLflow, preemption and exit codes as pre-training (hvpmtl/train/runtime.py).
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -31,9 +30,6 @@ from hvpmtl.train import checkpoint, runtime
 from hvpmtl.train.args import finetune_parser
 from hvpmtl.train.runtime import EXIT_OK, EXIT_PREEMPTED, Trainer, seed_everything
 from hvpmtl.train.schedules import lambda_lr, lr_schedule
-
-
-# ----------------------------------------------------------------------------- model and optimizer
 
 
 def build_model(cfg: FinetuneConfig, num_classes: int, read_weights=None) -> nn.Module:
@@ -81,9 +77,6 @@ def param_groups(model: nn.Module, cfg: FinetuneConfig, lr: float) -> list[dict]
 
 def peak_lr(cfg: FinetuneConfig, global_batch: int) -> float:
     return cfg.optim.base_lr * global_batch / cfg.optim.lr_scale_batch
-
-
-# ----------------------------------------------------------------------------- trainer
 
 
 class Finetuner(Trainer):
@@ -196,11 +189,9 @@ class Finetuner(Trainer):
                 sums[3] += F.cross_entropy(logits, y, reduction="sum")
         finally:
             model.train(was_training)
-        if dist.is_initialized() and self.world > 1:
-            dist.all_reduce(sums)
-        n = max(1.0, float(sums[0]))
-        return {"val/top1": 100 * float(sums[1]) / n, f"val/top{k}": 100 * float(sums[2]) / n,
-                "val/loss": float(sums[3]) / n, "val/images": float(sums[0])}
+        images, top1, topk, loss = sum_to_host(sums)
+        n = max(1.0, images)
+        return {"val/top1": 100 * top1 / n, f"val/top{k}": 100 * topk / n, "val/loss": loss / n, "val/images": images}
 
     def export_model(self) -> Path | None:
         """The fine-tuned classifier as timm safetensors (fp32 master weights under bf16/fp16)."""
@@ -242,14 +233,11 @@ class Finetuner(Trainer):
                 self.epoch += 1
                 if self.epoch % cfg.run.checkpoint_every_epochs == 0 or self.epoch == cfg.optim.epochs:
                     self.save()
-            if code == EXIT_OK:
-                path = self.export_model()
-                if path is not None:
-                    self.log(f"fine-tuned model written to {path}")
+            if code == EXIT_OK and (path := self.export_model()) is not None:
+                self.log(f"fine-tuned model written to {path}")
         finally:
             self.tracker.close("FINISHED" if code in (EXIT_OK, EXIT_PREEMPTED) else "FAILED")
         return code
-
 
 
 def main(args=None, read_weights=None) -> int:

@@ -62,8 +62,9 @@ class Pretrainer(Trainer):
 
     def _build_loader(self):
         cfg = self.cfg
-        kw = dict(batch_size=cfg.optim.micro_batch_size, patch_size=patch_size_of(cfg.model.backbone, cfg.model.img_size),
-                  rank=self.rank, world_size=self.world, dtype=self.input_dtype)
+        patch = patch_size_of(cfg.model.backbone, cfg.model.img_size)
+        kw = dict(batch_size=cfg.optim.micro_batch_size, patch_size=patch, rank=self.rank, world_size=self.world,
+                  dtype=self.input_dtype)
         if cfg.data.format == "tensors":
             from hvpmtl.data.tensor_source import TensorSource
             return TensorSource(cfg.data, device=self.device, **kw)

@@ -56,7 +56,7 @@ def build_ds_config(cfg, world_size: int, precision: str) -> dict:
     ds["gradient_accumulation_steps"] = o.grad_accum_steps
     ds["gradient_clipping"] = o.grad_clip
     ds["bf16"] = {"enabled": precision == "bf16"}
-    ds["fp16"] = {"enabled": precision == "fp16", "initial_scale_power": 16} if precision == "fp16" else {"enabled": False}
+    ds["fp16"] = {"enabled": True, "initial_scale_power": 16} if precision == "fp16" else {"enabled": False}
     return ds
 
 

@@ -3,7 +3,8 @@ from the optimizer the same way). One shape serves the learning rate of both tra
 teacher's momentum:
 
     s < warmup_steps:  start + (peak - start) * (s + 1) / warmup_steps   (linear; step 0 already moves off start)
-    s >= warmup_steps: final + (peak - final) * (1 + cos(pi * p)) / 2,   p = min(1, (s - warmup) / max(1, total - warmup))
+    s >= warmup_steps: final + (peak - final) * (1 + cos(pi * p)) / 2,
+                       p = min(1, (s - warmup_steps) / max(1, total_steps - warmup_steps))
 
 `schedule[s]` is the value for optimizer step s (0-based for the LR, the count of steps done for the
 momentum); past the end it stays at `final`. The LR enters DeepSpeed through a LambdaLR over the same
