@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from hvpmtl.config import ConfigError, check_batch_sizes
+from hvpmtl.config import ConfigError, check_batch_sizes, load_config
 
 from .checkout import REPO
 from .commands import Command, documented_commands
@@ -23,10 +23,10 @@ from .commands import Command, documented_commands
 DOCS = ("README.md", "docs/CLUSTER.md")
 COMMANDS = [c for doc in DOCS for c in documented_commands(REPO / doc, REPO)]
 
-# which config loader each launcher uses ("module:function")
+# which config schema each launcher loads (hvpmtl.config.load_config(path, overrides, schema=...))
 CONFIG_LOADERS = {
-    "launchers/pretrain.py": "hvpmtl.config:load_config",
-    "launchers/finetune.py": "hvpmtl.eval.finetune_config:load_finetune_config",
+    "launchers/pretrain.py": "hvpmtl.config:ExperimentConfig",
+    "launchers/finetune.py": "hvpmtl.config:FinetuneConfig",
 }
 # shell commands of the cluster docs that only make sense there: the program and nothing more is checked
 CLUSTER_SHELL = {"squeue", "tail", "mkdir", "scancel"}
@@ -52,7 +52,7 @@ def check_launcher(cmd: Command, script: str, args: list[str], world: int, defau
     assert a.config, f"{cmd.where()}\nno --config"
     assert (REPO / a.config).is_file(), f"{cmd.where()}\n{a.config} does not exist"
     try:
-        cfg = load(CONFIG_LOADERS[script])(REPO / a.config, a.overrides)
+        cfg = load_config(REPO / a.config, a.overrides, schema=load(CONFIG_LOADERS[script]))
         if hasattr(cfg.optim, "global_batch_size"):
             check_batch_sizes(cfg, world)
     except ConfigError as e:
@@ -163,8 +163,8 @@ def test_documented_command_is_correct(cmd):
 
 
 def test_the_check_catches_a_wrong_world_size():
-    # the README's one-node line without accumulation: 8 GPUs x 16 != the paper's global batch 1024
-    bad = Command("README.md", 0, "deepspeed --num_gpus 8 launchers/pretrain.py --config configs/pretrain_swin_b.yaml",
+    # 3 GPUs x micro batch 16 = 48 does not divide the paper's global batch 1024: no accumulation fits
+    bad = Command("README.md", 0, "deepspeed --num_gpus 3 launchers/pretrain.py --config configs/pretrain_swin_b.yaml",
                   [])
-    with pytest.raises(AssertionError, match="refused at world size 8: optim.global_batch_size=1024"):
+    with pytest.raises(AssertionError, match="refused at world size 3: optim.global_batch_size=1024"):
         check_deepspeed(bad, bad.argv)
