@@ -781,9 +781,9 @@ def read_weights(tag_dir: str | Path, which: str = "student") -> tuple[dict[str,
 
 def teacher_init_share(cfg, step: int) -> tuple[float, bool]:
     """How much of the EMA teacher is still its random start after `step` updates: the product of the
-    momenta. Exact for a constant momentum or a cosine schedule with a known length; else the constant
-    lower bound m^step (second value False)."""
-    from hvpmtl.models.meta_arch import teacher_momentum
+    momenta (hvpmtl.train.schedules.momentum_schedule). Exact for a constant momentum or a cosine schedule
+    of known length; else the constant lower bound m^step (second value False)."""
+    from hvpmtl.train.schedules import momentum_schedule
 
     d, o = cfg.objectives.distill, cfg.optim
     if d.momentum_schedule == "constant":
@@ -791,8 +791,8 @@ def teacher_init_share(cfg, step: int) -> tuple[float, bool]:
     total = o.max_steps or (o.epochs * o.steps_per_epoch if o.steps_per_epoch else 0)
     if not total:
         return d.momentum ** step, False
-    logs = sum(math.log(max(teacher_momentum(cfg, t, total), 1e-300)) for t in range(1, step + 1))
-    return math.exp(logs), True
+    m = momentum_schedule(d, total)
+    return math.exp(sum(math.log(max(m[t], 1e-300)) for t in range(1, step + 1))), True
 
 
 def default_weights(cfg, step: int, has_teacher: bool) -> tuple[str, str]:

@@ -259,8 +259,9 @@ def test_default_backbone_is_the_student_until_the_teacher_has_left_its_random_s
     assert ck.default_weights(cfg, 10**6, False)[0] == "student"
     cos = load_config("configs/test_tiny.yaml", ["objectives.distill.momentum_schedule=cosine",
                                                  "objectives.distill.momentum=0.99", "optim.max_steps=400"])
-    from hvpmtl.models.meta_arch import teacher_momentum
-    expect = float(np.prod([teacher_momentum(cos, t, 400) for t in range(1, 401)], dtype=np.float64))
+    from hvpmtl.train.schedules import momentum_schedule
+    m = momentum_schedule(cos.objectives.distill, 400)
+    expect = float(np.prod([m[t] for t in range(1, 401)], dtype=np.float64))
     share, exact = ck.teacher_init_share(cos, 400)
     assert exact and share == pytest.approx(expect, rel=1e-9) and share > 0.99 ** 400
 
@@ -316,9 +317,9 @@ def test_backbone_files_with_a_payload_are_refused_by_eval_and_fine_tuning(tmp_p
     import pickle
 
     from hvpmtl.cli import main as hvpmtl_main
-    from hvpmtl.config import ConfigError
-    from hvpmtl.eval.finetune import build_model
-    from hvpmtl.eval.finetune_config import load_finetune_config
+    from hvpmtl.config import ConfigError, FinetuneConfig
+    from hvpmtl.eval.export import read_backbone_file  # what launchers/finetune.py hands to fine-tuning
+    from hvpmtl.train.finetune import build_model
 
     marker = tmp_path / "pwned"
     bad = tmp_path / f"x{suffix}"
@@ -331,10 +332,10 @@ def test_backbone_files_with_a_payload_are_refused_by_eval_and_fine_tuning(tmp_p
     assert hvpmtl_main(["eval", "knn", "--backbone", str(bad), "--backbone-name", "vit_tiny_patch16_224",
                         "--img-size", "32"]) == 2
     assert "refused to load" in capsys.readouterr().err
-    cfg = load_finetune_config("configs/finetune_tiny.yaml", [f"data.train_dir={tmp_path}",
-                                                              f"data.val_dir={tmp_path}", f"model.init={bad}"])
+    cfg = load_config("configs/finetune_tiny.yaml", [f"data.train_dir={tmp_path}", f"data.val_dir={tmp_path}",
+                                                     f"model.init={bad}"], schema=FinetuneConfig)
     with pytest.raises(ConfigError, match="model.init: .*refused to load"):
-        build_model(cfg, num_classes=3)
+        build_model(cfg, 3, read_backbone_file)
     assert not marker.exists()
     # the same files without the payload are read (numpy arrays in a .pkl, tensors in a .pth)
     del obj["x"]
