@@ -32,8 +32,8 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from hvpmtl.train import checkpoint as ckpt
-from hvpmtl.train.safe_load import UnsafeFileError
+import hvpmtl.train.checkpoint as ckpt
+from hvpmtl.train.checkpoint import UnsafeFileError
 
 FORMATS = ("timm", "mmdet", "mmseg", "detectron2")
 DEFAULT_PREFIX = {"timm": "", "mmdet": "backbone.timm_model.", "mmseg": "backbone.timm_model.", "detectron2": ""}

@@ -53,6 +53,7 @@ import torch.distributed as dist
 
 from hvpmtl.train import safe_load
 from hvpmtl.train.run_lock import LockError, RunLock
+from hvpmtl.train.safe_load import UnsafeFileError  # noqa: F401 — for callers outside train/ (export, eval)
 
 TAG_PREFIX = "step_"
 MANIFEST = "COMPLETE"
