@@ -35,11 +35,12 @@ def _backbone():
 def test_engine_logs_online_metrics(pretrain_run):
     evals = [m for m in pretrain_run["metrics"] if "eval/knn_map" in m]
     assert [m["step"] for m in evals] == [2]
-    # the numbers are those of the evaluated backbone, the EMA teacher (distillation is on), recomputed here from
-    # the step-2 checkpoint with the run's own saved config
+    # the numbers are those of the evaluated backbone, recomputed here from the step-2 checkpoint with the run's
+    # own saved config: the default weights (at step 2 the student: 99% of the EMA teacher is its random start)
     run_dir = pretrain_run["dir"]
-    teacher = load_backbone(run_dir=run_dir, which="teacher")
-    ref = evaluate_online(teacher, load_config(run_dir / "config.yaml"), device=torch.device("cpu"), rank=0,
+    evaluated = load_backbone(run_dir=run_dir)
+    assert evaluated.weights_info["which"] == "student"
+    ref = evaluate_online(evaluated, load_config(run_dir / "config.yaml"), device=torch.device("cpu"), rank=0,
                           world_size=1)
     for k in ("eval/knn_map", "eval/linear_map"):
         assert 0 < evals[0][k] <= 100
