@@ -33,6 +33,7 @@ removes only this run's older tags and the debris of crashed saves; other runs' 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -41,9 +42,10 @@ import random
 import re
 import shutil
 import socket
+import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -331,7 +333,6 @@ class RunState:
     lock: Optional[RunLock] = None
     choice: Optional[Choice] = None
     parent: Optional[str] = None  # run/tag this run was forked from (explicit --resume of an older tag)
-    notes: list = field(default_factory=list)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -374,21 +375,20 @@ def open_run(out_dir: str | Path, how: str = "auto", *, log=print, lock: bool = 
     files move to superseded/), or a checkpoint folder / tag name. Raises CheckpointError."""
     out_dir = Path(out_dir)
     rank, world = _rank_world()
-    if any(c in str(out_dir.resolve()) for c in "[]*?"):
-        # DeepSpeed finds its model-states files with glob(): such a run could save but never resume
-        raise CheckpointError(f"run.output_dir {out_dir}: DeepSpeed cannot load checkpoints from a path with "
-                              "any of the characters [ ] * ? in it; choose another folder name")
+
+    held = None  # rank 0's lock (kept here: only the decision is sent to the other ranks)
 
     def claim():
+        nonlocal held
         held = RunLock(out_dir, log=log).acquire() if lock else None
         try:
-            return held, _decide_mode(out_dir, how, log)
+            return _decide_mode(out_dir, how, log)
         except BaseException:
             if held is not None:
                 held.release()
             raise
 
-    held, (run_id, proposals, parent) = _collective_with_lock(claim)
+    run_id, proposals, parent = _collective(claim)
     run = RunState(out_dir, how, run_id, lock=held, parent=parent)
     try:
         if proposals:
@@ -402,22 +402,6 @@ def open_run(out_dir: str | Path, how: str = "auto", *, log=print, lock: bool = 
             held.release()
         raise
     return run
-
-
-def _collective_with_lock(fn):
-    """Like _collective, but rank 0 keeps the lock object itself (it is not sent to the others)."""
-    rank, _ = _rank_world()
-    held, result = None, None
-    if rank == 0:
-        try:
-            held, value = fn()
-            result = ("ok", value)
-        except (CheckpointError, LockError) as e:
-            result = ("error", str(e))
-    result = _broadcast(result)
-    if result[0] == "error":
-        raise CheckpointError(result[1])
-    return held, result[1]
 
 
 def _decide_mode(out_dir: Path, how: str, log) -> tuple[Optional[str], list[str], Optional[str]]:
@@ -567,10 +551,28 @@ def universal(tag_dir: Path, out: Path, workers: int = 1) -> None:
     for p in sorted(tag_dir.glob("*.pt")):
         _parse(p)
     out.parent.mkdir(parents=True, exist_ok=True)
-    ds_to_universal.main(Namespace(input_folder=str(tag_dir), output_folder=str(out), num_extract_workers=workers,
-                                   num_merge_workers=workers, keep_temp_folder=False, strict=True,
-                                   inject_missing_state=True))
+    with _glob_safe(tag_dir) as src, _glob_safe(out.parent) as dst:
+        ds_to_universal.main(Namespace(input_folder=str(src), output_folder=str(dst / out.name),
+                                       num_extract_workers=workers, num_merge_workers=workers,
+                                       keep_temp_folder=False, strict=True, inject_missing_state=True))
     (out.parent / "latest_universal").unlink(missing_ok=True)  # written by the converter; hvpmtl names tags itself
+
+
+@contextlib.contextmanager
+def _glob_safe(path: Path):
+    """DeepSpeed finds checkpoint files with glob(), so a folder whose path holds [ ] * ? (a Slurm array's
+    `run[3]`) would match nothing: it is reached through a private symlink with a plain name instead."""
+    if not any(c in str(path) for c in "[]*?"):
+        yield path
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="hvpmtl-ckpt-"))
+    link = tmp / "dir"
+    os.symlink(Path(path).resolve(), link)
+    try:
+        yield link
+    finally:
+        link.unlink()
+        tmp.rmdir()
 
 
 # ----------------------------------------------------------------------------- load
@@ -588,16 +590,14 @@ def resume(engine, run: RunState, log=print):
     client_state = None
     safe_load.install(engine)
     try:
-        if choice.universal_root is not None:
-            engine._config.load_universal_checkpoint = True  # DeepSpeed reads it per call: on for this load only
-            try:
-                path, client_state = engine.load_checkpoint(str(choice.universal_root), tag=choice.tag_dir.name,
+        root = choice.universal_root if choice.universal_root is not None else choice.tag_dir.parent
+        engine._config.load_universal_checkpoint = choice.universal_root is not None  # read per call by DeepSpeed
+        try:
+            with _glob_safe(root) as load_dir:
+                path, client_state = engine.load_checkpoint(str(load_dir), tag=choice.tag_dir.name,
                                                             load_optimizer_states=True, load_lr_scheduler_states=True)
-            finally:
-                engine._config.load_universal_checkpoint = False
-        else:
-            path, client_state = engine.load_checkpoint(str(choice.tag_dir.parent), tag=choice.tag_dir.name,
-                                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+        finally:
+            engine._config.load_universal_checkpoint = False
         if path is None or client_state is None:
             error = "DeepSpeed found nothing to load"
         elif int(client_state.get("step", -1)) != int(choice.manifest["step"]):
@@ -766,7 +766,8 @@ def _weights(tag_dir: Path, ckpt: dict, m: dict, which: str) -> dict[str, torch.
         if why:
             raise CheckpointError(f"{tag_dir}: not a usable checkpoint ({why})")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        module = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        with _glob_safe(tag_dir.parent) as parent:
+            module = get_fp32_state_dict_from_zero_checkpoint(str(parent), tag=tag_dir.name)
     return {k: v.detach().float() for k, v in module.items()}
 
 

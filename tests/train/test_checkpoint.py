@@ -215,9 +215,13 @@ def test_checkpoints_of_hvpmtl_before_run_ids_are_resumed_into_a_new_run(copy):
     assert ck.prune(copy / "checkpoints", run.run_id, copy / "checkpoints" / ck.tag_for(6), keep=1) == []
 
 
-def test_a_folder_deepspeed_could_never_resume_from_is_refused_before_training(tmp_path):
-    with pytest.raises(ck.CheckpointError, match=r"cannot load checkpoints from a path with any of the characters"):
-        ck.open_run(tmp_path / "run[1]", "none")
+def test_a_run_folder_with_glob_characters_in_its_path_resumes(trainer, copy):
+    """DeepSpeed globs for its files; a Slurm array's `run[3]` must still load."""
+    odd = copy.parent / "run[3]"
+    copy.rename(odd)
+    run = _open(odd)
+    tag_dir, client, _ = ck.resume(trainer.engine, run, log=lambda m: None)
+    assert tag_dir == odd / "checkpoints" / ck.tag_for(6) and client["step"] == 6
 
 
 def test_rank_state_for_another_world_size():

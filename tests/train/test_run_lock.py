@@ -88,8 +88,8 @@ def test_the_heartbeat_moves_the_mtime_and_a_lost_lock_is_noticed(tmp_path):
         assert time.time() < deadline, "no heartbeat"
         time.sleep(0.05)
     assert lock.lost is None
-    path.unlink()
-    _holder(path, host="node-elsewhere", pid=7, nonce="theirs")  # another job took it over
+    _holder(tmp_path / "theirs", host="node-elsewhere", pid=7, nonce="theirs")
+    os.replace(tmp_path / "theirs", path)  # another job took it over (atomically: the heartbeat never sees a gap)
     while lock.lost is None:
         assert time.time() < deadline + 10, "lost lock not noticed"
         time.sleep(0.05)
