@@ -64,6 +64,11 @@ class DataConfig:
     skip_list: str = ""
     holdout_list: str = ""  # labelled held-out split for online evaluation
     seed: int = 0
+    # the data index (`hvpmtl data index`): "" = beside the source, <list_file or shards>.hvpidx
+    index: str = ""
+    index_auto_build: int = 1000000  # a missing/stale index of at most this many samples is built at start-up; 0 = never
+    index_wait_s: int = 600  # how long ranks wait for the one process that builds it
+    max_pixels: int = 67108864  # width x height (from the JPEG header) above which an image is an error; 0 = no bound
 
 
 @dataclass
@@ -319,6 +324,9 @@ def validate(cfg: ExperimentConfig, source: str = "<config>") -> None:
     _check(d.label_threshold is None or 0 < d.label_threshold <= 1, source, "data.label_threshold",
            "must be in (0, 1] or null")
     _check(d.num_threads > 0, source, "data.num_threads", "must be > 0")
+    _check(d.max_pixels >= 0, source, "data.max_pixels", f"must be >= 0 (0 = no bound), got {d.max_pixels}")
+    _check(d.index_auto_build >= 0, source, "data.index_auto_build", f"must be >= 0 (0 = never), got {d.index_auto_build}")
+    _check(d.index_wait_s > 0, source, "data.index_wait_s", f"must be > 0, got {d.index_wait_s}")
     ob = cfg.objectives
     _check(any(x.enabled for x in (ob.asl, ob.swav, ob.mim, ob.distill)), source, "objectives",
            "at least one objective must be enabled")
