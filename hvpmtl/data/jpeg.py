@@ -101,8 +101,7 @@ def check_jpeg(read_at: Callable[[int, int], bytes], size: int, max_pixels: int 
                 return Check("corrupt-jpeg", f"frame header says {width}x{height} (a later DNL height is not "
                              "supported)")
             if max_pixels and width * height > max_pixels:
-                return Check("oversized", f"{width}x{height} = {width * height / 1e6:.1f} MP > max_pixels "
-                             f"{max_pixels / 1e6:.1f} MP", width, height)
+                return Check("oversized", too_big(width, height, max_pixels), width, height)
         elif m == 0xEE:  # Adobe APP14: tells CMYK (transform 0) from YCCK (2)
             body = read_at(pos + 4, length - 2)
             if body[:5] == b"Adobe" and len(body) >= 12:
@@ -121,6 +120,10 @@ def check_jpeg(read_at: Callable[[int, int], bytes], size: int, max_pixels: int 
         return Check("cmyk", "4 colour components (YCCK)" if adobe_transform == 2 else "4 colour components (CMYK)",
                      width, height)
     return Check(None, "", width, height)
+
+
+def too_big(width: int, height: int, max_pixels: int) -> str:
+    return f"{width}x{height} = {width * height:,} pixels > max_pixels {max_pixels:,}"
 
 
 def check_bytes(data, full_decode: bool = False, max_pixels: int = 0) -> Check:

@@ -194,6 +194,8 @@ def bad_samples(index: DataIndex, max_pixels: int, trust_verdicts: bool = True) 
     pos, codes = [], []
     v, w, h = index.verdict, index.width, index.height
     shard = index.arrays.get("shard")
+    if not index.header.get("verdicts") and shard is None:  # nothing checked yet: no page of them is read
+        return np.zeros(0, np.int64), np.zeros(0, np.uint8)
     for a, b in _chunks(len(index)):
         code = v[a:b] if trust_verdicts else np.zeros(b - a, np.uint8)
         code = np.where(code >= FIRST_ERROR, code, 0).astype(np.uint8)
@@ -210,6 +212,8 @@ def bad_samples(index: DataIndex, max_pixels: int, trust_verdicts: bool = True) 
 
 
 def _unchecked(index: DataIndex, keep: Optional[np.ndarray]) -> int:
+    if not index.header.get("verdicts"):
+        return index.num_samples if keep is None else len(keep)
     v = index.verdict
     if keep is None:
         return sum(int(np.count_nonzero(v[a:b] == 0)) for a, b in _chunks(len(v)))

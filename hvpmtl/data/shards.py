@@ -34,6 +34,7 @@ from hvpmtl.data.tencent import csr_take
 
 WORK = ".work"
 NEVER = 2**62
+SMALL = 4096  # fewer samples than this are written inline: starting processes would cost more
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -94,10 +95,12 @@ def write_one_shard(index_path: str, list_file: str, root: str, out_dir: str, sh
     idx.close()
 
 
-def _job(list_file: str, idx: DataIndex, n: int, shard_size: int, seed: int, num_classes, skip_corrupt: bool,
-         skip_list: str, max_pixels: int) -> dict:
+def _job(list_file: str, idx: DataIndex, n: int, shard_size: int, seed: int, num_classes, skip_list: str,
+         max_pixels: int) -> dict:
+    # skip_corrupt is not part of it: shards finished without it hold only good samples, so a run stopped
+    # by a bad image may resume with --skip-corrupt
     return {"list": idx.header["key"]["sha256"], "samples": n, "shard_size": shard_size, "seed": seed,
-            "num_classes": num_classes, "skip_corrupt": skip_corrupt, "skip_list": skip_list, "max_pixels": max_pixels}
+            "num_classes": num_classes, "skip_list": skip_list, "max_pixels": max_pixels}
 
 
 def write_shards(list_file: str, root: str, out_dir: str, shard_size: int, *, seed: int = 0,
@@ -117,7 +120,7 @@ def write_shards(list_file: str, root: str, out_dir: str, shard_size: int, *, se
     n = len(samples)
     out = Path(out_dir)
     (out / WORK).mkdir(parents=True, exist_ok=True)
-    job = _job(list_file, idx, n, shard_size, seed, num_classes, skip_corrupt, skip_list, max_pixels)
+    job = _job(list_file, idx, n, shard_size, seed, num_classes, skip_list, max_pixels)
     job_file = out / WORK / "job.json"
     if job_file.exists() and json.loads(job_file.read_text()) != job:
         raise DataError(f"{out} holds an unfinished conversion with other settings ({job_file}); use the same "
@@ -135,7 +138,7 @@ def write_shards(list_file: str, root: str, out_dir: str, shard_size: int, *, se
         args.append((str(idx.path), str(list_file), str(root), str(out), s, ids, samples.positions(ids), skip_corrupt,
                      max_pixels))
     workers = workers or default_workers()
-    if workers <= 1 or len(args) <= 1 or n < 4096:  # little work: starting processes would cost more
+    if workers <= 1 or len(args) <= 1 or n < SMALL:
         for a in args:
             write_one_shard(*a)
             prog.add(1)

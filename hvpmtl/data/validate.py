@@ -77,8 +77,8 @@ def check_list_chunk(index_path: str, root: str, lo: int, hi: int, full_decode: 
         c = jpeg.check_file(p, full_decode=False, max_pixels=0)
         if full_decode and c.usable:
             if max_pixels and c.width * c.height > max_pixels:  # never decode a bomb to find out more
-                c = jpeg.Check("oversized", f"{c.width}x{c.height} = {c.width * c.height / 1e6:.1f} MP > "
-                               f"max_pixels {max_pixels / 1e6:.1f} MP: not decoded", c.width, c.height)
+                c = jpeg.Check("oversized", jpeg.too_big(c.width, c.height, max_pixels) + ": not decoded",
+                               c.width, c.height)
             else:
                 c = jpeg.check_file(p, full_decode=True, max_pixels=0)
         verdict[j] = VERDICT[c.code] if c.code else VERDICT["ok"]
@@ -189,8 +189,7 @@ def _image_issues(idx: DataIndex, file: str, first: int, verdict, width, height,
             out.append(make_issue(VERDICTS[verdict[j]], file, int(idx.lines[p]), detail_of.get(p, ""), path))
         if big[j] and verdict[j] in USABLE:
             out.append(make_issue("oversized", file, int(idx.lines[p]),
-                                  f"{int(width[j])}x{int(height[j])} = {int(width[j]) * int(height[j]) / 1e6:.1f} MP > "
-                                  f"max_pixels {max_pixels / 1e6:.1f} MP", path))
+                                  jpeg.too_big(int(width[j]), int(height[j]), max_pixels), path))
     return out
 
 
@@ -281,14 +280,14 @@ def _check_samples(tar_path: Path, samples, num_ids, num_classes, full_decode, m
             c = jpeg.check_bytes(data, False, 0)
             if full_decode and c.usable:
                 if max_pixels and c.width * c.height > max_pixels:
-                    c = jpeg.Check("oversized", f"{c.width}x{c.height}: not decoded", c.width, c.height)
+                    c = jpeg.Check("oversized", jpeg.too_big(c.width, c.height, max_pixels) + ": not decoded",
+                                   c.width, c.height)
                 else:
                     c = jpeg.check_bytes(data, True, 0)
             if c.code:
                 issues.append(make_issue(c.code, name, pos, c.detail, key))
             if max_pixels and c.usable and c.width * c.height > max_pixels:
-                issues.append(make_issue("oversized", name, pos, f"{c.width}x{c.height} = "
-                                         f"{c.width * c.height / 1e6:.1f} MP > max_pixels {max_pixels / 1e6:.1f} MP", key))
+                issues.append(make_issue("oversized", name, pos, jpeg.too_big(c.width, c.height, max_pixels), key))
             ids.append(sid)
             verdict.append(VERDICT[c.code] if c.code else VERDICT["ok"])
             width.append(min(c.width, 65535))

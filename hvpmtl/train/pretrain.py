@@ -157,6 +157,7 @@ class Pretrainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
             (self.out_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+            self._report_left_out()
             if run_id is None:
                 self.tracker.log_artifact(self.out_dir / "config.yaml", "config")
                 self.tracker.log_artifact(self.out_dir / "ds_config.json", "config")
@@ -174,6 +175,26 @@ class Pretrainer:
             return TensorSource(cfg.data, device=self.device, dtype=dtype, **kw)
         from hvpmtl.data.pipeline import build_pretrain_loader
         return build_pretrain_loader(cfg.data, local_rank=self.local_rank, seed=cfg.data.seed, dtype=dtype, **kw)
+
+    def _report_left_out(self) -> None:
+        """Every sample the data left out, counted and shown: printed at start and set as an MLflow tag
+        (a param could not change on resume); its numbers go into the first step's metrics."""
+        skipped = getattr(self.loader, "skipped", None)
+        if skipped is None:
+            return
+        self._left_out_seen = -1
+        desc = self.loader.skipped_description()
+        self.log(f"data: {desc}")
+        self.tracker.set_tags({"data.left_out": desc})
+
+    def _data_metrics(self) -> dict:
+        """data/left_out_* in metrics.jsonl and MLflow at the first step and whenever the count changes
+        (samples that fail when read; rank 0's count)."""
+        skipped = getattr(self.loader, "skipped", None)
+        if skipped is None or skipped.left_out == getattr(self, "_left_out_seen", -1):
+            return {}
+        self._left_out_seen = skipped.left_out
+        return {f"data/left_out_{k}": float(v) for k, v in skipped.as_dict().items()}
 
     def _resume(self, resume: str):
         found = checkpoint.resume(self.engine, self.ckpt_dir, resume, log=self.log)
@@ -285,6 +306,7 @@ class Pretrainer:
             metrics = all_reduce_mean(metrics, self.device)
             preempt = metrics.pop("preempt") > 0
             metrics.update(self._step_metrics(gbs, dt))
+            metrics.update(self._data_metrics())
             self.tracker.log_metrics(metrics, self.step)
             self._progress(metrics)
             acc, n_micro = {}, 0
