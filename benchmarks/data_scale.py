@@ -92,8 +92,16 @@ def write_list(path: Path, n: int, seed: int = 0) -> None:
         for s in range(0, n, 200_000):
             m = min(200_000, n - s)
             k = rng.integers(1, 21, m)
-            toks = np.char.add(np.char.add(rng.integers(0, 11166, int(k.sum())).astype(str), ":"),
-                               confs[rng.integers(0, 3, int(k.sum()))])
+            total = int(k.sum())
+            row = np.repeat(np.arange(m), k)
+            # distinct classes per line (gaps of 1..550 from a random start: at most 20 x 550 < 11,166), in random order
+            step = rng.integers(1, 551, total)
+            first = np.concatenate([[0], np.cumsum(k)[:-1]])
+            step[first] = rng.integers(0, 11166, m)
+            cum = np.cumsum(step)
+            cls = (cum - np.repeat(cum[first] - step[first], k)) % 11166
+            cls = cls[np.lexsort((rng.random(total), row))]
+            toks = np.char.add(np.char.add(cls.astype(str), ":"), confs[rng.integers(0, 3, total)])
             ends = np.cumsum(k)
             wn = [f"n{(j * 7919) % 99999999:08d}" for j in range(s, s + m)]
             lines = [f"train/{w}/{w}_{s + i}.JPEG\t" + "\t".join(toks[ends[i] - k[i]:ends[i]]) for i, w in enumerate(wn)]

@@ -269,31 +269,34 @@ def build_list_index(list_file: str | os.PathLike, out: str | os.PathLike | None
         raise DataError(f"cannot read list file {src}: {e.strerror}") from None
     tmpdir = Path(tempfile.mkdtemp(prefix=".hvpidx-build-", dir=out.parent))
     try:
-        names = ("paths", "plens", "lines", "counts", "classes", "confs")
+        names = ("paths", "plens", "lines", "counts", "classes", "confs", "codes", "hashes")
         files = {k: open(tmpdir / k, "wb") for k in names}
         h = hashlib.sha256()
         issues: list[Issue] = []
-        n_lines = rows = nnz = blob = 0
+        n_lines = rows = 0
+        table: dict[float, int] = {}  # distinct confidences, in order of appearance
 
         def on_read(chunk: bytes) -> None:
             h.update(chunk)
             if progress is not None:
                 progress.add(len(chunk))
         for b in iter_list_blocks(src, num_classes, threads=threads, on_read=on_read):
-            paths = b.paths.cast(pa.large_binary()) if len(b.paths) else None
-            if paths is not None:
+            if len(b.paths):
+                paths = b.paths.cast(pa.large_binary())
                 off = np.frombuffer(paths.buffers()[1], np.int64)[paths.offset:paths.offset + len(paths) + 1]
                 files["paths"].write(memoryview(paths.buffers()[2])[off[0]:off[-1]])
                 files["plens"].write(np.diff(off).astype(np.int64).tobytes())
-                blob += int(off[-1] - off[0])
             files["lines"].write(b.lines.astype(np.int64).tobytes())
             files["counts"].write(b.counts.astype(np.int64).tobytes())
             files["classes"].write(b.classes.astype(np.int32).tobytes())
             files["confs"].write(b.confs.astype(np.float32).tobytes())
+            files["hashes"].write(b.hashes.tobytes())
+            if len(table) <= 256 and b.conf_codes is not None:
+                lut = np.asarray([table.setdefault(float(v), len(table)) for v in b.conf_values], np.uint16)
+                files["codes"].write(lut[b.conf_codes].tobytes())
             issues += [_detail(i) for i in b.issues]
             n_lines += b.num_lines
             rows += len(b.lines)
-            nnz += len(b.classes)
         for f in files.values():
             f.close()
         after = os.stat(src)
@@ -301,20 +304,17 @@ def build_list_index(list_file: str | os.PathLike, out: str | os.PathLike | None
             raise DataError(f"{src} changed while it was being indexed; run the command again")
         mm = {k: np.memmap(tmpdir / k, dt, "r") if os.path.getsize(tmpdir / k) else np.zeros(0, dt)
               for k, dt in (("paths", np.uint8), ("plens", np.int64), ("lines", np.int64), ("counts", np.int64),
-                            ("classes", np.int32), ("confs", np.float32))}
+                            ("classes", np.int32), ("confs", np.float32), ("codes", np.uint16),
+                            ("hashes", np.uint64))}
         path_off = np.zeros(rows + 1, np.int64)
         np.cumsum(mm["plens"], out=path_off[1:])
         keep = np.ones(rows, bool)
-        if rows:
-            arr = pa.LargeBinaryArray.from_buffers(pa.large_binary(), rows, [None, pa.py_buffer(path_off),
-                                                                              pa.py_buffer(mm["paths"])])
-            dup, first = find_duplicates(arr)
-            del arr
-            for r, f in zip(dup.tolist(), first.tolist()):
-                p = bytes(mm["paths"][path_off[r]:path_off[r + 1]]).decode(errors="backslashreplace")
-                issues.append(Issue("duplicate-path", str(src), int(mm["lines"][r]),
-                                    f"already on line {int(mm['lines'][f])}", p))
-            keep[dup] = False
+        dup, first = find_duplicates(mm["hashes"], lambda r: bytes(mm["paths"][path_off[r]:path_off[r + 1]]))
+        for r, f in zip(dup.tolist(), first.tolist()):
+            p = bytes(mm["paths"][path_off[r]:path_off[r + 1]]).decode(errors="backslashreplace")
+            issues.append(Issue("duplicate-path", str(src), int(mm["lines"][r]), f"already on line {int(mm['lines'][f])}",
+                                p))
+        keep[dup] = False
         if n_lines == 0 or (not keep.any() and not any(CODES[i.code][0] == "error" for i in issues)):
             issues.append(Issue("empty-list", str(src), 0, "0 samples"))
         issues.sort(key=lambda i: i.line)
@@ -322,8 +322,9 @@ def build_list_index(list_file: str | os.PathLike, out: str | os.PathLike | None
                   "key": {"path": str(src.resolve()), "size": before.st_size, "mtime_ns": before.st_mtime_ns,
                           "sha256": h.hexdigest()},
                   "num_classes": num_classes, "num_lines": n_lines}
+        codes = (mm["codes"], list(table)) if len(table) <= 256 and len(mm["codes"]) == len(mm["confs"]) else None
         arrays = _sample_arrays(header, mm["paths"], path_off, mm["lines"], mm["counts"], mm["classes"],
-                                mm["confs"], keep)
+                                mm["confs"], keep, codes)
         arrays.update(_issue_arrays(issues, [str(src)]))
         header["issue_files"] = [str(src)]
         header["issue_counts"] = _count_codes(issues)
@@ -340,8 +341,9 @@ def _count_codes(issues: list[Issue]) -> dict:
 
 
 def _sample_arrays(header: dict, blob: np.ndarray, path_off: np.ndarray, lines: np.ndarray, counts: np.ndarray,
-                   classes: np.ndarray, confs: np.ndarray, keep: np.ndarray) -> dict:
-    """The per-sample arrays of the rows `keep`, streamed in chunks; fills the header's counts."""
+                   classes: np.ndarray, confs: np.ndarray, keep: np.ndarray, codes=None) -> dict:
+    """The per-sample arrays of the rows `keep`, streamed in chunks; fills the header's counts.
+    `codes`: (uint16 codes of every label, the distinct confidences they number), when known."""
     rows = len(keep)
     kept = np.flatnonzero(keep) if not keep.all() else None
     n = rows if kept is None else len(kept)
@@ -351,10 +353,13 @@ def _sample_arrays(header: dict, blob: np.ndarray, path_off: np.ndarray, lines: 
     k_plens = np.diff(path_off) if kept is None else (path_off[kept + 1] - path_off[kept])
     nnz, blob_len = int(np.sum(k_counts)), int(np.sum(k_plens))
     # confidences: one byte into a table of the distinct values when there are few (Tencent: 1, 0.9, 0.8)
-    uniq = np.unique(np.concatenate([np.unique(confs[i:i + CHUNK_ROWS * 8]) for i in range(0, len(confs),
-                                                                                        CHUNK_ROWS * 8)] or
-                                    [np.zeros(0, np.float32)]))
-    table = uniq.tolist() if len(uniq) <= 256 else None
+    if codes is None and len(confs):
+        values, inverse = np.unique(confs, return_inverse=True)
+        codes = (inverse.astype(np.uint16), values.tolist()) if len(values) <= 256 else None
+    elif codes is None:
+        codes = (np.zeros(0, np.uint16), [])
+    table = sorted(codes[1]) if codes is not None else None
+    remap = np.asarray([table.index(v) for v in codes[1]], np.uint8) if codes is not None else None
     max_class = -1
     for i in range(0, len(classes), CHUNK_ROWS * 8):
         max_class = max(max_class, int(classes[i:i + CHUNK_ROWS * 8].max()))
@@ -387,7 +392,7 @@ def _sample_arrays(header: dict, blob: np.ndarray, path_off: np.ndarray, lines: 
     off_dt = _smallest_int(blob_len)
     ptr_dt = _smallest_int(nnz)
     if table is not None:
-        conf_arr = Streamed(np.uint8, nnz, segments(label_off, confs, lambda c: _codes(c, np.asarray(table, np.float32))))
+        conf_arr = Streamed(np.uint8, nnz, segments(label_off, codes[0], lambda c: remap[c]))
     else:
         conf_arr = Streamed(np.float32, nnz, segments(label_off, confs))
     line_dt = _smallest_int(int(lines.max()) if len(lines) else 0)
@@ -400,16 +405,6 @@ def _sample_arrays(header: dict, blob: np.ndarray, path_off: np.ndarray, lines: 
         "confs": conf_arr,
         "verdict": np.zeros(n, np.uint8), "width": np.zeros(n, np.uint16), "height": np.zeros(n, np.uint16),
     }
-
-
-def _codes(values: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """uint8 positions of `values` in the sorted `table` (one compare per entry when the table is small)."""
-    if len(table) > 16:
-        return np.searchsorted(table, values).astype(np.uint8)
-    out = np.zeros(len(values), np.uint8)
-    for j, v in enumerate(table[1:], start=1):
-        out[values == v] = j
-    return out
 
 
 def _positions(offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:

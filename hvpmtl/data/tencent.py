@@ -190,7 +190,7 @@ def _slow_line(line: bytes, n: int, src: str, num_classes: int | None, issues: l
 # bytes, an empty line) goes to _slow_line, which writes its message: the per-line parser runs on
 # those lines only. Blocks are parsed by a few threads (numpy and pyarrow release the GIL).
 
-BLOCK_BYTES = 16 << 20
+BLOCK_BYTES = 4 << 20
 PARSE_THREADS = min(4, os.cpu_count() or 1)
 TAB, NL, CR, COLON, SLASH, DOT = 9, 10, 13, 58, 47, 46
 _NUMBER_RE = r"^(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})$"
@@ -206,6 +206,9 @@ class ParsedBlock:
     confs: np.ndarray  # float32
     issues: list
     num_lines: int
+    hashes: np.ndarray = None  # uint64 per path (find_duplicates)
+    conf_values: np.ndarray = None  # the distinct confidences of the block, sorted
+    conf_codes: np.ndarray = None  # each label's position in conf_values (uint16)
 
 
 def _numbers(text: pa.Array, pattern: str) -> tuple[np.ndarray, np.ndarray]:
@@ -248,7 +251,8 @@ def _fast_lines(buf: np.ndarray, breaks: np.ndarray, num_classes: Optional[int])
     if not (te > ts).all():
         ne = np.flatnonzero(te > ts)
         ts, te = ts[ne], te[ne]
-    tl = np.searchsorted(breaks, ts)  # a token's line
+    breaks32 = breaks.astype(np.int32)  # blocks are far below 2 GiB
+    tl = np.searchsorted(breaks32, ts)  # a token's line
     slow = np.zeros(L + 1, bool)
     first = np.ones(len(ts), bool)
     first[1:] = tl[1:] != tl[:-1]
@@ -278,7 +282,7 @@ def _fast_lines(buf: np.ndarray, breaks: np.ndarray, num_classes: Optional[int])
     text = toks.filter(pa.array(pick))
     try:
         text = text.cast(pa.string())
-        digits = np.asarray(pc.ascii_is_decimal(text[0::2]), bool)  # int() takes these, with these values
+        digits = np.asarray(pc.ascii_is_decimal(text), bool)[0::2]  # int() takes these, with these values
     except pa.ArrowInvalid:  # not UTF-8: cannot be in a line still fast (non-ASCII bytes went slow)
         slow[:] = True
         text, rows, digits = text[:0].cast(pa.string()), rows[:0], np.zeros(0, bool)
@@ -290,7 +294,7 @@ def _fast_lines(buf: np.ndarray, breaks: np.ndarray, num_classes: Optional[int])
     idx = np.where(bad, 0, idx).astype(np.int64)
     key = (rows.astype(np.int64) << 32) | idx
     if len(key) > 1 and not (key[1:] > key[:-1]).all():  # labels sorted by class within a line
-        order = np.argsort(key, kind="stable")
+        order = np.argsort(key)  # keys are unique but in lines with a class twice, which go slow anyway
         key, rows, idx, conf = key[order], rows[order], idx[order], conf[order]
         slow[rows[1:][key[1:] == key[:-1]]] = True  # a class twice: the per-line parser reports it
     keep = ~slow[rows]
@@ -357,7 +361,9 @@ def _parse_block(block: bytes, first_line: int, src: str, num_classes: Optional[
             confs = np.concatenate([confs, np.asarray(s_conf, np.float32)])[take]
             paths = pa.concat_arrays([paths, pa.array(s_paths, pa.binary())]).take(pa.array(order))
             lines, counts = all_lines[order], all_counts[order]
-    return ParsedBlock(paths, lines, np.asarray(counts, np.int64), classes, confs, issues, L)
+    values, codes = np.unique(confs, return_inverse=True)
+    return ParsedBlock(paths, lines, np.asarray(counts, np.int64), classes, confs, issues, L, path_hashes(paths),
+                       values, codes.astype(np.uint16) if len(values) <= 65536 else None)
 
 
 def iter_list_blocks(path: str | Path, num_classes: Optional[int] = None, *, block_bytes: Optional[int] = None,
@@ -392,28 +398,77 @@ def iter_list_blocks(path: str | Path, num_classes: Optional[int] = None, *, blo
                 pending.append(pool.submit(_parse_block, block, line, src, num_classes, final))
                 n_cr = block.count(b"\r")
                 line += block.count(b"\n") + (n_cr - block.count(b"\r\n") if n_cr else 0)
-            while pending and (len(pending) > threads or final):
+            while pending and (len(pending) >= threads or final):  # at most `threads` blocks in memory
                 yield pending.popleft().result()
             if final:
                 return
 
 
-def find_duplicates(paths) -> tuple[np.ndarray, np.ndarray]:
-    """(rows that repeat an earlier row's path, the row each repeats) for a pyarrow (chunked) array of
-    paths, by pyarrow's hash-based dictionary encoding: its indices number the distinct values in the
-    order they first appear, so a row is a repeat when its index is not a new maximum."""
-    enc = pc.dictionary_encode(paths)
-    chunks = enc.chunks if isinstance(enc, pa.ChunkedArray) else [enc]
-    ind = np.concatenate([np.asarray(c.indices) for c in chunks]) if chunks else np.zeros(0, np.int32)
-    if not len(ind):
+_HASH_BASE = 0x100000001B3  # FNV's prime: an odd multiplier for the polynomial hash
+_POW = np.ones(1, np.uint64)
+
+
+def _powers(n: int) -> np.ndarray:
+    """_HASH_BASE**i mod 2**64 for i < n (grown on demand)."""
+    global _POW
+    if len(_POW) < n:
+        p = np.empty(max(n, 2 * len(_POW)), np.uint64)
+        p[0] = 1
+        for i in range(1, len(p)):  # once per process, a few thousand entries
+            p[i] = (int(p[i - 1]) * _HASH_BASE) & (2**64 - 1)
+        _POW = p
+    return _POW[:n]
+
+
+def path_hashes(paths: pa.Array) -> np.ndarray:
+    """A 64-bit hash of each path (a polynomial over its bytes, mixed with its length): vectorised, so
+    the duplicate check sorts 8 bytes per line instead of hashing strings in one thread."""
+    n = len(paths)
+    if not n:
+        return np.zeros(0, np.uint64)
+    arr = paths.cast(pa.large_binary())
+    off = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + n + 1]
+    data = np.frombuffer(arr.buffers()[2], np.uint8)[off[0]:off[-1]] if arr.buffers()[2] is not None else \
+        np.zeros(0, np.uint8)
+    off = off - off[0]
+    lens = np.diff(off)
+    rel = np.arange(len(data), dtype=np.int64) - np.repeat(off[:-1], lens)
+    contrib = data.astype(np.uint64) * _powers(int(lens.max()) + 1 if n else 1)[rel]
+    h = np.zeros(n, np.uint64)
+    nz = lens > 0
+    if len(data):
+        h[nz] = np.add.reduceat(contrib, off[:-1][nz])
+    h ^= lens.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    h ^= h >> np.uint64(29)  # spread the low bits a little; equal hashes are checked byte by byte anyway
+    return h
+
+
+def find_duplicates(hashes: np.ndarray, path_of) -> tuple[np.ndarray, np.ndarray]:
+    """(rows that repeat an earlier row's path, the row each repeats): a stable sort of the 64-bit path
+    hashes, then equal neighbours compared byte by byte (`path_of(row)`), so a hash collision never
+    drops a line."""
+    if len(hashes) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    prev_max = np.maximum.accumulate(np.concatenate([[-1], ind[:-1].astype(np.int64)]))
-    new = ind > prev_max
-    if new.all():
+    order = np.argsort(hashes)  # rows of equal hash are put back in row order below
+    hs = hashes[order]
+    same = np.flatnonzero(hs[1:] == hs[:-1])
+    if not len(same):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    first_row = np.flatnonzero(new)
-    dup = np.flatnonzero(~new)
-    return dup, first_row[ind[dup]]
+    dup, first = [], []
+    starts = same[np.concatenate([[True], same[1:] != same[:-1] + 1])]
+    ends = same[np.concatenate([same[1:] != same[:-1] + 1, [True]])] + 2
+    for a, b in zip(starts.tolist(), ends.tolist()):  # groups of rows whose hash repeats: duplicates, or a collision
+        seen: dict = {}
+        for r in sorted(order[a:b].tolist()):
+            p = path_of(r)
+            if p in seen:
+                dup.append(r)
+                first.append(seen[p])
+            else:
+                seen[p] = r
+    dup_a, first_a = np.asarray(dup, np.int64), np.asarray(first, np.int64)
+    o = np.argsort(dup_a, kind="stable")
+    return dup_a[o], first_a[o]
 
 
 def read_list_file(path: str | Path, num_classes: int | None = None) -> tuple[LabelList, list[Issue]]:
@@ -430,7 +485,9 @@ def read_list_file(path: str | Path, num_classes: int | None = None) -> tuple[La
     classes = cat([b.classes for b in blocks], np.int32)
     confs = cat([b.confs for b in blocks], np.float32)
     keep = np.ones(len(lines), bool)
-    dup, first = find_duplicates(paths)
+    blob, offsets = binary_blob(paths)
+    hashes = np.concatenate([b.hashes for b in blocks]) if blocks else np.zeros(0, np.uint64)
+    dup, first = find_duplicates(hashes, lambda r: blob[offsets[r]:offsets[r + 1]])
     if len(dup):
         flat = pa.concat_arrays([c.cast(pa.large_binary()) for c in paths.chunks])
         for r, f in zip(dup.tolist(), first.tolist()):
@@ -447,7 +504,6 @@ def read_list_file(path: str | Path, num_classes: int | None = None) -> tuple[La
         issues.append(make_issue("empty-list", src, 0, "0 samples"))
     indptr = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(counts, out=indptr[1:])
-    blob, offsets = binary_blob(paths)
     out = LabelList(src, blob, offsets, lines, indptr, classes, confs)
     if not keep.all():
         out = out.subset(np.flatnonzero(keep))
