@@ -363,7 +363,8 @@ def _sample_arrays(header: dict, blob: np.ndarray, path_off: np.ndarray, lines: 
     max_class = -1
     for i in range(0, len(classes), CHUNK_ROWS * 8):
         max_class = max(max_class, int(classes[i:i + CHUNK_ROWS * 8].max()))
-    header.update(num_samples=n, nnz=nnz, conf_table=table, max_class=max_class)
+    header.update(num_samples=n, nnz=nnz, conf_table=table, max_class=max_class,
+                  **verdict_stats(np.zeros(0, np.uint8), np.zeros(0, np.uint16), np.zeros(0, np.uint16), n))
 
     def rows_chunks():
         for s in range(0, n, CHUNK_ROWS):
@@ -521,16 +522,33 @@ def build_shard_index(folder: str | os.PathLike, out: str | os.PathLike | None =
     arrays.update(_issue_arrays(issues, header["issue_files"]))
     header["issue_counts"] = _count_codes(issues)
     header["shards"] = [s["name"] for s in ss.manifest["shards"]]
+    header["per_shard"] = np.bincount(shard_of[shard_of >= 0], minlength=len(ss.tars)).tolist()
+    header["absent"] = int(np.count_nonzero(shard_of < 0))
+    header.update(verdict_stats(arrays["verdict"], arrays["width"], arrays["height"], n))
     return write_index_file(out, header, arrays)
 
 
 # ----------------------------------------------------------------------------- verdicts
 
 
+def verdict_stats(verdict: np.ndarray, width: np.ndarray, height: np.ndarray, n: int) -> dict:
+    """What start-up needs to know without reading the verdict arrays: how many samples have an error,
+    how many nobody checked, and the largest width x height seen (so that max_pixels needs no scan)."""
+    errors = unchecked = biggest = 0
+    for a in range(0, len(verdict), CHUNK_ROWS * 8):
+        v = verdict[a:a + CHUNK_ROWS * 8]
+        errors += int(np.count_nonzero(v >= VERDICT["missing-file"]))
+        unchecked += int(np.count_nonzero(v == UNCHECKED))
+        if len(v):
+            biggest = max(biggest, int((width[a:a + len(v)].astype(np.int64) * height[a:a + len(v)]).max()))
+    return {"verdict_errors": errors, "unchecked": unchecked + (n - len(verdict)), "max_image_pixels": biggest}
+
+
 def with_verdicts(index: DataIndex, verdict: np.ndarray, width: np.ndarray, height: np.ndarray, meta: dict) -> Path:
     """Rewrite the index (atomically, as a new file) with the validator's verdicts."""
     header = {k: v for k, v in index.header.items() if k not in ("format", "arrays")}
     header["verdicts"] = meta
+    header.update(verdict_stats(verdict, width, height, len(verdict)))
     arrays = dict(index.arrays)
     arrays["verdict"], arrays["width"], arrays["height"] = (np.asarray(verdict, np.uint8),
                                                           np.asarray(width, np.uint16), np.asarray(height, np.uint16))

@@ -194,7 +194,10 @@ def bad_samples(index: DataIndex, max_pixels: int, trust_verdicts: bool = True) 
     pos, codes = [], []
     v, w, h = index.verdict, index.width, index.height
     shard = index.arrays.get("shard")
-    if not index.header.get("verdicts") and shard is None:  # nothing checked yet: no page of them is read
+    hd = index.header
+    nothing = (not hd.get("verdicts") or not trust_verdicts or
+               (hd.get("verdict_errors") == 0 and (not max_pixels or hd.get("max_image_pixels", 2**62) <= max_pixels)))
+    if nothing and (shard is None or hd.get("absent") == 0):  # the header says so: no page of the arrays is read
         return np.zeros(0, np.int64), np.zeros(0, np.uint8)
     for a, b in _chunks(len(index)):
         code = v[a:b] if trust_verdicts else np.zeros(b - a, np.uint8)
@@ -214,6 +217,8 @@ def bad_samples(index: DataIndex, max_pixels: int, trust_verdicts: bool = True) 
 def _unchecked(index: DataIndex, keep: Optional[np.ndarray]) -> int:
     if not index.header.get("verdicts"):
         return index.num_samples if keep is None else len(keep)
+    if keep is None and "unchecked" in index.header:
+        return int(index.header["unchecked"])
     v = index.verdict
     if keep is None:
         return sum(int(np.count_nonzero(v[a:b] == 0)) for a, b in _chunks(len(v)))
@@ -369,8 +374,7 @@ def prepare_shards(folder: str, *, num_classes: Optional[int], skip_corrupt: boo
     by_tar: dict[int, set] = {}
     for p in present_drop.tolist():
         by_tar.setdefault(int(idx.shard[p]), set()).add(int(idx.shard_pos[p]))
-    per_tar = np.bincount(idx.shard[idx.shard >= 0], minlength=len(idx.header["shards"])) if len(idx) else \
-        np.zeros(len(idx.header["shards"]), np.int64)
+    per_tar = idx.header["per_shard"]
     for s, name in enumerate(idx.header["shards"]):
         tar = Path(folder) / name
         n_here = int(per_tar[s]) - len(by_tar.get(s, ()))

@@ -251,8 +251,13 @@ def _fast_lines(buf: np.ndarray, breaks: np.ndarray, num_classes: Optional[int])
     if not (te > ts).all():
         ne = np.flatnonzero(te > ts)
         ts, te = ts[ne], te[ne]
-    breaks32 = breaks.astype(np.int32)  # blocks are far below 2 GiB
-    tl = np.searchsorted(breaks32, ts)  # a token's line
+    if ne is None and len(ts) and ts[0] == 0:
+        # one separator between tokens: a token's line counts the line ends after the tokens before it
+        after_sep = buf[te[:-1]]
+        tl = np.zeros(len(ts), np.int64)
+        np.cumsum((after_sep == NL) | (after_sep == CR), out=tl[1:])
+    else:  # runs of separators, empty lines: where each token falls among the line ends
+        tl = np.searchsorted(breaks.astype(np.int32), ts)  # blocks are far below 2 GiB
     slow = np.zeros(L + 1, bool)
     first = np.ones(len(ts), bool)
     first[1:] = tl[1:] != tl[:-1]
@@ -281,7 +286,7 @@ def _fast_lines(buf: np.ndarray, breaks: np.ndarray, num_classes: Optional[int])
     pick[lab if ne is None else ne[lab]] = True
     text = toks.filter(pa.array(pick))
     try:
-        text = text.cast(pa.string())
+        text = text.view(pa.string()) if n and buf.max() < 0x80 else text.cast(pa.string())  # ASCII: valid
         digits = np.asarray(pc.ascii_is_decimal(text), bool)[0::2]  # int() takes these, with these values
     except pa.ArrowInvalid:  # not UTF-8: cannot be in a line still fast (non-ASCII bytes went slow)
         slow[:] = True

@@ -31,7 +31,7 @@ from hvpmtl.data.index import (USABLE, VERDICT, VERDICTS, DataIndex, build_shard
 from hvpmtl.data.issues import DataError, Issue, Report, format_report, make_issue  # noqa: F401 (re-exported)
 from hvpmtl.data.jobs import Progress, default_workers, load_npz, part_units, process_pool, save_npz_atomic
 from hvpmtl.data.prepare import SKIP_HEADER, read_skip_list  # noqa: F401 (re-exported)
-from hvpmtl.data.tars import LABELS, load_shard_set, read_index, sample_key, split_name, tar_samples
+from hvpmtl.data.tars import load_shard_set, read_index, sample_key, tar_samples
 from hvpmtl.data.tencent import read_dictionary
 
 CHUNK = 8192  # samples per work unit of a list file

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import claim_size, jpeg_bytes
+from images import claim_size, jpeg_bytes
 from hvpmtl.cli import main as cli_main
 from hvpmtl.config import DataConfig
 from hvpmtl.data.issues import DataError

@@ -1,13 +1,12 @@
 """Bad inputs: each case reported with file and line; refusal, skip lists and skip_corrupt in the loader."""
-import io
 import shutil
 import tarfile
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from images import jpeg_bytes
 from hvpmtl.cli import main as cli_main
 from hvpmtl.config import DataConfig
 from hvpmtl.data.issues import DataError
@@ -19,12 +18,7 @@ GOOD = 6
 
 
 def _jpeg(rng, mode="RGB", fmt="JPEG") -> bytes:
-    a = np.kron(rng.integers(0, 255, (4, 5, 3), dtype=np.uint8), np.ones((16, 16, 1), np.uint8))
-    im = Image.fromarray(a)
-    im = im.convert(mode) if mode != "RGB" else im
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buf.getvalue()
+    return jpeg_bytes(rng, 80, 64, mode, fmt)
 
 
 # line number -> (list line, expected code, is error)
