@@ -454,10 +454,11 @@ def _idx_end(idx_path: Path) -> int:
 def shard_sources(folder: Path, manifest: dict, content_hash: bool = True) -> dict:
     """The files a shard index depends on, with their keys (manifest hashed; the tars by size and mtime)."""
     key = {"manifest": file_key(folder / MANIFEST, content_hash), "files": {}}
-    for name in [LABELS] + [s["name"] for s in manifest["shards"]] + \
-            [Path(s["name"]).with_suffix(".idx").name for s in manifest["shards"]]:
+    base = str(folder)
+    tars = [s["name"] for s in manifest["shards"]]
+    for name in [LABELS] + tars + [os.path.splitext(t)[0] + ".idx" for t in tars]:  # plain strings: 35k at 17.6M
         try:
-            st = os.stat(folder / name)
+            st = os.stat(os.path.join(base, name))
             key["files"][name] = [st.st_size, st.st_mtime_ns]
         except OSError:
             key["files"][name] = None

@@ -375,20 +375,21 @@ def prepare_shards(folder: str, *, num_classes: Optional[int], skip_corrupt: boo
     for p in present_drop.tolist():
         by_tar.setdefault(int(idx.shard[p]), set()).add(int(idx.shard_pos[p]))
     per_tar = idx.header["per_shard"]
+    base = str(folder)
     for s, name in enumerate(idx.header["shards"]):
-        tar = Path(folder) / name
         n_here = int(per_tar[s]) - len(by_tar.get(s, ()))
         if n_here <= 0:
             continue
-        i_path = tar.with_suffix(".idx")
+        i_name = os.path.splitext(name)[0] + ".idx"
+        i_path = os.path.join(base, i_name)
         if s in by_tar:
             if tmp is None:
                 tmp = tempfile.TemporaryDirectory(prefix="hvpmtl-idx-")
-            filtered = Path(tmp.name) / i_path.name
+            filtered = os.path.join(tmp.name, i_name)
             filter_index(i_path, filtered, by_tar[s])
             i_path = filtered
-        tars.append(str(tar))
-        idx_paths.append(str(i_path))
+        tars.append(os.path.join(base, name))
+        idx_paths.append(i_path)
     if not tars:
         if tmp is not None:
             tmp.cleanup()
