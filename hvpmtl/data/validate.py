@@ -34,7 +34,12 @@ from hvpmtl.data.prepare import SKIP_HEADER, read_skip_list  # noqa: F401 (re-ex
 from hvpmtl.data.tars import load_shard_set, read_index, sample_key, tar_samples
 from hvpmtl.data.tencent import read_dictionary
 
-CHUNK = 8192  # samples per work unit of a list file
+CHUNK = 8192  # samples per work unit of a list file, at most (fewer for small lists, so all cores get work)
+
+
+def chunk_size(n: int) -> int:
+    """Work unit size: a function of the list's length alone, so parts and re-runs cut the same units."""
+    return max(min(64, CHUNK), min(CHUNK, -(-n // 256)))
 NEVER = 2**62  # auto-build limit for the offline commands: they always may build the index
 
 
@@ -138,7 +143,8 @@ def validate_list(list_file: str, root: str, *, dictionary: Optional[str] = None
     work = _work_dir(idx.path)
     work.mkdir(exist_ok=True)
     key = json.dumps([idx.header["key"]["sha256"], num_classes, str(Path(root).resolve())])
-    chunks = [(lo, min(n, lo + CHUNK)) for lo in range(0, n, CHUNK)]
+    size = chunk_size(n)
+    chunks = [(lo, min(n, lo + size)) for lo in range(0, n, size)]
     mine = [chunks[c] for c in part_units(len(chunks), part)]
     if not merge_only:
         todo = [(str(idx.path), str(root), lo, hi, full_decode, max_pixels, str(_chunk_file(work, lo, hi)), key)
