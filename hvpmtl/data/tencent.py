@@ -10,6 +10,7 @@ Dictionary: TAB separated, header `category_index<TAB>category_id<TAB>index_of_p
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import posixpath
@@ -191,7 +192,7 @@ def _slow_line(line: bytes, n: int, src: str, num_classes: int | None, issues: l
 # those lines only. Blocks are parsed by a few threads (numpy and pyarrow release the GIL).
 
 BLOCK_BYTES = 4 << 20
-PARSE_THREADS = min(4, os.cpu_count() or 1)
+PARSE_THREADS = min(8, os.cpu_count() or 1)
 TAB, NL, CR, COLON, SLASH, DOT = 9, 10, 13, 58, 47, 46
 _NUMBER_RE = r"^(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})$"
 
@@ -383,13 +384,19 @@ def iter_list_blocks(path: str | Path, num_classes: Optional[int] = None, *, blo
         f = open(path, "rb")
     except OSError as e:
         raise DataError(f"cannot read list file {src}: {e.strerror}") from None
-    with f, ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hvpmtl-parse") as pool:
+    # the reading thread only reads and hands out blocks: lines are numbered within a block and shifted
+    # here, in order; `on_read` (a sha256 of the file) runs in a thread of its own, in order too
+    with f, ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hvpmtl-parse") as pool, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="hvpmtl-hash") as hasher:
         pending: deque = deque()
         carry, line = b"", 1
+        seen = None
         while True:
             chunk = f.read(block_bytes)
             if on_read is not None and chunk:
-                on_read(chunk)
+                if seen is not None:
+                    seen.result()  # at most one chunk waits for the hash
+                seen = hasher.submit(on_read, chunk)
             final = not chunk
             data = carry + chunk if carry else chunk
             if final:
@@ -400,12 +407,17 @@ def iter_list_blocks(path: str | Path, num_classes: Optional[int] = None, *, blo
                     cut = data.rfind(b"\r", 0, len(data) - 1) + 1
                 block, carry = data[:cut], data[cut:]
             if block:
-                pending.append(pool.submit(_parse_block, block, line, src, num_classes, final))
-                n_cr = block.count(b"\r")
-                line += block.count(b"\n") + (n_cr - block.count(b"\r\n") if n_cr else 0)
+                pending.append(pool.submit(_parse_block, block, 1, src, num_classes, final))
             while pending and (len(pending) >= threads or final):  # at most `threads` blocks in memory
-                yield pending.popleft().result()
+                b = pending.popleft().result()
+                if line != 1:
+                    b.lines += line - 1
+                    b.issues = [dataclasses.replace(i, line=i.line + line - 1) for i in b.issues]
+                line += b.num_lines
+                yield b
             if final:
+                if seen is not None:
+                    seen.result()
                 return
 
 
