@@ -307,16 +307,15 @@ def table(results: dict, target: int) -> str:
     out = [f"machine: {results['machine']}; {results['date']}; `{results['command']}`", ""]
     out += ["| lines | index build s (lines/s) | CPU s | peak anon MiB / index MiB | "
             "start-up s, 1 rank / max of 8 (CPU s, 1 rank) | epoch order s (CPU s) | USS MiB for the data, 1 rank / mean of 8 | "
-            "PSS MiB per node of 8 (data) | bytes read at start-up | image opens |", "|" + "---|" * 10]
+            "bytes read at start-up | image opens |", "|" + "---|" * 9]
 
     def row(label, b, r1, r8):
-        node_pss = sum(r["pss_after"] - r["pss_before"] for r in r8)
         return (f"| {label} | {b['wall_s']:.1f} ({b['n'] / b['wall_s']:,.0f}) | {b['cpu_s']:.1f} | "
                 f"{mib(b['peak_anon'])} / {mib(b['index_bytes'])} | {r1[0]['build_s']:.2f} / "
                 f"{max(r['build_s'] for r in r8):.2f} ({r1[0]['build_cpu']:.2f}) | {r1[0]['order_s']:.2f} "
                 f"({r1[0]['order_cpu']:.2f}) | "
                 f"{mib(r1[0]['uss_after'] - r1[0]['uss_before'])} / "
-                f"{mib(np.mean([r['uss_after'] - r['uss_before'] for r in r8]))} | {mib(node_pss)} | "
+                f"{mib(np.mean([r['uss_after'] - r['uss_before'] for r in r8]))} | "
                 f"{max(r['rchar'] for r in r1 + r8):,} | {sum(r['image_opens'] for r in r1 + r8)} |")
     for s in sizes:
         out.append(row(f"{s['n']:,} (list)", s["build"] | {"n": s["n"]}, s["list_1"], s["list_8"]))
@@ -331,13 +330,11 @@ def table(results: dict, target: int) -> str:
                    f"({ex(lambda s: s['list_1'][0]['build_cpu']):.2f}) | "
                    f"{ex(lambda s: s['list_1'][0]['order_s']):.2f} ({ex(lambda s: s['list_1'][0]['order_cpu']):.2f}) | "
                    f"{mib(ex(lambda s: s['list_1'][0]['uss_after'] - s['list_1'][0]['uss_before']))} / "
-                   f"{mib(ex(lambda s: np.mean([r['uss_after'] - r['uss_before'] for r in s['list_8']])))} | "
-                   f"{mib(ex(lambda s: sum(r['pss_after'] - r['pss_before'] for r in s['list_8'])))} | | 0 |")
+                   f"{mib(ex(lambda s: np.mean([r['uss_after'] - r['uss_before'] for r in s['list_8']])))} | | 0 |")
     if sizes and "shards_1" in sizes[0]:
         out += ["", "| shards (same samples, 1000 per tar) | start-up s, 1 rank / max of 8 (CPU s, 1 rank) | "
-                    "USS MiB for the data, "
-                    "1 rank / mean of 8 | peak USS MiB (1 rank) | PSS MiB per node of 8 (data) | bytes read |",
-                "|---|---|---|---|---|---|"]
+                    "USS MiB for the data, 1 rank / mean of 8 | peak USS MiB (1 rank) | bytes read |",
+                "|---|---|---|---|---|"]
         for s in sizes:
             r1, r8 = s["shards_1"], s["shards_8"]
             out.append(f"| {s['n']:,} | {r1[0]['build_s']:.2f} / {max(r['build_s'] for r in r8):.2f} "
@@ -345,21 +342,20 @@ def table(results: dict, target: int) -> str:
                        f"{mib(r1[0]['uss_after'] - r1[0]['uss_before'])} / "
                        f"{mib(np.mean([r['uss_after'] - r['uss_before'] for r in r8]))} | "
                        f"{mib(r1[0]['uss_peak'] - r1[0]['uss_before'])} | "
-                       f"{mib(sum(r['pss_after'] - r['pss_before'] for r in r8))} | "
                        f"{max(r['rchar'] for r in r1 + r8):,} |")
     if "tools" in results:
         t = results["tools"]
         out += ["", f"| offline tool ({t['images']} JPEGs of {t['kb_per_image']:.0f} KB, page cache warm; header checks "
                     f"on {t['images'] * t['repeat']} hard links) | "
-                    "1 process: img/s (img per CPU-s) | 2 processes: img/s (img per CPU-s) | speed-up |",
-                "|---|---|---|---|"]
+                    "1 process: img/s (img per CPU-s; cores used) | 2 processes: img/s (img per CPU-s; cores used) |",
+                "|---|---|---|"]
         by = {}
         for r in t["rows"]:
             by.setdefault(r["tool"], {})[r["processes"]] = r
         for tool, v in by.items():
-            out.append(f"| {tool} | {v[1]['img_per_s']:,.0f} ({v[1]['img_per_cpu_s']:,.0f}) | "
-                       f"{v[2]['img_per_s']:,.0f} ({v[2]['img_per_cpu_s']:,.0f}) | "
-                       f"{v[2]['img_per_s'] / v[1]['img_per_s']:.2f}x |")
+            out.append(f"| {tool} | " + " | ".join(
+                f"{v[k]['img_per_s']:,.0f} ({v[k]['img_per_cpu_s']:,.0f}; {v[k]['img_per_s'] / v[k]['img_per_cpu_s']:.2f})"
+                for k in (1, 2)) + " |")
     return "\n".join(out)
 
 
