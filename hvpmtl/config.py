@@ -153,6 +153,11 @@ class TrackingConfig:
     enabled: bool = True
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/../mlflow.db
     experiment: str = "hvpmtl"
+    on_unreachable: str = "continue"  # MLflow unreachable at start: continue (train, catch up later) | fail (exit 2)
+    check_timeout_s: float = 15.0  # the start-up check (connect + get/create the experiment), before the model
+    request_timeout_s: int = 10  # one MLflow HTTP request (MLflow's default: 120)
+    request_retries: int = 1  # MLflow's own retries of one request (its default: 7); the sender retries forever
+    close_timeout_s: float = 60.0  # at the end, how long to wait for MLflow to take the last metrics
 
 
 @dataclass
@@ -352,6 +357,12 @@ def validate(cfg: ExperimentConfig, source: str = "<config>") -> None:
     _check(r.checkpoint_every > 0, source, "run.checkpoint_every", "must be > 0")
     _check(r.keep_checkpoints >= 1, source, "run.keep_checkpoints", "must be >= 1")
     _check(r.max_nonfinite_in_row >= 1, source, "run.max_nonfinite_in_row", "must be >= 1")
+    t = cfg.tracking
+    _check(t.on_unreachable in ("continue", "fail"), source, "tracking.on_unreachable",
+           f"must be continue or fail, got '{t.on_unreachable}'")
+    for k in ("check_timeout_s", "request_timeout_s", "close_timeout_s"):
+        _check(getattr(t, k) > 0, source, f"tracking.{k}", "must be > 0")
+    _check(t.request_retries >= 0, source, "tracking.request_retries", "must be >= 0")
 
 
 def check_batch_sizes(cfg: ExperimentConfig, world_size: int) -> int:

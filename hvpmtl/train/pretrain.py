@@ -24,7 +24,7 @@ from hvpmtl.dist import Heartbeat, all_reduce_mean, any_rank, init_distributed
 from hvpmtl.models.meta_arch import OBJECTIVES, Student, Teacher, teacher_momentum
 from hvpmtl.train import checkpoint
 from hvpmtl.train.optim import build_optimizer, build_scheduler
-from hvpmtl.train.tracking import Tracker
+from hvpmtl.train.tracking import Tracker, connect
 
 EXIT_OK, EXIT_CONFIG, EXIT_PREEMPTED, EXIT_NONFINITE, EXIT_PEER_LOST = 0, 2, 3, 4, 5
 
@@ -112,6 +112,8 @@ class Pretrainer:
         self.rank, self.local_rank, self.world = init_distributed(cfg.run.collective_timeout_s)
         self.is_main = self.rank == 0
         self.device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        # MLflow reached (or its absence decided) in seconds, before minutes of model and DeepSpeed set-up
+        tracking_reach = connect(cfg, self.is_main, self.device)
         self.precision = resolve_precision(cfg)
         ds_config = build_ds_config(cfg, self.world, self.precision)
         self.out_dir = Path(cfg.run.output_dir)
@@ -152,7 +154,7 @@ class Pretrainer:
             run_id = self._resume(resume)
         self.preemption = Preemption()
         self.heartbeat = Heartbeat(self.rank, self.world)
-        self.tracker = Tracker(cfg, active=self.is_main, run_id=run_id)
+        self.tracker = Tracker(cfg, active=self.is_main, run_id=run_id, reach=tracking_reach)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
@@ -309,7 +311,8 @@ class Pretrainer:
             backbone = self.teacher.backbone if self.teacher is not None else self.engine.module.backbone
             results = evaluate_online(backbone, cfg, device=self.device, rank=self.rank, world_size=self.world)
             self.tracker.log_metrics(results, self.step)
-        if cfg.run.image_log_every and self.is_main and self.step % cfg.run.image_log_every == 0:
+        if cfg.run.image_log_every and self.is_main and (self.step % cfg.run.image_log_every == 0
+                                                         or self.step == self.total_steps):  # and the last step
             from hvpmtl.eval.visualize import log_panels
             log_panels(self.tracker, self.engine.module, self._panel_batch, cfg, self.step)
 
