@@ -83,9 +83,12 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _is_permanent(e: Exception) -> bool:
-    """A request MLflow refused (4xx): sending it again cannot succeed. Anything else (no connection, timeout,
-    5xx, a locked sqlite file) is an outage and is retried."""
+REFUSED_TRIES = 3  # a refused request is tried this many times before it is skipped (some 4xx are transient)
+
+
+def _is_refusal(e: Exception) -> bool:
+    """A request MLflow refused (4xx): sending it again is unlikely to succeed. Anything else (no connection,
+    timeout, 5xx, a locked sqlite file) is an outage and is retried for as long as it lasts."""
     status = getattr(e, "get_http_status_code", None)
     if status is None:
         return False
@@ -324,6 +327,7 @@ class _Sender(threading.Thread):
         self._idle = threading.Condition()
         self.ops: queue.Queue = queue.Queue()
         self.dropped_ops = 0
+        self.refusals = 0
         self.status: str | None = None
         self.run_open = False
         self.down_since: float | None = None
@@ -491,9 +495,9 @@ class _Sender(threading.Thread):
                 elif kind == "image":
                     self.client.log_image(self.t.run_id, arg[0], artifact_file=arg[1])
             except Exception as e:  # noqa: BLE001
-                if not _is_permanent(e):
+                if not self._give_up(e):
                     raise
-                _say(f"WARNING: MLflow refused {kind} ({_one_line(e)}); skipped")
+                _say(f"WARNING: MLflow refused {kind} {REFUSED_TRIES} times ({_one_line(e)}); skipped")
             try:
                 self.ops.get_nowait()
             except queue.Empty:
@@ -514,13 +518,21 @@ class _Sender(threading.Thread):
                     self.client.log_batch(self.t.run_id, metrics=metrics[i:i + MAX_METRICS_PER_CALL],
                                           synchronous=True)
                 except Exception as e:  # noqa: BLE001
-                    if not _is_permanent(e):
+                    if not self._give_up(e):
                         raise  # retried from self.offset: a batch sent twice logs the same (step, value) again
                     _say(f"WARNING: MLflow refused {min(MAX_METRICS_PER_CALL, len(metrics) - i)} metrics "
-                         f"({_one_line(e)}); skipped")
+                         f"{REFUSED_TRIES} times ({_one_line(e)}); skipped")
             self.offset += end + 1
             self.sent_offset = self.offset
             self._record()
+
+    def _give_up(self, e: Exception) -> bool:
+        """True when the request is to be skipped: refused (4xx) REFUSED_TRIES times in a row."""
+        self.refusals = self.refusals + 1 if _is_refusal(e) else 0
+        if self.refusals >= REFUSED_TRIES:
+            self.refusals = 0
+            return True
+        return False
 
     def _went_down(self, e: Exception) -> None:
         if self.down_since is None:
