@@ -50,6 +50,7 @@ MAX_PARAMS_PER_CALL = 100
 READ_CHUNK = 4 << 20  # bytes of metrics.jsonl parsed per pass
 MAX_PENDING_OPS = 256
 BACKOFF_S = (1, 2, 4, 8, 16, 30)
+SEND_EVERY_S = 1.0  # the sender batches the rows of about a second: one request, not one per step
 
 
 class TrackingUnreachable(ConfigError):
@@ -236,7 +237,7 @@ class Tracker:
     reach: the result of `connect`/`check_tracking` when the caller checked before building the model."""
 
     def __init__(self, cfg: ExperimentConfig, active: bool, run_id: str | None = None,
-                 reach: Reachability | None = None):
+                 reach: Reachability | None = None, start_offset: int | None = None):
         self.cfg = cfg
         self.active = active and cfg.tracking.enabled
         self.run_id = run_id
@@ -253,7 +254,7 @@ class Tracker:
         if reach is None:
             reach = check_tracking(cfg)
         self.uri = reach.uri
-        self._sender = _Sender(self, reach, run_id)
+        self._sender = _Sender(self, reach, run_id, start_offset)
         self._sender.open_run_now()
         self._sender.start()
 
@@ -262,9 +263,7 @@ class Tracker:
         if self.metrics_file is None:
             return
         row = {"step": step, **metrics, "time": round(time.time(), 3)}
-        self.metrics_file.write(json.dumps(row) + "\n")
-        if self._sender is not None:
-            self._sender.wake.set()
+        self.metrics_file.write(json.dumps(row) + "\n")  # the sender reads it within SEND_EVERY_S
 
     def log_params(self, params: dict) -> None:
         if self._sender is not None:
@@ -314,7 +313,7 @@ class _Sender(threading.Thread):
     """The background thread of a Tracker: opens (or reopens) the MLflow run, tails metrics.jsonl, sends the
     queued calls, and rides out outages."""
 
-    def __init__(self, tracker: Tracker, reach: Reachability, run_id: str | None):
+    def __init__(self, tracker: Tracker, reach: Reachability, run_id: str | None, start_offset: int | None):
         super().__init__(name="hvpmtl-tracking-sender", daemon=True)
         self.t = tracker
         self.cfg = tracker.cfg
@@ -342,6 +341,8 @@ class _Sender(threading.Thread):
         # metrics.jsonl (lines above it belong to an earlier run in this folder)
         same = bool(run_id) and saved.get("run_id") == run_id and saved.get("tracking_uri") == self.uri
         self.offset = int(saved.get("synced_bytes", size)) if same and saved.get("synced_bytes", 0) <= size else size
+        if start_offset is not None:  # `sync`: from where the run's sender stopped, created or not
+            self.offset = min(start_offset, size)
         self.sent_offset = self.offset
         self.client = _client(self.uri)
 
@@ -421,7 +422,7 @@ class _Sender(threading.Thread):
             if stopping and self._caught_up():
                 self._end_run()
                 return
-            self.wake.wait(1.0)
+            self.wake.wait(SEND_EVERY_S)
             self.wake.clear()
 
     def _caught_up(self) -> bool:
@@ -604,7 +605,11 @@ def sync(run_dir: str | Path, timeout_s: float = 600.0) -> int:
     except ConfigError as e:
         print(f"hvpmtl: config error: {e}", file=sys.stderr)
         return 1
-    tracker = Tracker(cfg, active=True, run_id=state.get("run_id"))
+    try:
+        tracker = Tracker(cfg, active=True, run_id=state.get("run_id"), start_offset=int(state.get("synced_bytes", 0)))
+    except ConfigError as e:
+        print(f"hvpmtl: {e}", file=sys.stderr)
+        return 1
     done = tracker.flush(timeout_s)
     final = state.get("final_status") or "FINISHED"
     tracker.close(final)

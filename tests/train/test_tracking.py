@@ -34,6 +34,14 @@ def _steps(uri, run_id, key="loss"):
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
+def _env():
+    """For a launched run: not the rendezvous of this process's own (in-process test) process group."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", PATH=f"{BIN}:{env.get('PATH', '')}")
+    return env
+
+
 def _wait_for(cond, timeout, what):
     deadline = time.time() + timeout
     while not cond():
@@ -144,7 +152,7 @@ def test_unreachable_at_start_exits_2_before_the_model_is_built(tmp_path):
     p = subprocess.run([sys.executable, "launchers/pretrain.py", "--config", "configs/test_tiny.yaml",
                         "--set", f"run.output_dir={tmp_path / 'run'}", "--set", f"tracking.tracking_uri={uri}",
                         "--set", "tracking.on_unreachable=fail"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+                       timeout=300, env=_env())
     log = p.stdout + p.stderr
     assert p.returncode == 2, log[-3000:]
     assert f"cannot reach MLflow at {uri}" in log
@@ -197,13 +205,11 @@ def test_server_down_then_up_run_created_late_outage_survived_close_bounded_and_
 def test_training_outlives_a_server_outage_mid_run_and_mlflow_catches_up(tmp_path):
     """Issue 10.5: the MLflow server is stopped at step 3 and started again; the run goes on, finishes with
     exit 0 and a checkpoint, metrics.jsonl has every step, and MLflow has them all after the restart."""
-    steps = 30
+    steps = 20
     server = MlflowServer(tmp_path / "server").start()
     out = tmp_path / "run"
     log_path = tmp_path / "train.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", PATH=f"{BIN}:{env.get('PATH', '')}")
+    env = _env()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "launchers/pretrain.py", "--config", "configs/test_tiny.yaml",
                                  "--set", f"run.output_dir={out}", "--set", f"optim.max_steps={steps}",
@@ -248,8 +254,10 @@ def test_training_outlives_a_server_outage_mid_run_and_mlflow_catches_up(tmp_pat
 # ----------------------------------------------------------------------------- image panels at the last step
 
 
-def test_image_panels_are_logged_at_the_final_step_too(tmp_path):
+def test_image_panels_are_logged_at_the_final_step_too(tmp_path, monkeypatch):
     from hvpmtl.train.pretrain import Pretrainer
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # set by the in-process group:
+        monkeypatch.delenv(k, raising=False)  # gone after the test, so later launched runs pick their own
     uri = f"sqlite:///{tmp_path}/m.db"
     cfg = _cfg(tmp_path / "run", uri, "optim.max_steps=3", "run.image_log_every=2", "run.checkpoint_every=1000",
                "objectives.asl.enabled=false", "objectives.swav.enabled=false", "objectives.distill.enabled=false")
