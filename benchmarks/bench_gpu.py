@@ -287,7 +287,10 @@ def main(argv=None) -> int:
               "command": " ".join(["python", "benchmarks/bench_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not a.tiny else "cpu",
               "torch": torch.__version__, "budget_s": {k: BUDGET_S[k] * scale for k in wanted}, "sections": {}}
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # each section is a world of one rank: not the rendezvous of whatever process started this one
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONUNBUFFERED"] = "1"
     if a.tiny:
         env.update(TRITON_INTERPRET="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     else:

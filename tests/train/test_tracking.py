@@ -215,7 +215,8 @@ def test_training_outlives_a_server_outage_mid_run_and_mlflow_catches_up(tmp_pat
                                  "--set", f"run.output_dir={out}", "--set", f"optim.max_steps={steps}",
                                  "--set", "optim.epochs=100", "--set", "run.checkpoint_every=1000",
                                  "--set", f"tracking.tracking_uri={server.url}",
-                                 "--set", "tracking.request_timeout_s=2", "--set", "tracking.request_retries=0",
+                                 "--set", "tracking.request_timeout_s=10", "--set", "tracking.request_retries=0",
+                                 "--set", "tracking.check_timeout_s=60",
                                  "--set", "tracking.close_timeout_s=180"],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -238,14 +239,15 @@ def test_training_outlives_a_server_outage_mid_run_and_mlflow_catches_up(tmp_pat
         assert proc.returncode == 0, log[-3000:]
         assert (out / "checkpoints" / f"step_{steps:08d}" / "COMPLETE").is_file()
         assert [r["step"] for r in _rows(out) if "loss" in r] == list(range(1, steps + 1))
-        assert log.count("is not answering") == 1, log[-3000:]
-        assert "answering again" in log
+        # each outage (one here, more when a loaded machine times a request out) is said once, and its end too
+        outages = log.count("is not answering") + log.count("is unreachable")
+        assert 1 <= outages == log.count("answering again"), log[-3000:]
         client = MlflowClient(server.url)
         run = client.search_runs([client.get_experiment_by_name("hvpmtl").experiment_id])[0]
         assert run.info.status == "FINISHED"
         for key in ("loss", "lr", "img_per_s"):
             assert _steps(server.url, run.info.run_id, key) == list(range(1, steps + 1)), key
-        assert "1 outage(s)" in run.data.tags["hvpmtl.tracking_outages"]
+        assert run.data.tags["hvpmtl.tracking_outages"].startswith(f"{outages} outage(s)")
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config", "backbone"}
     finally:
         server.stop()
@@ -257,7 +259,8 @@ def test_training_outlives_a_server_outage_mid_run_and_mlflow_catches_up(tmp_pat
 def test_image_panels_are_logged_at_the_final_step_too(tmp_path, monkeypatch):
     from hvpmtl.train.pretrain import Pretrainer
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # set by the in-process group:
-        monkeypatch.delenv(k, raising=False)  # gone after the test, so later launched runs pick their own
+        monkeypatch.setenv(k, "")  # recorded by monkeypatch, so they are gone again after the test and the runs
+        monkeypatch.delenv(k)  # launched by later tests pick their own rendezvous
     uri = f"sqlite:///{tmp_path}/m.db"
     cfg = _cfg(tmp_path / "run", uri, "optim.max_steps=3", "run.image_log_every=2", "run.checkpoint_every=1000",
                "objectives.asl.enabled=false", "objectives.swav.enabled=false", "objectives.distill.enabled=false")
@@ -266,3 +269,10 @@ def test_image_panels_are_logged_at_the_final_step_too(tmp_path, monkeypatch):
     names = {a.path for a in MlflowClient(uri).list_artifacts(t.tracker.run_id, "panels")}
     assert names == {"panels/mim_step_000002.png", "panels/losses_step_000002.png",
                      "panels/mim_step_000003.png", "panels/losses_step_000003.png"}
+
+
+def test_the_default_sqlite_store_is_made_in_a_folder_that_does_not_exist_yet(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "runs" / "first"  # a fresh clone: no runs/ yet; the default store is runs/mlflow.db
+    reach = check_tracking(load_config(ROOT / "configs/test_tiny.yaml", [f"run.output_dir={out}"]))
+    assert reach.experiment_id is not None and reach.uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
