@@ -148,11 +148,6 @@ def check_tracking(cfg: ExperimentConfig) -> Reachability:
     t = cfg.tracking
     _bound_requests(cfg)
     uri = default_tracking_uri(cfg)
-    if uri.startswith("sqlite:///"):  # sqlite makes the file, not its folder (runs/ on a fresh clone)
-        try:
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            pass  # reported below as the store being unreachable, with sqlite's own words
     result: dict = {}
 
     def attempt():

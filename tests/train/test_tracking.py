@@ -270,9 +270,3 @@ def test_image_panels_are_logged_at_the_final_step_too(tmp_path, monkeypatch):
     assert names == {"panels/mim_step_000002.png", "panels/losses_step_000002.png",
                      "panels/mim_step_000003.png", "panels/losses_step_000003.png"}
 
-
-def test_the_default_sqlite_store_is_made_in_a_folder_that_does_not_exist_yet(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    out = tmp_path / "runs" / "first"  # a fresh clone: no runs/ yet; the default store is runs/mlflow.db
-    reach = check_tracking(load_config(ROOT / "configs/test_tiny.yaml", [f"run.output_dir={out}"]))
-    assert reach.experiment_id is not None and reach.uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
