@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hvpmtl-installed
 
-.PHONY: setup demo test test-fast bench bench-gpu clean
+.PHONY: setup demo demo-clean test test-fast test-local bench bench-gpu clean
 setup: $(STAMP)
 $(STAMP): requirements.txt setup.py tools/setup_env.sh
 	bash tools/setup_env.sh $(VENV)
@@ -11,12 +11,20 @@ $(STAMP): requirements.txt setup.py tools/setup_env.sh
 demo: setup
 	VENV=$(VENV) bash launchers/demo.sh $(ARGS)
 
+# Start the demo anew (a finished demo is not run again); keeps demo_data/ and the MLflow history.
+demo-clean:
+	rm -rf runs/demo
+
 test: setup
 	bash tools/install_system_deps.sh
 	$(PY) -m pytest tests
 
-# Everything but the cluster tests (no Debian packages needed).
+# No process launches (no `slow`, no `cluster` test): under 3 minutes on 2 cores.
 test-fast: setup
+	$(PY) -m pytest tests -m "not cluster and not slow"
+
+# Everything but the cluster tests (no Debian packages needed).
+test-local: setup
 	$(PY) -m pytest tests -m "not cluster"
 
 bench: setup

@@ -145,7 +145,6 @@ def section_dali_loop(tiny: bool, data: dict, peak: float) -> dict:
     import torch
 
     import train_step
-    from hvpmtl.models.meta_arch import teacher_momentum
     from hvpmtl.train.pretrain import Pretrainer
     spec = (TINY if tiny else FULL)["vit"]
     loop = (TINY if tiny else FULL)["loop"]
@@ -164,9 +163,8 @@ def section_dali_loop(tiny: bool, data: dict, peak: float) -> dict:
             epoch += 1
 
     def step(batch):
-        assert t.forward_backward(batch) is not None
-        if t.teacher is not None:
-            t.teacher.update(t.engine.module, teacher_momentum(cfg, 1, 10))
+        assert not t.meta.forward_backward(batch, step=1).nonfinite
+        t.meta.update_teacher(t.momentum[1])
 
     it = batches()
     batch = None

@@ -53,15 +53,13 @@ def sync(device):
 
 
 def bench_zero2(a, cfg):
-    from hvpmtl.models.meta_arch import teacher_momentum
     from hvpmtl.train.pretrain import Pretrainer
     t = Pretrainer(cfg, resume="none")
-    batch = random_batch(cfg, t.student.backbone.patch_size, t.device, t.input_dtype)
+    batch = random_batch(cfg, t.meta.student.backbone.patch_size, t.device, t.input_dtype)
 
     def step():
-        assert t.forward_backward(batch) is not None
-        if t.teacher is not None:
-            t.teacher.update(t.engine.module, teacher_momentum(cfg, 1, 10))
+        assert not t.meta.forward_backward(batch, step=1).nonfinite
+        t.meta.update_teacher(t.momentum[1])
     return t.device, step
 
 

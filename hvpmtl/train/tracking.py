@@ -183,7 +183,9 @@ def check_tracking(cfg: ExperimentConfig) -> Reachability:
 def connect(cfg: ExperimentConfig, is_main: bool, device) -> Reachability | None:
     """The start-up check on rank 0, agreed by every rank (one small collective): call it after the process
     group is up and before the model is built. Raises TrackingUnreachable on every rank when rank 0 must stop."""
-    from hvpmtl.dist import any_rank
+    import torch
+
+    from hvpmtl.dist import sum_to_host
 
     reach, err = None, None
     if is_main and cfg.tracking.enabled:
@@ -191,7 +193,7 @@ def connect(cfg: ExperimentConfig, is_main: bool, device) -> Reachability | None
             reach = check_tracking(cfg)
         except TrackingUnreachable as e:
             err = e
-    if any_rank(err is not None, device):
+    if sum_to_host(torch.tensor([float(err is not None)], device=device))[0] > 0:
         raise err or TrackingUnreachable("tracking.tracking_uri: rank 0 cannot reach MLflow (its message says why)")
     return reach
 

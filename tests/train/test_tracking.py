@@ -264,7 +264,8 @@ def test_image_panels_are_logged_at_the_final_step_too(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/m.db"
     cfg = _cfg(tmp_path / "run", uri, "optim.max_steps=3", "run.image_log_every=2", "run.checkpoint_every=1000",
                "objectives.asl.enabled=false", "objectives.swav.enabled=false", "objectives.distill.enabled=false")
-    t = Pretrainer(cfg, resume="none")
+    from hvpmtl.eval.hooks import pretrain_hooks
+    t = Pretrainer(cfg, resume="none", hooks=pretrain_hooks())
     assert t.run() == 0
     names = {a.path for a in MlflowClient(uri).list_artifacts(t.tracker.run_id, "panels")}
     assert names == {"panels/mim_step_000002.png", "panels/losses_step_000002.png",
