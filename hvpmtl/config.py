@@ -74,6 +74,12 @@ class TrackingConfig(Section):
     enabled: bool = True
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/../mlflow.db
     experiment: str = "hvpmtl"
+    # MLflow unreachable at start: continue (train; the run is created and caught up when it answers) | fail (exit 2)
+    on_unreachable: Literal["continue", "fail"] = "continue"
+    check_timeout_s: Float = Field(15.0, gt=0)  # the start-up check (connect + get/create the experiment)
+    request_timeout_s: int = Field(10, ge=1)  # one MLflow HTTP request (MLflow's default: 120)
+    request_retries: int = Field(1, ge=0)  # MLflow's retries of one request (its default: 7); the sender's are endless
+    close_timeout_s: Float = Field(60.0, gt=0)  # at the end, how long to wait for MLflow to take the last metrics
 
 
 # ----------------------------------------------------------------------------- pre-training
