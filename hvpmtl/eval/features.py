@@ -57,6 +57,12 @@ def load_backbone(*, run_dir: Optional[str | Path] = None, checkpoint: Optional[
     return backbone.eval()
 
 
+def split_halves(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (probe-train, probe-test) by the parity of the sample's position in the list."""
+    train = index % 2 == 0
+    return train, ~train
+
+
 def pooled(backbone: MaskableBackbone, images: torch.Tensor) -> torch.Tensor:
     """[B, D]: the mean over the last feature map's positions."""
     return backbone(images).mean(dim=(1, 2))
@@ -105,13 +111,9 @@ def split_features(backbone: MaskableBackbone, data_cfg, *, device, batch_size: 
     ImageFolder dirs (single-label), two Tencent list files (multi-label), or by default the held-out
     list `data_cfg.holdout_list` split in two by position parity, as the online evaluation does.
     Returns {"train": {...}, "test": {...}, "multilabel": bool, "num_classes": int}."""
-    import dataclasses
-
-    from hvpmtl.eval.online import split_halves
-
     kind, local_rank = _loader_device(device)
-    data_cfg = dataclasses.replace(data_cfg, img_size=backbone.img_size,
-                                   device=kind if data_cfg.device == "auto" else data_cfg.device)
+    data_cfg = data_cfg.model_copy(update={"img_size": backbone.img_size,
+                                           "device": kind if data_cfg.device == "auto" else data_cfg.device})
     if train_dir or test_dir:
         if not (train_dir and test_dir):
             raise ValueError("give both --train-dir and --test-dir (ImageFolder roots)")

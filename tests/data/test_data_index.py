@@ -71,6 +71,7 @@ def _build_in_process(args):
         f.write(f"{os.getpid()} {len(idx)} {int(any('building' in m for m in got))}\n")
 
 
+@pytest.mark.slow
 def test_one_process_builds_the_others_wait(tmp_path):
     p = _write(tmp_path, n=20000)
     out = tmp_path / "who.txt"

@@ -1,0 +1,60 @@
+"""The evaluation that runs inside a pre-training run, as step hooks handed to the trainer by
+launchers/pretrain.py (hvpmtl/train never imports hvpmtl/eval):
+
+  OnlineEval      every run.eval_every steps, every rank: kNN / linear-probe mAP of the evaluated backbone
+  ImagePanels     every run.image_log_every steps, every rank (rank 0 logs): MLflow image panels
+  ExportBackbone  after the last step, rank 0: <run.output_dir>/backbone.safetensors (timm keys), to MLflow too
+
+A hook sees the trainer: cfg, step, rank, world, device, is_main, out_dir, tracker, engine, meta (the
+HVPMetaArch: student, teacher, eval_backbone) and log().
+"""
+from __future__ import annotations
+
+
+class OnlineEval:
+    def __init__(self):
+        self.evaluator = None  # made at the first evaluation: the held-out list is read once per run
+
+    def after_step(self, trainer, batch) -> None:
+        every = trainer.cfg.run.eval_every
+        if not every or trainer.step % every:
+            return
+        from hvpmtl.eval.online import OnlineEvaluator
+
+        if self.evaluator is None:
+            self.evaluator = OnlineEvaluator(trainer.cfg, device=trainer.device, rank=trainer.rank,
+                                             world_size=trainer.world)
+        trainer.tracker.log_metrics(self.evaluator(trainer.meta.eval_backbone), trainer.step)
+
+
+class ImagePanels:
+    PANEL_IMAGES = 8
+
+    def __init__(self):
+        self.batch = None  # a fixed set of images for the panels, from the first step
+
+    def after_step(self, trainer, batch) -> None:
+        if self.batch is None:
+            self.batch = {k: v[:self.PANEL_IMAGES].detach().clone() for k, v in batch.items()}
+        every = trainer.cfg.run.image_log_every
+        if not every or (trainer.step % every and trainer.step != trainer.total_steps):  # and at the last step
+            return
+        from hvpmtl.eval.visualize import log_panels
+
+        log_panels(trainer.tracker, trainer.engine.module, self.batch, trainer.cfg, trainer.step,
+                   world_size=trainer.world, is_main=trainer.is_main)
+
+
+class ExportBackbone:
+    def at_end(self, trainer) -> None:
+        if not trainer.is_main:
+            return
+        from hvpmtl.eval.export import save_timm_backbone
+
+        path = save_timm_backbone(trainer.meta.eval_backbone, trainer.out_dir / "backbone.safetensors")
+        trainer.tracker.log_artifact(path, "backbone")
+        trainer.log(f"backbone exported to {path}")
+
+
+def pretrain_hooks() -> list:
+    return [OnlineEval(), ImagePanels(), ExportBackbone()]
