@@ -189,3 +189,29 @@ def test_shard_left_out_when_written_is_counted_not_refused(data, tmp_path):
     assert "1 of 9 samples left out" in loader.skipped_description()
     names = {m.name for t in out.glob("*.tar") for m in tarfile.open(t)}
     assert len(names) == 3 * GOOD
+
+
+def test_trainer_start_up_reaches_the_model_with_the_image_folder_gone(syn, tmp_path, monkeypatch):
+    """Issue 9.1's done-when: the image folder unreadable, training still starts (the data part of start-up
+    needs the index only; here the model's construction is where the test stops it)."""
+    import hvpmtl.train.pretrain as pretrain
+    root = tmp_path / "syn"
+    shutil.copytree(syn["root"], root, ignore=shutil.ignore_patterns("*.hvpidx*"))
+    assert cli_main(["data", "index", "--list", str(root / "train.txt"), "--num-classes", "24"]) == 0
+    shutil.move(root / "train", tmp_path / "elsewhere")  # every image gone
+    reached = []
+
+    class Stop(Exception):
+        pass
+
+    def model(*a, **k):
+        reached.append("model")
+        raise Stop
+    monkeypatch.setattr(pretrain, "HVPMetaArch", model)
+    with pytest.raises(Stop):
+        pretrain.main(["--config", "configs/test_tiny.yaml", "--resume", "none", "--set",
+                       f"run.output_dir={tmp_path / 'run'}", "--set", "tracking.enabled=false", "--set",
+                       "data.format=tencent", "--set", f"data.root={root}", "--set",
+                       f"data.list_file={root / 'train.txt'}", "--set", "data.num_classes=24", "--set",
+                       "data.device=cpu", "--set", "data.index_auto_build=0"])
+    assert reached == ["model"]
