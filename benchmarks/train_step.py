@@ -40,8 +40,9 @@ def make_cfg(a, out_dir):
 
 def random_batch(cfg, patch, device, dtype):
     B, s = cfg.optim.micro_batch_size, cfg.model.img_size
-    g = s // patch
-    mask = torch.rand(B, g, g, device=device) < cfg.data.mask_ratio
+    from hvpmtl.data.masks import SimMIMMaskGenerator  # the loaders' own masks, made on the device
+    mask = SimMIMMaskGenerator(s, cfg.data.mask_patch_size, patch, cfg.data.mask_ratio)(
+        torch.arange(B, device=device), cfg.data.seed, 0)
     return {"view1": torch.randn(B, 3, s, s, device=device, dtype=dtype),
             "view2": torch.randn(B, 3, s, s, device=device, dtype=dtype),
             "mask": mask, "labels": (torch.rand(B, cfg.data.num_classes, device=device) < 0.001).float()}

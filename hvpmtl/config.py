@@ -130,6 +130,11 @@ class DataConfig(Section):
     skip_list: PathStr = ""
     holdout_list: PathStr = ""  # labelled held-out split for online evaluation
     seed: int = Field(0, ge=0)
+    # the data index (`hvpmtl data index`): "" = beside the source, <list_file or shards>.hvpidx
+    index: PathStr = ""
+    index_auto_build: int = Field(1_000_000, ge=0)  # a missing/stale index of at most this many samples is built at start-up; 0 = never
+    index_wait_s: int = Field(600, ge=1)  # how long ranks wait for the one process that builds it
+    max_pixels: int = Field(67_108_864, ge=0)  # width x height (JPEG header) above which an image is an error; 0 = no bound
 
 
 class ASLConfig(Section):
