@@ -74,6 +74,12 @@ class TrackingConfig(Section):
     enabled: bool = True
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/../mlflow.db
     experiment: str = "hvpmtl"
+    # MLflow unreachable at start: continue (train; the run is created and caught up when it answers) | fail (exit 2)
+    on_unreachable: Literal["continue", "fail"] = "continue"
+    check_timeout_s: Float = Field(15.0, gt=0)  # the start-up check (connect + get/create the experiment)
+    request_timeout_s: int = Field(10, ge=1)  # one MLflow HTTP request (MLflow's default: 120)
+    request_retries: int = Field(1, ge=0)  # MLflow's retries of one request (its default: 7); the sender's are endless
+    close_timeout_s: Float = Field(60.0, gt=0)  # at the end, how long to wait for MLflow to take the last metrics
 
 
 # ----------------------------------------------------------------------------- pre-training
@@ -124,6 +130,11 @@ class DataConfig(Section):
     skip_list: PathStr = ""
     holdout_list: PathStr = ""  # labelled held-out split for online evaluation
     seed: int = Field(0, ge=0)
+    # the data index (`hvpmtl data index`): "" = beside the source, <list_file or shards>.hvpidx
+    index: PathStr = ""
+    index_auto_build: int = Field(1_000_000, ge=0)  # a missing/stale index of at most this many samples is built at start-up; 0 = never
+    index_wait_s: int = Field(600, ge=1)  # how long ranks wait for the one process that builds it
+    max_pixels: int = Field(67_108_864, ge=0)  # width x height (JPEG header) above which an image is an error; 0 = no bound
 
 
 class ASLConfig(Section):

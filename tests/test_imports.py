@@ -10,7 +10,6 @@ SOURCES = {"hvpmtl": ROOT / "hvpmtl", "hvpmtl.kernels": ROOT / "kernels"}
 # Cycles owned by other work in flight, each with the reason; the test fails once one is gone, so that the
 # entry is removed with it.
 KNOWN_CYCLES = {
-    frozenset({"hvpmtl.data.shards", "hvpmtl.data.validate"}): "data preparation apart from validation (issue 11.3)",
     frozenset({"hvpmtl.losses.weighted_asl", "hvpmtl.kernels.weighted_asl"}):
         "the ASL reference dispatches to its Triton twin, which takes the reference's target checks",
 }

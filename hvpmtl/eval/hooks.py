@@ -47,7 +47,7 @@ class ImagePanels:
         if self.batch is None:
             self.batch = {k: v[:self.PANEL_IMAGES].detach().clone() for k, v in batch.items()}
         every = trainer.cfg.run.image_log_every
-        if not every or trainer.step % every:
+        if not every or (trainer.step % every and trainer.step != trainer.total_steps):  # and at the last step
             return
         from hvpmtl.eval.visualize import log_panels
 

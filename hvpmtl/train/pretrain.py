@@ -55,6 +55,7 @@ class Pretrainer(Trainer):
             self.meta.load_state(*resumed)
         self.heartbeat = Heartbeat(self.rank, self.world)
         self.start_run(resumed, {"backbone": cfg.model.backbone})
+        self._report_left_out()
 
     @property
     def teacher(self):
@@ -70,6 +71,24 @@ class Pretrainer(Trainer):
             return TensorSource(cfg.data, device=self.device, **kw)
         from hvpmtl.data.pipeline import build_pretrain_loader
         return build_pretrain_loader(cfg.data, local_rank=self.local_rank, seed=cfg.data.seed, **kw)
+
+    def _report_left_out(self) -> None:
+        """Every sample the data left out, counted and shown: printed at start and set as an MLflow tag
+        (a param could not change on resume); its numbers go into the first step's metrics."""
+        self._left_out_seen = -1
+        if self.is_main and getattr(self.loader, "skipped", None) is not None:
+            desc = self.loader.skipped_description()
+            self.log(f"data: {desc}")
+            self.tracker.set_tags({"data.left_out": desc})
+
+    def _data_metrics(self) -> dict:
+        """data/left_out_* in metrics.jsonl and MLflow at the first step and whenever the count changes
+        (samples that fail when read; rank 0's count)."""
+        skipped = getattr(self.loader, "skipped", None)
+        if skipped is None or skipped.left_out == self._left_out_seen:
+            return {}
+        self._left_out_seen = skipped.left_out
+        return {f"data/left_out_{k}": float(v) for k, v in skipped.as_dict().items()}
 
     def save(self):
         return self.save_checkpoint(self.loader, {"nonfinite_total": self.nonfinite_total, **self.meta.client_state()},
@@ -140,6 +159,7 @@ class Pretrainer(Trainer):
             metrics["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:
             metrics["mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        metrics.update(self._data_metrics())
         self.tracker.log_metrics(metrics, self.step)
         if not self.is_main:
             return

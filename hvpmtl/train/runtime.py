@@ -25,7 +25,7 @@ from hvpmtl.config import ConfigError, check_batch_sizes, load_config, save_conf
 from hvpmtl.data.issues import DataError
 from hvpmtl.dist import init_distributed
 from hvpmtl.train import checkpoint
-from hvpmtl.train.tracking import Tracker
+from hvpmtl.train.tracking import Tracker, connect
 
 EXIT_OK, EXIT_CONFIG, EXIT_PREEMPTED, EXIT_NONFINITE, EXIT_PEER_LOST = 0, 2, 3, 4, 5
 EXIT_CHECKPOINT = checkpoint.EXIT_CHECKPOINT  # 6
@@ -110,6 +110,8 @@ class Trainer:
         self.is_main = self.rank == 0
         self.global_batch = check_batch_sizes(cfg, self.world)  # fills in optim.grad_accum_steps
         self.device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        # MLflow reached (or its absence decided) in seconds, before minutes of data, model and DeepSpeed set-up
+        self.tracking_reach = connect(cfg, self.is_main, self.device)
         self.precision = resolve_precision(cfg)
         self.input_dtype = DTYPES[self.precision]
         self.out_dir = Path(cfg.run.output_dir)
@@ -155,7 +157,7 @@ class Trainer:
         """Preemption handler, MLflow (a resumed run continues its MLflow run), config.yaml and ds_config.json."""
         run_id = resumed[0].get("mlflow_run_id") if resumed else None
         self.preemption = Preemption()
-        self.tracker = Tracker(self.cfg, active=self.is_main, run_id=run_id)
+        self.tracker = Tracker(self.cfg, active=self.is_main, run_id=run_id, reach=self.tracking_reach)
         if not self.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
