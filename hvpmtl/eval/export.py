@@ -21,6 +21,7 @@ mismatch is refused. Keys are always timm's own (`MaskableBackbone.model`); only
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -192,7 +193,8 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: Optional[str] = None,
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("export", help="export a run's pre-trained backbone (timm, mmdet, mmseg, detectron2)",
-                              description=__doc__.split("\n\n")[1] if __doc__ else None)
+                              description=__doc__.split("\n\n")[1] if __doc__ else None,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run-dir", required=True, help="the run's output_dir (holds config.yaml and checkpoints/)")
     add_weights_arguments(p)
     p.add_argument("--format", default=None, choices=FORMATS,
