@@ -36,7 +36,7 @@ def problems(parser: argparse.ArgumentParser, name: str) -> list[str]:
         if not (a.help and a.help.strip()):
             out.append(f"{what}: no help text")
         elif a.option_strings and not a.required and not isinstance(a, FLAGS) \
-                and "%(default)" not in fmt._get_help_string(a):
+                and "default" not in fmt._get_help_string(a).lower():  # "%(default)s", or in words
             out.append(f"{what}: its default is not shown")
     return out
 

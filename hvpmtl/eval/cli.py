@@ -12,16 +12,15 @@ Prints one JSON line ({"metric": ..., "value": ...}); --out also writes it to a 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
+from hvpmtl.cli import HelpFormatter as FMT
 from hvpmtl.eval.export import add_weights_arguments, describe
 
 
-FMT = argparse.ArgumentDefaultsHelpFormatter
 
 
 def _say(msg: str) -> None:

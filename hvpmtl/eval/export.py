@@ -21,7 +21,6 @@ mismatch is refused. Keys are always timm's own (`MaskableBackbone.model`); only
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
@@ -192,9 +191,11 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: Optional[str] = None,
 
 
 def add_parser(subparsers) -> None:
+    from hvpmtl.cli import HelpFormatter
+
     p = subparsers.add_parser("export", help="export a run's pre-trained backbone (timm, mmdet, mmseg, detectron2)",
                               description=__doc__.split("\n\n")[1] if __doc__ else None,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
     p.add_argument("--run-dir", required=True, help="the run's output_dir (holds config.yaml and checkpoints/)")
     add_weights_arguments(p)
     p.add_argument("--format", default=None, choices=FORMATS,
@@ -212,7 +213,7 @@ def add_weights_arguments(p) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="a checkpoint of --run-dir: tag name (step_00001000) or folder (default: the newest complete)")
     p.add_argument("--which", default="auto", choices=("auto", "teacher", "student"),
-                   help="auto (default): the EMA teacher once less than 1%% of it is its random start, else the "
+                   help="auto: the EMA teacher once less than 1%% of it is its random start, else the "
                         "student (docs/EVAL.md); the choice is printed")
 
 
