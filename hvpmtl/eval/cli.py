@@ -145,7 +145,7 @@ def _linear_probe(args) -> int:
 
     def evaluate(tr, te, f, device):
         r = linear_probe(tr["features"], tr["labels"], te["features"], te["labels"], multilabel=f["multilabel"],
-                         num_classes=f["num_classes"], max_iter=args.max_iter, device=device)
+                         num_classes=f["num_classes"], max_iter=args.max_iter, device=device, progress=_say)
         key = "map" if f["multilabel"] else "top1"
         return {"eval": "linear-probe", "metric": key, "value": r[key], "weight_decay": r["weight_decay"]}
     return _run(args, evaluate)
