@@ -70,3 +70,29 @@ def test_the_check_catches_an_option_without_help():
     p.add_argument("--temperature", type=float, default=0.07, help="softmax temperature")
     p.add_argument("--list", required=True, help="a list file")
     assert problems(p, "x") == ["x --k: no help text", "x --temperature: its default is not shown"]
+
+
+HELP_PROBE = """
+import sys
+from hvpmtl.cli import main
+try:
+    main({argv!r})
+except SystemExit as e:
+    code = e.code
+heavy = sorted(m for m in ("torch", "deepspeed", "timm", "nvidia.dali", "mlflow") if m in sys.modules)
+print("EXIT", code, "HEAVY", heavy)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [["--help"], ["eval", "knn", "--help"], ["export", "--help"],
+                                  ["data", "validate", "--help"]], ids=" ".join)
+def test_help_imports_nothing_heavy(argv):
+    """`hvpmtl eval knn --help` loaded torch (2.5-4 s) before it answered."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", HELP_PROBE.format(argv=argv)], capture_output=True, text=True,
+                       timeout=120)
+    assert "usage: hvpmtl" in p.stdout, p.stdout + p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "EXIT 0 HEAVY []", p.stdout[-500:] + p.stderr
