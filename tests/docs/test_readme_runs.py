@@ -158,6 +158,9 @@ def check_mlflow_ui(root: Path, line: str) -> str:
         assert demo, [r["info"]["run_name"] for r in runs]
         metrics = {m["key"]: m for m in demo[0]["data"].get("metrics", [])}
         assert metrics["eval/linear_map"]["step"] == 16 and "eval/knn_map" in metrics, sorted(metrics)
+        run_id = demo[0]["info"]["run_id"]
+        files = mlflow_api(base, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=panels").get("files", [])
+        assert any(f["path"].endswith("_step_000016.png") for f in files), files  # panels of the last step
         return base
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
