@@ -38,6 +38,7 @@ class ModelConfig:
     proto_hidden_dim: int = 2048
     proto_out_dim: int = 128
     num_prototypes: int = 3000
+    proto_head_norm: str = "layernorm"  # layernorm | batchnorm (SwAV's head; statistics of the global batch)
 
 
 @dataclass
@@ -88,6 +89,7 @@ class SwAVConfig:
     queue_length: int = 0  # 0 = no queue; else a multiple of the global batch
     queue_start_step: int = 0
     freeze_prototypes_steps: int = 0
+    view1: str = "masked"  # masked: SwAV reads the masked view 1 (no extra forward) | unmasked: one more forward
 
 
 @dataclass
@@ -146,6 +148,7 @@ class RunConfig:
     image_log_every: int = 0  # steps between MLflow image panels; 0 = off
     progress_bar: bool = True
     compile: bool = False  # torch.compile the backbones (student and teacher) and the label decoder
+    collapse_warn_steps: int = 50  # warn when a collapse figure stays collapsed this many steps; 0 = off
 
 
 @dataclass
@@ -333,6 +336,11 @@ def validate(cfg: ExperimentConfig, source: str = "<config>") -> None:
     _check(ob.swav.sinkhorn_iters >= 1, source, "objectives.swav.sinkhorn_iters", "must be >= 1")
     _check(ob.swav.t_max is None or ob.swav.t_max > 0, source, "objectives.swav.t_max", "must be > 0 or null")
     _check(ob.swav.queue_length >= 0, source, "objectives.swav.queue_length", "must be >= 0")
+    _check(ob.swav.view1 in ("masked", "unmasked"), source, "objectives.swav.view1",
+           f"must be masked or unmasked, got '{ob.swav.view1}'")
+    _check(m.proto_head_norm in ("layernorm", "batchnorm"), source, "model.proto_head_norm",
+           f"must be layernorm or batchnorm, got '{m.proto_head_norm}'")
+    _check(r.collapse_warn_steps >= 0, source, "run.collapse_warn_steps", "must be >= 0 (0 = off)")
     _check(0 <= ob.distill.momentum < 1, source, "objectives.distill.momentum", "must be in [0, 1)")
     _check(ob.distill.momentum_schedule in ("constant", "cosine"), source, "objectives.distill.momentum_schedule",
            "must be constant or cosine")
@@ -364,6 +372,10 @@ def check_batch_sizes(cfg: ExperimentConfig, world_size: int) -> int:
             f"grad_accum_steps ({o.grad_accum_steps}) x world size ({world_size}) = {product}; "
             f"set optim.grad_accum_steps={o.global_batch_size // max(1, o.micro_batch_size * world_size)} "
             f"or change the batch sizes")
+    q = cfg.objectives.swav.queue_length
+    if cfg.objectives.swav.enabled and q % product:
+        raise ConfigError(f"objectives.swav.queue_length={q} must be a multiple of the global batch ({product}): "
+                          f"each rank keeps queue_length / world size rows, pushed a micro-batch at a time")
     return product
 
 

@@ -19,6 +19,7 @@ from hvpmtl.losses.simmim import simmim_loss
 from hvpmtl.losses.swav import sinkhorn_codes, swapped_prediction_loss
 from hvpmtl.losses.weighted_asl import WeightedASLLoss
 from hvpmtl.models.backbone import MaskableBackbone
+from hvpmtl.models.collapse import distill_sums, swav_sums
 from hvpmtl.models.heads import MIMDecoder, PrototypeHead
 from hvpmtl.models.label_decoder import LabelDecoder
 
@@ -40,7 +41,7 @@ class Student(nn.Module):
             m.decoder_dropout, m.decoder_self_attn, m.grad_checkpointing, m.decoder_groups,
         ) if w["asl"] or w["distill"] else None
         self.prototype_head = PrototypeHead(d0, m.proto_hidden_dim, m.proto_out_dim,
-                                            m.num_prototypes) if w["swav"] else None
+                                            m.num_prototypes, m.proto_head_norm) if w["swav"] else None
         self.mim_decoder = MIMDecoder(d0, self.backbone.stride) if w["mim"] else None
         self.asl = WeightedASLLoss(ob.asl.eta, ob.asl.gamma_pos, ob.asl.gamma_neg, ob.asl.clip, ob.asl.eps)
 
@@ -59,7 +60,7 @@ class Student(nn.Module):
 
     def forward(self, view1, view2, mask, labels, teacher_sim=None, queue=None, freeze_prototypes: bool = False):
         """Returns a dict: 'loss' (weighted total) and each enabled objective's unweighted value, plus
-        'z1', 'z2' (detached SwAV embeddings for the queue)."""
+        'z1', 'z2' (detached SwAV embeddings for the queue) and 'collapse' (hvpmtl.models.collapse sums)."""
         # With half-precision weights (DeepSpeed bf16), autocast inside the module: the engine's forward
         # runs with autocast off, and fp32 tensors made on the fly (timm Swin's shifted-window attention
         # mask on H100, seen 2026-11-26) would otherwise meet bf16 activations in a matmul.
@@ -71,6 +72,7 @@ class Student(nn.Module):
         ob = self.cfg.objectives
         w = self.weights
         out: dict[str, torch.Tensor] = {}
+        collapse: dict[str, torch.Tensor] = {}
         need_view2 = w["swav"] > 0 or w["asl"] > 0
         feat1 = self.backbone(view1, mask if w["mim"] > 0 else None)
         feat2 = self.backbone(view2) if need_view2 else None
@@ -83,11 +85,14 @@ class Student(nn.Module):
             if w["distill"] > 0:
                 if teacher_sim is None:
                     raise ValueError("distillation is enabled but no teacher targets were given")
-                out["distill"] = symmetric_kl_loss(self.label_decoder.label_similarity(g1), teacher_sim,
-                                                   ob.distill.temperature)
+                student_sim = self.label_decoder.label_similarity(g1)
+                out["distill"] = symmetric_kl_loss(student_sim, teacher_sim, ob.distill.temperature)
+                collapse.update(distill_sums(student_sim, teacher_sim, ob.distill.temperature))
         if w["swav"] > 0:
             head = self.prototype_head
-            z1, s1 = head(feat1)
+            # view1 "unmasked": one more forward, so SwAV's codes and predictions come from whole images
+            swav_feat1 = self.backbone(view1) if ob.swav.view1 == "unmasked" and w["mim"] > 0 else feat1
+            z1, s1 = head(swav_feat1)
             z2, s2 = head(feat2)
             if freeze_prototypes:  # SwAV keeps prototypes fixed for the first iterations
                 p = head.unit_prototypes().detach()
@@ -97,6 +102,8 @@ class Student(nn.Module):
                 q2 = self._codes(s2, queue[1] if queue is not None else None)
             out["swav"] = swapped_prediction_loss(s1, s2, q1, q2, ob.swav.temperature)
             out["z1"], out["z2"] = z1.detach(), z2.detach()
+            collapse.update(swav_sums(torch.cat([s1, s2]), torch.cat([q1, q2]), torch.cat([z1, z2]),
+                                      ob.swav.temperature))
         if w["mim"] > 0:
             rec = self.mim_decoder(feat1)
             out["mim"] = simmim_loss(rec, view1, mask)
@@ -104,6 +111,7 @@ class Student(nn.Module):
             if k in out:
                 total = total + w[k] * out[k]
         out["loss"] = total
+        out["collapse"] = collapse
         return out
 
     def _codes(self, scores, queue_z):

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from hvpmtl.config import ConfigError, ExperimentConfig, check_batch_sizes, load_config, save_config
 from hvpmtl.dist import Heartbeat, all_reduce_mean, any_rank, init_distributed
+from hvpmtl.models.collapse import CollapseMonitor, add_sums, all_reduce_sums, collapse_figures
 from hvpmtl.models.meta_arch import OBJECTIVES, Student, Teacher, teacher_momentum
 from hvpmtl.train import checkpoint
 from hvpmtl.train.optim import build_optimizer, build_scheduler
@@ -143,6 +144,9 @@ class Pretrainer:
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self.queue = None
+        self._collapse_sums = None  # this optimizer step's collapse statistics (sums over its micro-batches)
+        self.collapse_monitor = (CollapseMonitor(cfg.run.collapse_warn_steps, cfg.model.proto_out_dim)
+                                 if cfg.run.collapse_warn_steps else None)
         self._panel_batch = None
         self._bar = None
         run_id = None
@@ -243,7 +247,20 @@ class Pretrainer:
         self.engine.step()
         if "z1" in out:
             self._push_queue(out["z1"], out["z2"])
+        self._collapse_sums = add_sums(self._collapse_sums, out.get("collapse") or {})
         return {k: v.item() for k, v in losses.items()}
+
+    def _collapse_metrics(self) -> dict[str, float]:
+        """The step's collapse figures over the global batch (one all-reduce), and the monitor's warnings."""
+        sums, self._collapse_sums = self._collapse_sums, None
+        if not sums:
+            return {}
+        reduced = collapse_figures(all_reduce_sums(sums))
+        figures = dict(zip(reduced, torch.stack(list(reduced.values())).tolist()))  # one host sync
+        if self.collapse_monitor is not None:
+            for msg in self.collapse_monitor.update(figures, self.step):
+                self.log(msg)
+        return figures
 
     # ------------------------------------------------------------------ the loop
     def train_one_epoch(self) -> int | None:
@@ -284,6 +301,7 @@ class Pretrainer:
             metrics["preempt"] = 1.0 if self.preemption.requested else 0.0
             metrics = all_reduce_mean(metrics, self.device)
             preempt = metrics.pop("preempt") > 0
+            metrics.update(self._collapse_metrics())
             metrics.update(self._step_metrics(gbs, dt))
             self.tracker.log_metrics(metrics, self.step)
             self._progress(metrics)
