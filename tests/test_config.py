@@ -47,6 +47,9 @@ def _write(tmp_path, text):
      "  distill: {enabled: false}\n", "at least one objective"),
     ("- just\n- a list\n", "top level must be a mapping"),
     ("optim: [1, 2\n", "not valid YAML"),
+    ("objectives:\n  swav: {view1: sideways}\n", "'objectives.swav.view1' must be masked or unmasked"),
+    ("model:\n  proto_head_norm: groupnorm\n", "'model.proto_head_norm' must be layernorm or batchnorm"),
+    ("run:\n  collapse_warn_steps: -1\n", "'run.collapse_warn_steps' must be >= 0"),
 ])
 def test_errors_name_key_and_file(tmp_path, text, needle):
     p = _write(tmp_path, text)
@@ -79,3 +82,12 @@ def test_batch_size_product_checked():
     with pytest.raises(ConfigError, match=r"global_batch_size=1024 but micro_batch_size \(16\) x grad_accum_steps "
                                           r"\(2\) x world size \(8\) = 256; set optim.grad_accum_steps=8"):
         check_batch_sizes(cfg, 8)
+
+
+def test_swav_queue_is_a_multiple_of_the_global_batch():
+    cfg = load_config(None, ["optim.micro_batch_size=16", "objectives.swav.queue_length=3072"])
+    assert check_batch_sizes(cfg, 64) == 1024
+    with pytest.raises(ConfigError, match=r"queue_length=3072 must be a multiple of the global batch \(1280\)"):
+        check_batch_sizes(cfg, 80)
+    check_batch_sizes(load_config(None, ["optim.micro_batch_size=16", "objectives.swav.queue_length=3072",
+                                         "objectives.swav.enabled=false"]), 80)  # no SwAV, no queue
