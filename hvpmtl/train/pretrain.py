@@ -351,7 +351,8 @@ class Pretrainer:
             self._bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", *OBJECTIVES, "img_per_s") if k in metrics},
                                   refresh=False)
         elif self.step % self.cfg.run.log_every == 0 or self.step == 1:
-            parts = " ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", *OBJECTIVES, "lr", "img_per_s") if k in metrics)
+            keys = ("loss", *OBJECTIVES, "swav/code_entropy", "swav/protos_used", "lr", "img_per_s")
+            parts = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
             print(f"[hvpmtl] step {self.step}/{self.total_steps} {parts}", flush=True)
 
     def run(self) -> int:
