@@ -10,6 +10,9 @@ that visible while training:
                        global batch (both views; at most min(K, 2 x batch))
   swav/z_std           per-dimension std over the global batch of the unit-norm    ~1/sqrt(d) healthy, -> 0 collapsed
                        embeddings z, averaged over dimensions (SimSiam, sec. 4.1)
+  swav/z_rank          effective rank exp(H(eigenvalues / their sum)) of the       1 = on one line, 0 = identical
+                       covariance of z over the global batch (Roy & Vetterli 2007):
+                       catches the dimensional collapse z_std misses (z = +-v has z_std ~ 0.8/sqrt(d))
   distill/student_entropy, distill/teacher_entropy
                        mean over images of H(softmax(S / tau)) / ln C of the label similarities
 
@@ -63,7 +66,7 @@ def swav_sums(scores: torch.Tensor, codes: torch.Tensor, z: torch.Tensor, temper
     scores [N, K] (cosines to the prototypes), codes [N, K] (Sinkhorn, rows sum to 1), z [N, d] (unit norm),
     N = every view of the local batch. Returns {"swav/n": N, "swav/code_entropy": sum of normalised
     entropies, "swav/pred_entropy": idem, "swav/wins": [K] argmax-score counts, "swav/z_sum": [d],
-    "swav/z_sq": [d]}.
+    "swav/z_outer": [d, d] = z^T z}.
     """
     dt = SUM_DTYPE
     k = scores.shape[1]
@@ -76,7 +79,7 @@ def swav_sums(scores: torch.Tensor, codes: torch.Tensor, z: torch.Tensor, temper
         "swav/pred_entropy": entropy_of_logits(scores, temperature).to(dt).sum(),
         "swav/wins": wins,
         "swav/z_sum": z.sum(dim=0),
-        "swav/z_sq": (z * z).sum(dim=0),
+        "swav/z_outer": z.t() @ z,
     }
 
 
@@ -136,8 +139,9 @@ def collapse_figures(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out["swav/pred_entropy"] = sums["swav/pred_entropy"] / n
         out["swav/protos_used"] = (sums["swav/wins"] > 0).sum().to(n.dtype)
         mean = sums["swav/z_sum"] / n
-        var = (sums["swav/z_sq"] / n - mean * mean).clamp_min(0)  # population variance over the global batch
-        out["swav/z_std"] = var.sqrt().mean()
+        cov = sums["swav/z_outer"] / n - torch.outer(mean, mean)  # population covariance over the global batch
+        out["swav/z_std"] = torch.diagonal(cov).clamp_min(0).sqrt().mean()
+        out["swav/z_rank"] = effective_rank(cov)
     if "distill/n" in sums:
         n = sums["distill/n"].clamp_min(1)
         out["distill/student_entropy"] = sums["distill/student_entropy"] / n
@@ -145,11 +149,21 @@ def collapse_figures(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def effective_rank(cov: torch.Tensor) -> torch.Tensor:
+    """exp of the entropy of the normalised eigenvalues of a covariance matrix; 0 for a zero matrix."""
+    eig = torch.linalg.eigvalsh(cov).clamp_min(0)
+    total = eig.sum()
+    p = eig / total.clamp_min(torch.finfo(eig.dtype).tiny)
+    rank = torch.exp(torch.special.entr(p).sum())
+    return torch.where(total > 1e-12, rank, torch.zeros_like(rank))
+
+
 @dataclass
 class CollapseThresholds:
     """A figure is at its collapsed value when it is on the wrong side of its threshold."""
     entropy_max: float = 0.99  # code / prediction / student entropy >= this: (nearly) uniform
     z_std_min: float = 0.1  # z_std * sqrt(d) <= this: embeddings (nearly) identical; healthy ~ 1
+    z_rank_min: float = 1.5  # z_rank <= this: embeddings on (nearly) one line
     protos_used_min: int = 1  # protos_used <= this: every view on one prototype
 
 
@@ -176,6 +190,8 @@ class CollapseMonitor:
             if ratio <= th.z_std_min:
                 out["swav/z_std"] = (f"swav/z_std={figures['swav/z_std']:.4g} <= {th.z_std_min} / sqrt({self.embed_dim})"
                                      f" (healthy ~ {1 / math.sqrt(self.embed_dim):.3g}: identical embeddings)")
+        if "swav/z_rank" in figures and figures["swav/z_rank"] <= th.z_rank_min:
+            out["swav/z_rank"] = f"swav/z_rank={figures['swav/z_rank']:.3g} <= {th.z_rank_min} (embeddings on one line)"
         if "swav/protos_used" in figures and figures["swav/protos_used"] <= th.protos_used_min:
             out["swav/protos_used"] = f"swav/protos_used={figures['swav/protos_used']:.0f} (every view on one prototype)"
         return out

@@ -59,8 +59,35 @@ def test_swav_figures_hand_derived():
     assert abs(f["swav/pred_entropy"].item() - pred) < 1e-12
     assert f["swav/protos_used"].item() == 2  # argmaxes 0, 2, 0, 0
     # population std per dimension: dim 0 of (1, 0, 1, .6), dim 1 of (0, 1, 0, .8)
-    std = lambda xs: math.sqrt(sum((x - sum(xs) / 4) ** 2 for x in xs) / 4)  # noqa: E731
-    assert abs(f["swav/z_std"].item() - (std([1, 0, 1, .6]) + std([0, 1, 0, .8])) / 2) < 1e-12
+    xs, ys = [1, 0, 1, .6], [0, 1, 0, .8]
+    mx, my = sum(xs) / 4, sum(ys) / 4
+    a = sum((x - mx) ** 2 for x in xs) / 4
+    c = sum((y - my) ** 2 for y in ys) / 4
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / 4
+    assert abs(f["swav/z_std"].item() - (math.sqrt(a) + math.sqrt(c)) / 2) < 1e-12
+    # eigenvalues of the 2x2 covariance [[a, b], [b, c]], then exp of the entropy of their shares
+    root = math.sqrt(((a - c) / 2) ** 2 + b * b)
+    lam = [(a + c) / 2 + root, (a + c) / 2 - root]
+    assert abs(f["swav/z_rank"].item() - math.exp(_h([v / sum(lam) for v in lam]))) < 1e-12
+
+
+@pytest.mark.parametrize("case,rank,std_sqrt_d", [
+    ("identical", 0.0, 0.0),  # every z the same
+    ("line", 1.0, None),  # z = +v or -v: z_std looks healthy, the rank does not
+    ("isotropic", 8.0, 1.0),  # z = +-e_i for every i: covariance I / d
+])
+def test_embedding_figures_of_known_geometries(case, rank, std_sqrt_d):
+    d = 8
+    v = torch.nn.functional.normalize(torch.arange(1.0, d + 1, dtype=D), dim=0)
+    z = {"identical": v.repeat(6, 1), "line": torch.stack([v, -v, v, -v]),
+         "isotropic": torch.cat([torch.eye(d, dtype=D), -torch.eye(d, dtype=D)])}[case]
+    scores = z @ torch.eye(d, 3, dtype=D)
+    f = collapse_figures(swav_sums(scores, torch.full_like(scores, 1 / 3), z, 0.1))
+    assert abs(f["swav/z_rank"].item() - rank) < 1e-9
+    if std_sqrt_d is not None:
+        assert abs(f["swav/z_std"].item() * math.sqrt(d) - std_sqrt_d) < 1e-8  # sqrt of a ~1e-18 residual
+    else:  # the line: per-dimension std |v_i|, mean of |v| ~ 0.8 / sqrt(d) here
+        assert abs(f["swav/z_std"].item() - v.abs().mean().item()) < 1e-12
 
 
 def test_distill_figures_hand_derived():
@@ -116,6 +143,7 @@ def test_two_gloo_ranks_reduce_to_the_global_figures(tmp_path):
 
 
 HEALTHY = {"swav/code_entropy": 0.7, "swav/pred_entropy": 0.8, "swav/protos_used": 12.0, "swav/z_std": 0.12,
+           "swav/z_rank": 20.0,
            "distill/student_entropy": 0.9, "distill/teacher_entropy": 0.9}
 
 
@@ -138,9 +166,10 @@ def test_monitor_thresholds_per_figure():
     mon = CollapseMonitor(patience=1, embed_dim=64)
     assert mon.collapsed(HEALTHY) == {}
     bad = {"swav/code_entropy": 1.0, "swav/pred_entropy": 0.999, "swav/protos_used": 1.0,
-           "swav/z_std": 0.01 / 8, "distill/student_entropy": 0.995, "distill/teacher_entropy": 0.2}
+           "swav/z_std": 0.01 / 8, "swav/z_rank": 1.2, "distill/student_entropy": 0.995,
+           "distill/teacher_entropy": 0.2}
     assert set(mon.collapsed(bad)) == {"swav/code_entropy", "swav/pred_entropy", "swav/protos_used", "swav/z_std",
-                                       "distill/student_entropy"}
+                                       "swav/z_rank", "distill/student_entropy"}
     with pytest.raises(ValueError):
         CollapseMonitor(patience=0, embed_dim=8)
 
@@ -167,12 +196,14 @@ def test_head_forced_into_collapse_is_reported(norm):
     cfg, fig = _student_figures(collapse_head=True, norm=norm)
     # identical embeddings: one prototype wins every view, the codes are uniform, no spread
     assert fig["swav/protos_used"] == 1 and fig["swav/z_std"] < 1e-6 and fig["swav/code_entropy"] > 0.999
+    assert fig["swav/z_rank"] == 0
     mon = CollapseMonitor(patience=3, embed_dim=cfg.model.proto_out_dim)
     msgs = [m for step in (1, 2, 3) for m in mon.update(fig, step)]
-    assert {"swav/code_entropy", "swav/protos_used", "swav/z_std"} <= set(mon.active)
+    assert {"swav/code_entropy", "swav/protos_used", "swav/z_std", "swav/z_rank"} <= set(mon.active)
     assert all("step 3" in m for m in msgs) and len(msgs) == len(mon.active)
 
     _, healthy = _student_figures(collapse_head=False, norm=norm)
     assert healthy["swav/protos_used"] > 1 and healthy["swav/z_std"] * math.sqrt(cfg.model.proto_out_dim) > 0.3
+    assert healthy["swav/z_rank"] > 2
     mon = CollapseMonitor(patience=1, embed_dim=cfg.model.proto_out_dim)
-    assert not {"swav/protos_used", "swav/z_std"} & set(mon.collapsed(healthy))
+    assert not {"swav/protos_used", "swav/z_std", "swav/z_rank"} & set(mon.collapsed(healthy))

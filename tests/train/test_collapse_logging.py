@@ -5,8 +5,8 @@ import json
 from hvpmtl.config import load_config
 from hvpmtl.train.pretrain import Pretrainer
 
-FIGURES = {"swav/code_entropy", "swav/pred_entropy", "swav/protos_used", "swav/z_std", "distill/student_entropy",
-           "distill/teacher_entropy"}
+FIGURES = {"swav/code_entropy", "swav/pred_entropy", "swav/protos_used", "swav/z_std", "swav/z_rank",
+           "distill/student_entropy", "distill/teacher_entropy"}
 
 
 def _train(tmp_path, name, collapse_head):
