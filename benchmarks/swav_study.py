@@ -46,10 +46,17 @@ VARIANTS = {
     "bn_unmasked": ("BatchNorm head + SwAV on the unmasked view 1", BN + ["objectives.swav.view1=unmasked"]),
     "bn_queue": ("BatchNorm head + queue of 96 rows from step 20",
                  BN + ["objectives.swav.queue_length=96", "objectives.swav.queue_start_step=20"]),
+    # the demo had K = d = 64: a square prototype matrix has a near-null direction (smallest singular value
+    # 0.009 at init) where z scores ~0 against every prototype; SwAV has K = 3000 >> d = 128
+    "d16": ("embedding dim 16 instead of 64 (K/d = 4)", LN + ["model.proto_out_dim=16"]),
+    "d16_freeze": ("embedding dim 16 + prototypes frozen for the first epoch",
+                   LN + ["model.proto_out_dim=16", "objectives.swav.freeze_prototypes_steps=93"]),
+    "bn_d16": ("BatchNorm head + embedding dim 16", BN + ["model.proto_out_dim=16"]),
 }
 # settings the demo config had before the study, pinned so the variants stay comparable when it changes
 BEFORE = ["objectives.swav.epsilon=0.05", "objectives.swav.queue_length=0", "objectives.swav.queue_start_step=0",
-          "objectives.swav.freeze_prototypes_steps=0", "objectives.swav.view1=masked", "model.num_prototypes=64"]
+          "objectives.swav.freeze_prototypes_steps=0", "objectives.swav.view1=masked", "model.num_prototypes=64",
+          "model.proto_out_dim=64"]
 FIGURES = ("swav/code_entropy", "swav/pred_entropy", "swav/protos_used", "swav/z_std")
 
 
@@ -134,7 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=Path("/tmp/hvpmtl_demo_data"),
                    help="the demo's synthetic data set (made here if missing)")
     p.add_argument("--out", type=Path, default=Path("runs/swav_study"))
-    p.add_argument("--only", nargs="*", default=None, help=f"variants to run (default all: {' '.join(VARIANTS)})")
+    p.add_argument("--only", nargs="*", default=None, help=f"variants to run, in this order (default all: {' '.join(VARIANTS)})")
     p.add_argument("--probe", action="store_true", help="also fit a linear probe on each variant's backbone")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every variant (repeatable)")
@@ -148,9 +155,8 @@ def main(argv=None) -> int:
 
     results_file = args.out / f"study_seed{args.seed}.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    for name, (what, sets) in VARIANTS.items():
-        if args.only is not None and name not in args.only:
-            continue
+    for name in args.only or VARIANTS:  # in the order given
+        what, sets = VARIANTS[name]
         out = run_variant(name, sets, args, data)
         from hvpmtl.config import load_config
         cfg = load_config(out / "config.yaml")
