@@ -57,7 +57,7 @@ VARIANTS = {
 BEFORE = ["objectives.swav.epsilon=0.05", "objectives.swav.queue_length=0", "objectives.swav.queue_start_step=0",
           "objectives.swav.freeze_prototypes_steps=0", "objectives.swav.view1=masked", "model.num_prototypes=64",
           "model.proto_out_dim=64"]
-FIGURES = ("swav/code_entropy", "swav/pred_entropy", "swav/protos_used", "swav/z_std")
+FIGURES = ("swav/code_entropy", "swav/pred_entropy", "swav/protos_used", "swav/z_std", "swav/z_rank")
 
 
 def run_variant(name: str, sets: list[str], args, data: Path) -> Path:
@@ -107,8 +107,8 @@ def summarise(out: Path, num_prototypes: int, last: int = 20) -> dict:
     tail = rows[-last:]
     mean = lambda key, rs: sum(r[key] for r in rs) / len(rs)  # noqa: E731
     res = {"steps": rows[-1]["step"], "ln_k": ln_k, "final": {"swav_over_ln_k": mean("swav", tail) / ln_k,
-                                                              **{k: mean(k, tail) for k in FIGURES}},
-           "curve": {r["step"]: round(r["swav"] / ln_k, 4) for r in rows if r["step"] in (1, 10, 20, 40, 93, 140)
+                                                              **{k: mean(k, tail) for k in FIGURES if k in tail[-1]}},
+           "curve": {str(r["step"]): round(r["swav"] / ln_k, 4) for r in rows if r["step"] in (1, 10, 20, 40, 93, 140)
                      or r is rows[-1]},
            "linear_map": None}
     for k in ("asl", "mim", "distill"):
@@ -120,16 +120,17 @@ def summarise(out: Path, num_prototypes: int, last: int = 20) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = ["| variant | SwAV loss / ln K | code entropy | pred. entropy | prototypes used | z std (×√d) | "
+    lines = ["| variant | SwAV loss / ln K | code entropy | pred. entropy | prototypes used | z std (×√d) | z rank | "
              "SwAV/ln K at step 20 → 93 | linear-probe mAP | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         f, c = r["final"], r["curve"]
         probe = f"{r['linear_map']:.1f}" if r.get("linear_map") is not None else "–"
         curve = " → ".join(f"{c[s]:.3f}" for s in ("20", "93") if s in c)
+        rank = f"{f['swav/z_rank']:.1f}" if "swav/z_rank" in f else "–"
         lines.append(f"| {name} | {f['swav_over_ln_k']:.3f} | {f['swav/code_entropy']:.3f} | "
                      f"{f['swav/pred_entropy']:.3f} | {f['swav/protos_used']:.1f} | "
-                     f"{f['swav/z_std'] * math.sqrt(r['embed_dim']):.2f} | {curve} | {probe} | {r['wall_s']} |")
+                     f"{f['swav/z_std'] * math.sqrt(r['embed_dim']):.2f} | {rank} | {curve} | {probe} | {r['wall_s']} |")
     return "\n".join(lines)
 
 
