@@ -163,7 +163,7 @@ class CollapseThresholds:
     """A figure is at its collapsed value when it is on the wrong side of its threshold."""
     entropy_max: float = 0.99  # code / prediction / student entropy >= this: (nearly) uniform
     z_std_min: float = 0.1  # z_std * sqrt(d) <= this: embeddings (nearly) identical; healthy ~ 1
-    z_rank_min: float = 1.5  # z_rank <= this: embeddings on (nearly) one line
+    z_rank_min: float = 2.0  # z_rank <= this: embeddings on (nearly) a line (measured 1.4-1.8 in the dead demo)
     protos_used_min: int = 1  # protos_used <= this: every view on one prototype
 
 
