@@ -52,6 +52,13 @@ VARIANTS = {
     "d16_freeze": ("embedding dim 16 + prototypes frozen for the first epoch",
                    LN + ["model.proto_out_dim=16", "objectives.swav.freeze_prototypes_steps=93"]),
     "bn_d16": ("BatchNorm head + embedding dim 16", BN + ["model.proto_out_dim=16"]),
+    "eps002": ("eps 0.02", LN + ["objectives.swav.epsilon=0.02"]),
+    "bn_d16_unmasked": ("BatchNorm head + embedding dim 16 + SwAV on the unmasked view 1",
+                        BN + ["model.proto_out_dim=16", "objectives.swav.view1=unmasked"]),
+    # diagnostics, not remedies: which part of the multi-task set-up holds SwAV at the uniform point
+    "diag_no_mim": ("diagnostic: SimMIM off (both views unmasked, no MIM gradient in the backbone)",
+                    LN + ["objectives.mim.enabled=false"]),
+    "diag_w1": ("diagnostic: SwAV weight 1.0 instead of 0.02", LN + ["objectives.swav.weight=1.0"]),
 }
 # settings the demo config had before the study, pinned so the variants stay comparable when it changes
 BEFORE = ["objectives.swav.epsilon=0.05", "objectives.swav.queue_length=0", "objectives.swav.queue_start_step=0",
