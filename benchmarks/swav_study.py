@@ -59,6 +59,11 @@ VARIANTS = {
     "diag_no_mim": ("diagnostic: SimMIM off (both views unmasked, no MIM gradient in the backbone)",
                     LN + ["objectives.mim.enabled=false"]),
     "diag_w1": ("diagnostic: SwAV weight 1.0 instead of 0.02", LN + ["objectives.swav.weight=1.0"]),
+    "diag_swav_only": ("diagnostic: SwAV alone (SwAV's BatchNorm head, unmasked views, weight 1)",
+                       BN + ["objectives.asl.enabled=false", "objectives.mim.enabled=false",
+                             "objectives.distill.enabled=false", "objectives.swav.weight=1.0"]),
+    "asl05": ("ASL weight 0.5 (the paper's 0.001 is per sum over 11,166 classes; 24 here: docs/RESULTS.md)",
+              LN + ["objectives.asl.weight=0.5"]),
 }
 # settings the demo config had before the study, pinned so the variants stay comparable when it changes
 BEFORE = ["objectives.swav.epsilon=0.05", "objectives.swav.queue_length=0", "objectives.swav.queue_start_step=0",
