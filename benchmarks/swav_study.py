@@ -78,11 +78,17 @@ VARIANTS = {
     "bn_cj0_unmasked_queue": ("BatchNorm head + no colour jitter + unmasked view 1 + queue of 96 from step 20",
                               BN + ["data.color_jitter=0.0", "objectives.swav.view1=unmasked",
                                     "objectives.swav.queue_length=96", "objectives.swav.queue_start_step=20"]),
+    "bn_cj0_unmasked_eps002": ("BatchNorm head + no colour jitter + unmasked view 1 + eps 0.02",
+                               BN + ["data.color_jitter=0.0", "objectives.swav.view1=unmasked",
+                                     "objectives.swav.epsilon=0.02"]),
+    "bn_cj0_norand_unmasked_eps003": ("BatchNorm head + no colour jitter, no RandAugment + unmasked view 1 + eps 0.03",
+                                      BN + ["data.color_jitter=0.0", "data.rand_augment_n=0",
+                                            "objectives.swav.view1=unmasked", "objectives.swav.epsilon=0.03"]),
     "asl05": ("ASL weight 0.5 (the paper's 0.001 is per sum over 11,166 classes; 24 here: docs/RESULTS.md)",
               LN + ["objectives.asl.weight=0.5"]),
 }
 # settings the demo config had before the study, pinned so the variants stay comparable when it changes
-BEFORE = ["data.color_jitter=0.4", "objectives.swav.epsilon=0.05", "objectives.swav.queue_length=0",
+BEFORE = ["data.color_jitter=0.4", "data.rand_augment_n=1", "objectives.swav.epsilon=0.05", "objectives.swav.queue_length=0",
           "objectives.swav.queue_start_step=0", "objectives.swav.freeze_prototypes_steps=0",
           "objectives.swav.view1=masked", "model.num_prototypes=64", "model.proto_out_dim=64"]
 FIGURES = ("swav/code_entropy", "swav/pred_entropy", "swav/protos_used", "swav/z_std", "swav/z_rank")
