@@ -84,6 +84,16 @@ VARIANTS = {
     "bn_cj0_norand_unmasked_eps003": ("BatchNorm head + no colour jitter, no RandAugment + unmasked view 1 + eps 0.03",
                                       BN + ["data.color_jitter=0.0", "data.rand_augment_n=0",
                                             "objectives.swav.view1=unmasked", "objectives.swav.epsilon=0.03"]),
+    "bn_cj0_unmasked_eps002_queue": ("BatchNorm head + no colour jitter + unmasked view 1 + eps 0.02 + queue of 96 "
+                                     "from step 20", BN + ["data.color_jitter=0.0", "objectives.swav.view1=unmasked",
+                                                           "objectives.swav.epsilon=0.02",
+                                                           "objectives.swav.queue_length=96",
+                                                           "objectives.swav.queue_start_step=20"]),
+    "bn_cj0_unmasked_eps002_freeze": ("BatchNorm head + no colour jitter + unmasked view 1 + eps 0.02 + prototypes "
+                                      "frozen for the first epoch",
+                                      BN + ["data.color_jitter=0.0", "objectives.swav.view1=unmasked",
+                                            "objectives.swav.epsilon=0.02",
+                                            "objectives.swav.freeze_prototypes_steps=93"]),
     "asl05": ("ASL weight 0.5 (the paper's 0.001 is per sum over 11,166 classes; 24 here: docs/RESULTS.md)",
               LN + ["objectives.asl.weight=0.5"]),
 }
