@@ -27,6 +27,17 @@ def test_paper_recipe_values():
     assert cfg.data.num_classes == 11166
 
 
+@pytest.mark.parametrize("name", ["pretrain_swin_b.yaml", "pretrain_vit_b.yaml", "ablations/no_mim.yaml"])
+def test_paper_configs_keep_swav_off_the_uniform_point(name):
+    """docs/DESIGN.md: SwAV's head, 1024 + 3072 = 4096 rows per Sinkhorn for 3000 prototypes, as in SwAV's runs."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    sw = cfg.objectives.swav
+    assert cfg.model.proto_head_norm == "batchnorm" and cfg.model.num_prototypes == 3000
+    assert sw.queue_length == 3 * cfg.optim.global_batch_size and sw.queue_length + 1024 >= 4096
+    assert check_batch_sizes(cfg, 64) == 1024 and cfg.model.proto_out_dim < cfg.model.num_prototypes
+    assert 0 < sw.freeze_prototypes_steps <= sw.queue_start_step
+
+
 def _write(tmp_path, text):
     p = tmp_path / "exp.yaml"
     p.write_text(text)
