@@ -94,6 +94,16 @@ VARIANTS = {
                                       BN + ["data.color_jitter=0.0", "objectives.swav.view1=unmasked",
                                             "objectives.swav.epsilon=0.02",
                                             "objectives.swav.freeze_prototypes_steps=93"]),
+    # which parts of the best combination matter: one left out at a time
+    "bn_cj0_norand_eps003": ("BatchNorm head + no colour jitter, no RandAugment + eps 0.03 (masked view 1)",
+                             BN + ["data.color_jitter=0.0", "data.rand_augment_n=0", "objectives.swav.epsilon=0.03"]),
+    "cj0_norand_unmasked_eps003": ("no colour jitter, no RandAugment + unmasked view 1 + eps 0.03 (LayerNorm head)",
+                                   LN + ["data.color_jitter=0.0", "data.rand_augment_n=0",
+                                         "objectives.swav.view1=unmasked", "objectives.swav.epsilon=0.03"]),
+    "bn_cj0_norand_unmasked": ("BatchNorm head + no colour jitter, no RandAugment + unmasked view 1 (eps 0.05)",
+                               BN + ["data.color_jitter=0.0", "data.rand_augment_n=0",
+                                     "objectives.swav.view1=unmasked"]),
+    "cj0_norand": ("no colour jitter, no RandAugment only", LN + ["data.color_jitter=0.0", "data.rand_augment_n=0"]),
     "asl05": ("ASL weight 0.5 (the paper's 0.001 is per sum over 11,166 classes; 24 here: docs/RESULTS.md)",
               LN + ["objectives.asl.weight=0.5"]),
 }
