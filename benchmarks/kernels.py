@@ -4,6 +4,8 @@
     python benchmarks/kernels.py            # timing table
     python benchmarks/kernels.py --check    # CUDA kernels vs float64 references, PASS/FAIL table
     python benchmarks/kernels.py --sweep    # timing of a few tile configurations of each kernel
+    TRITON_INTERPRET=1 python benchmarks/kernels.py --check --tiny   # a few small checks on the CPU
+                                            # (the interpreter; what bench_gpu.py --tiny runs in the tests)
 
 Timing: median of triton.testing.do_bench (CUDA events). GB/s counts the fewest bytes the operation
 must move (each input read once, each output written once: for ASL fwd+bwd the logits and targets
@@ -37,7 +39,12 @@ from hvpmtl.kernels import weighted_asl as asl_kernel_mod  # noqa: E402
 from hvpmtl.losses.sinkhorn import sinkhorn_reference, swav_sinkhorn  # noqa: E402
 from hvpmtl.losses.weighted_asl import SparseTargets, densify, weighted_asl_reference  # noqa: E402
 
-DEV = "cuda"
+DEV = "cuda"  # "cpu" with --tiny (Triton's interpreter)
+
+
+def device_line() -> str:
+    name = torch.cuda.get_device_name() if DEV == "cuda" else "CPU (TRITON_INTERPRET)"
+    return f"{name} | torch {torch.__version__} | triton {triton.__version__}"
 ASL_B, ASL_C = 256, 11166
 SK_B, SK_K, SK_ITERS = 4096, 3000, 3
 
@@ -186,7 +193,7 @@ def bench_rows():
 
     header = ("operation", "implementation", "wall µs", "GPU µs", "GB/s", "extra MB")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
+    print(f"\n{device_line()}")
     print("wall µs: do_bench median (includes Python/launch overhead when it exceeds the GPU time);")
     print("GPU µs: CUDA-graph replay, L2 flushed before each call; GB/s = fewest bytes the operation must")
     print("move / GPU µs (wall µs where n/a); extra MB: peak allocation of one call, outputs included")
@@ -244,7 +251,16 @@ def check_sinkhorn(shape, dtype, t_max, scale=1.0, n_iters=3):
     return ok, f"max|Q-ref|/max|ref| {err:.1e} (tol {tol:.0e}), max|rowsum-1| {row_err:.1e}"
 
 
-def check_rows():
+def tiny_cases():
+    """A few small shapes for the CPU interpreter: proves the check path runs, not the GPU numerics."""
+    paper = dict(eta=10.0, gamma_pos=4.0, gamma_neg=1.0, clip=0.0)
+    return [("ASL (3, 300) fp32 dense paper", lambda: check_asl((3, 300), torch.float32, "dense", paper)),
+            ("ASL (3, 300) fp32 sparse paper", lambda: check_asl((3, 300), torch.float32, "sparse", paper)),
+            ("Sinkhorn (37, 129) fp32 t_max=10.0", lambda: check_sinkhorn((37, 129), torch.float32, 10.0)),
+            ("Sinkhorn (37, 129) fp32 t_max=None", lambda: check_sinkhorn((37, 129), torch.float32, None))]
+
+
+def check_rows(tiny: bool = False):
     paper = dict(eta=10.0, gamma_pos=4.0, gamma_neg=1.0, clip=0.0)
     asl = dict(eta=1.0, gamma_pos=0.0, gamma_neg=4.0, clip=0.05)
     cases = []
@@ -275,6 +291,8 @@ def check_rows():
     cases.append(("Sinkhorn (300, 1000) fp32 20 iterations",
                   lambda: check_sinkhorn((300, 1000), torch.float32, 10.0, n_iters=20)))
 
+    if tiny:
+        cases = tiny_cases()
     rows, failed = [], 0
     for name, fn in cases:
         try:
@@ -286,16 +304,17 @@ def check_rows():
         rows.append(("PASS" if ok else "FAIL", name, detail))
 
     # Not a pass/fail row: what SwAV's own code does with the large fp16 scores.
-    try:
-        s = scores_inputs(SK_B, SK_K, torch.float16, 1e3)
-        swav_finite = bool(torch.isfinite(swav_sinkhorn(s)).all())
-        ours_finite = bool(torch.isfinite(sk_kernel_mod.sinkhorn(s)).all())
-        rows.append(("INFO", "fp16 scores x1e3: all finite?", f"SwAV original {swav_finite}, Triton {ours_finite}"))
-    except Exception as e:
-        rows.append(("INFO", "fp16 scores x1e3", f"ERROR {type(e).__name__}"))
+    if not tiny:
+        try:
+            s = scores_inputs(SK_B, SK_K, torch.float16, 1e3)
+            swav_finite = bool(torch.isfinite(swav_sinkhorn(s)).all())
+            ours_finite = bool(torch.isfinite(sk_kernel_mod.sinkhorn(s)).all())
+            rows.append(("INFO", "fp16 scores x1e3: all finite?", f"SwAV original {swav_finite}, Triton {ours_finite}"))
+        except Exception as e:
+            rows.append(("INFO", "fp16 scores x1e3", f"ERROR {type(e).__name__}"))
 
     w = max(len(r[1]) for r in rows)
-    print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
+    print(f"\n{device_line()}")
     for r in rows:
         print(f"{r[0]:4} | {r[1].ljust(w)} | {r[2]}")
     print(f"{len(rows)} rows, {failed} FAIL")
@@ -339,7 +358,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="kernels vs float64 references, PASS/FAIL table")
     parser.add_argument("--sweep", action="store_true", help="time a few tile configurations")
+    parser.add_argument("--tiny", action="store_true",
+                        help="with --check: a few small cases on the CPU (needs TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
+    if args.tiny:
+        global DEV
+        DEV = "cpu"
+        return check_rows(tiny=True)
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU (the kernels' CPU tests run under TRITON_INTERPRET=1 in tests/)")
         return 2

@@ -3,7 +3,9 @@
 The batch is already on the device (no input pipeline), so this measures the step alone.
   --mode zero2: the engine's own step (hvpmtl.train.pretrain.Pretrainer) under DeepSpeed ZeRO-2
   --mode eager: the same Student/Teacher with plain torch AdamW and autocast, no DeepSpeed
-Prints one table row per configuration and a JSON line (for docs/BENCHMARKS.md).
+Prints one table row per configuration and a JSON line (for docs/BENCHMARKS.md). The FLOPs of one step are
+counted once (torch.utils.flop_counter: matmuls, convolutions and attention, forward and backward); with
+--peak-tflops (the card's measured bf16 matmul peak, as bench_gpu.py measures it) the row gets the MFU.
 
   python benchmarks/train_step.py --backbone vit_base_patch16_224 --batch 128 --mode zero2 eager
 """
@@ -33,13 +35,14 @@ def make_cfg(a, out_dir):
             f"optim.micro_batch_size={a.batch}", "data.format=tensors", f"run.output_dir={out_dir}",
             f"run.precision={a.precision}", "tracking.enabled=false", "run.progress_bar=false",
             f"run.compile={str(a.compile).lower()}"]
-    return load_config(None, sets)
+    return load_config(getattr(a, "config", None), sets)
 
 
 def random_batch(cfg, patch, device, dtype):
     B, s = cfg.optim.micro_batch_size, cfg.model.img_size
-    g = s // patch
-    mask = torch.rand(B, g, g, device=device) < cfg.data.mask_ratio
+    from hvpmtl.data.masks import SimMIMMaskGenerator  # the loaders' own masks, made on the device
+    mask = SimMIMMaskGenerator(s, cfg.data.mask_patch_size, patch, cfg.data.mask_ratio)(
+        torch.arange(B, device=device), cfg.data.seed, 0)
     return {"view1": torch.randn(B, 3, s, s, device=device, dtype=dtype),
             "view2": torch.randn(B, 3, s, s, device=device, dtype=dtype),
             "mask": mask, "labels": (torch.rand(B, cfg.data.num_classes, device=device) < 0.001).float()}
@@ -51,15 +54,13 @@ def sync(device):
 
 
 def bench_zero2(a, cfg):
-    from hvpmtl.models.meta_arch import teacher_momentum
     from hvpmtl.train.pretrain import Pretrainer
     t = Pretrainer(cfg, resume="none")
-    batch = random_batch(cfg, t.student.backbone.patch_size, t.device, t.input_dtype)
+    batch = random_batch(cfg, t.meta.student.backbone.patch_size, t.device, t.input_dtype)
 
     def step():
-        assert t.forward_backward(batch) is not None
-        if t.teacher is not None:
-            t.teacher.update(t.engine.module, teacher_momentum(cfg, 1, 10))
+        assert not t.meta.forward_backward(batch, step=1).nonfinite
+        t.meta.update_teacher(t.momentum[1])
     return t.device, step
 
 
@@ -97,6 +98,7 @@ def run(a, mode):
     for _ in range(a.warmup):
         step()
     sync(device)
+    flops = count_flops(step)
     times = []
     for _ in range(a.steps):
         t0 = time.perf_counter()
@@ -104,15 +106,32 @@ def run(a, mode):
         sync(device)
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"mode": mode, "backbone": a.backbone, "batch": a.batch, "img_size": a.img_size, "classes": a.classes,
+    if device.type == "cuda":
+        mem = torch.cuda.max_memory_allocated(device) / 2**30
+    else:  # the process's peak RSS: an upper bound of what the step holds on the CPU
+        import resource
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = getattr(a, "peak_tflops", 0) or 0
+    return {"tflop_per_step": flops / 1e12, "achieved_tflops": flops / med / 1e12,
+            "mfu": flops / med / (peak * 1e12) if peak else None, "peak_tflops": peak or None,
+            **{"mode": mode, "backbone": a.backbone, "batch": a.batch, "img_size": a.img_size, "classes": a.classes,
             "decoder_groups": a.decoder_groups, "precision": a.precision, "compile": a.compile,
             "img_per_s": a.batch / med, "step_ms": med * 1e3, "peak_mem_gib": mem,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def count_flops(step) -> float:
+    """FLOPs of one call of step() (forward + backward + optimizer; the optimizer's elementwise work is not
+    counted, as MFU conventions do)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="base experiment YAML (default: the built-in defaults, paper-sized heads)")
     p.add_argument("--backbone", default="vit_base_patch16_224")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--img-size", type=int, default=224)
@@ -126,16 +145,24 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="auto", help="auto: CUDA when there, else CPU")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="the card's bf16 matmul peak, for the MFU column")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
     a = p.parse_args(argv)
     if a.precision == "auto":
         a.precision = "bf16" if torch.cuda.is_available() else "fp32"
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     rows = [run(a, m) for m in a.mode]
-    print(f"{'mode':6} {'backbone':28} {'bs':>4} {'C':>6} {'G':>4} {'prec':5} {'cmp':3} {'img/s':>8} {'ms':>8} {'GiB':>6}")
+    print(f"{'mode':6} {'backbone':28} {'bs':>4} {'C':>6} {'G':>4} {'prec':5} {'cmp':3} {'img/s':>8} {'ms':>8} "
+          f"{'GiB':>6} {'TFLOP':>7} {'MFU':>5}")
     for r in rows:
+        mfu = f"{100 * r['mfu']:4.1f}%" if r["mfu"] else "  n/a"
         print(f"{r['mode']:6} {r['backbone']:28} {r['batch']:4d} {r['classes']:6d} {r['decoder_groups']:4d} "
               f"{r['precision']:5} {'y' if r['compile'] else 'n':3} {r['img_per_s']:8.1f} {r['step_ms']:8.1f} "
-              f"{r['peak_mem_gib']:6.1f}")
+              f"{r['peak_mem_gib']:6.1f} {r['tflop_per_step']:7.3f} {mfu}")
     for r in rows:
         print("JSON " + json.dumps(r))
 

@@ -1,232 +1,354 @@
-"""Experiment configuration: typed dataclasses, YAML loading, `--set` overrides, validation.
+"""Configuration of both trainers: pydantic models, YAML with `base:` inheritance, `--set` overrides.
 
-Everything a run needs is in one `ExperimentConfig`. It is validated in the launcher before
-DeepSpeed starts any worker, so a typo costs seconds, not a queued 64-GPU allocation.
-Errors name the file and the dotted key.
+`ExperimentConfig` (pre-training) and `FinetuneConfig` share their `run`, `optim` and `tracking`
+sections (`RunSection`, `OptimSection`, `TrackingConfig`) and one loader, `load_config(path, overrides,
+schema=...)`. Every key is typed and every number bounded; pydantic checks types and bounds, the
+schema's `check` the rules that tie keys together. A config is validated in the launcher before any
+worker starts, so a typo costs seconds, not a queued 64-GPU allocation. Errors name the file and the
+dotted key. `save_config` writes the paths of the run's data absolute, so the saved copy works from
+any directory.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import typing
-from dataclasses import dataclass, field
+import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 
 class ConfigError(ValueError):
     """A config problem, with the key and the file it came from."""
 
 
-@dataclass
-class ModelConfig:
-    backbone: str = "swin_tiny_patch4_window7_224"  # any timm Swin or ViT name
-    img_size: int = 224
-    drop_path_rate: float = 0.1
-    grad_checkpointing: bool = False
-    # Query2Label decoder
-    decoder_dim: int = 768
-    decoder_layers: int = 2
-    decoder_heads: int = 8
-    decoder_ffn_dim: int = 2048
-    decoder_self_attn: bool = False  # off: self-attention over 11,166 queries costs O(C^2)
-    decoder_groups: int = 0  # 0: one query per class (Query2Label); G > 0: G group queries (ML-Decoder)
-    decoder_dropout: float = 0.1
-    # SwAV head
-    proto_hidden_dim: int = 2048
-    proto_out_dim: int = 128
-    num_prototypes: int = 3000
-    proto_head_norm: str = "layernorm"  # layernorm | batchnorm (SwAV's head; statistics of the global batch)
-
-
-@dataclass
-class DataConfig:
-    format: str = "tencent"  # tencent | shards | imagefolder | tensors (random tensors, for benchmarks and exactness tests)
-    root: str = ""  # image root the list file's paths are relative to
-    list_file: str = ""  # Tencent ML-Images list file (path idx:conf ...)
-    dictionary: str = ""  # Tencent dictionary file (class names, parents)
-    shards: str = ""  # folder of webdataset .tar shards (+ .idx)
-    num_classes: int = 11166
-    img_size: int = 224
-    num_threads: int = 4
-    device: str = "auto"  # auto | gpu | cpu: where DALI runs (auto = GPU when CUDA is there)
-    crop_scale: list = field(default_factory=lambda: [0.2, 1.0])
-    flip: bool = True
-    color_jitter: float = 0.4
-    rotation_deg: float = 10.0
-    rand_augment_n: int = 2  # 0 turns RandAugment off
-    rand_augment_m: int = 9
-    mask_patch_size: int = 32
-    mask_ratio: float = 0.6
-    label_threshold: Optional[float] = None  # None: confidences as soft targets; else multi-hot conf >= t
-    skip_corrupt: bool = False
-    skip_list: str = ""
-    holdout_list: str = ""  # labelled held-out split for online evaluation
-    seed: int = 0
-
-
-@dataclass
-class ASLConfig:
-    enabled: bool = True
-    weight: float = 0.001
-    eta: float = 10.0  # weight of the positive term (paper)
-    gamma_pos: float = 4.0
-    gamma_neg: float = 1.0
-    clip: float = 0.0  # probability margin for negatives (ASL's m); 0 = off
-    eps: float = 1e-8
-
-
-@dataclass
-class SwAVConfig:
-    enabled: bool = True
-    weight: float = 0.02
-    temperature: float = 0.1
-    epsilon: float = 0.05
-    sinkhorn_iters: int = 3
-    t_max: Optional[float] = 10.0  # clamp of score/epsilon; None = SwAV's unclamped codes
-    queue_length: int = 0  # 0 = no queue; else a multiple of the global batch
-    queue_start_step: int = 0
-    freeze_prototypes_steps: int = 0
-    view1: str = "masked"  # masked: SwAV reads the masked view 1 (no extra forward) | unmasked: one more forward
-
-
-@dataclass
-class MIMConfig:
-    enabled: bool = True
-    weight: float = 1.0
-
-
-@dataclass
-class DistillConfig:
-    enabled: bool = True
-    weight: float = 10.0
-    temperature: float = 0.1
-    momentum: float = 0.995
-    momentum_schedule: str = "constant"  # constant | cosine (to momentum_end)
-    momentum_end: float = 1.0
-
-
-@dataclass
-class ObjectivesConfig:
-    asl: ASLConfig = field(default_factory=ASLConfig)
-    swav: SwAVConfig = field(default_factory=SwAVConfig)
-    mim: MIMConfig = field(default_factory=MIMConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-
-
-@dataclass
-class OptimConfig:
-    epochs: int = 30
-    max_steps: int = 0  # > 0 caps the run (demos, smoke tests)
-    micro_batch_size: int = 16  # per rank
-    grad_accum_steps: int = 1
-    global_batch_size: int = 0  # 0 = micro x accum x world; else checked against that product
-    lr: float = 1e-4
-    min_lr: float = 1e-7
-    warmup_epochs: float = 5.0
-    weight_decay: float = 0.05
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 5.0
-    steps_per_epoch: int = 0  # 0 = derived from the data set size and the global batch
-
-
-@dataclass
-class RunConfig:
-    name: str = "hvpmtl"
-    output_dir: str = "runs/hvpmtl"
-    ds_config: str = "ds_configs/zero2.json"
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 1000  # steps
-    keep_checkpoints: int = 3
-    max_nonfinite_in_row: int = 10
-    collective_timeout_s: int = 600
-    eval_every: int = 0  # steps between online linear-probe/kNN evaluations; 0 = off
-    image_log_every: int = 0  # steps between MLflow image panels; 0 = off
-    progress_bar: bool = True
-    compile: bool = False  # torch.compile the backbones (student and teacher) and the label decoder
-    collapse_warn_steps: int = 50  # warn when a collapse figure stays collapsed this many steps; 0 = off
-
-
-@dataclass
-class TrackingConfig:
-    enabled: bool = True
-    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/../mlflow.db
-    experiment: str = "hvpmtl"
-
-
-@dataclass
-class ExperimentConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp, key: str, source: str):
-    """Check `value` against the annotation `tp`; ints are accepted for floats."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X]
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key, source)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__}")
-        return _build(tp, value, key, source)
-    if tp is float:
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
-        return value
-    if tp is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
-        return value
+def _yaml_number(value: Any) -> Any:
+    if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
     return value
 
 
-def _build(cls, values: dict, prefix: str, source: str):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in values:
-        if k not in names:
-            where = f"{prefix}.{k}" if prefix else k
-            raise ConfigError(f"{source}: unknown key '{where}' (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for k, v in values.items():
-        where = f"{prefix}.{k}" if prefix else k
-        kwargs[k] = _coerce(v, hints[k], where, source)
-    return cls(**kwargs)
+Float = Annotated[float, BeforeValidator(_yaml_number)]
+PATH = "path"  # marks a field holding a file or folder: save_config writes it absolute
+PathStr = Annotated[str, PATH]
+
+
+class Section(BaseModel):
+    """Strict types (no "3" for 3, no 1 for true), unknown keys refused, no NaN/inf."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+# ----------------------------------------------------------------------------- sections of both trainers
+
+
+class RunSection(Section):
+    name: str = "hvpmtl"
+    output_dir: PathStr = "runs/hvpmtl"
+    ds_config: str = "ds_configs/zero2.json"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    seed: int = Field(0, ge=0)
+    log_every: int = Field(10, ge=1)  # steps between printed lines (and grad-norm reads)
+    keep_checkpoints: int = Field(3, ge=1)
+    collective_timeout_s: int = Field(600, ge=1)
+    progress_bar: bool = True
+
+
+class OptimSection(Section):
+    epochs: int = Field(30, ge=1)
+    micro_batch_size: int = Field(16, ge=1)  # per rank
+    grad_accum_steps: Optional[int] = Field(None, ge=1)  # null: global_batch_size / (micro x world), else 1
+    global_batch_size: int = Field(0, ge=0)  # 0 = micro x accum x world; else checked against that product
+    min_lr: Float = Field(1e-7, ge=0)
+    warmup_epochs: Float = Field(5.0, ge=0)
+    weight_decay: Float = Field(0.05, ge=0)
+    betas: list[Float] = Field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: Float = Field(5.0, ge=0)  # 0 = off
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/../mlflow.db
+    experiment: str = "hvpmtl"
+    # MLflow unreachable at start: continue (train; the run is created and caught up when it answers) | fail (exit 2)
+    on_unreachable: Literal["continue", "fail"] = "continue"
+    check_timeout_s: Float = Field(15.0, gt=0)  # the start-up check (connect + get/create the experiment)
+    request_timeout_s: int = Field(10, ge=1)  # one MLflow HTTP request (MLflow's default: 120)
+    request_retries: int = Field(1, ge=0)  # MLflow's retries of one request (its default: 7); the sender's are endless
+    close_timeout_s: Float = Field(60.0, gt=0)  # at the end, how long to wait for MLflow to take the last metrics
+
+
+# ----------------------------------------------------------------------------- pre-training
+
+PRETRAIN_FORMATS = ("tencent", "synthetic", "shards", "tensors")  # what hvpmtl.data serves for pre-training
+
+
+class ModelConfig(Section):
+    backbone: str = "swin_tiny_patch4_window7_224"  # any timm Swin or ViT name
+    img_size: int = Field(224, ge=1)
+    drop_path_rate: Float = Field(0.1, ge=0, lt=1)
+    grad_checkpointing: bool = False
+    # Query2Label decoder
+    decoder_dim: int = Field(768, ge=1)
+    decoder_layers: int = Field(2, ge=1)
+    decoder_heads: int = Field(8, ge=1)
+    decoder_ffn_dim: int = Field(2048, ge=1)
+    decoder_self_attn: bool = False  # off: self-attention over 11,166 queries costs O(C^2)
+    decoder_groups: int = Field(0, ge=0)  # 0: one query per class (Query2Label); G > 0: G group queries (ML-Decoder)
+    decoder_dropout: Float = Field(0.1, ge=0, lt=1)
+    # SwAV head
+    proto_hidden_dim: int = Field(2048, ge=1)
+    proto_out_dim: int = Field(128, ge=1)
+    num_prototypes: int = Field(3000, ge=1)
+    # layernorm: Linear-LayerNorm-GELU-Linear | batchnorm: SwAV's Linear-BatchNorm-ReLU-Linear, statistics of the
+    # global batch (docs/DESIGN.md, "SwAV off the uniform point")
+    proto_head_norm: Literal["layernorm", "batchnorm"] = "layernorm"
+
+
+class DataConfig(Section):
+    # tencent / synthetic (list files), shards, tensors (random tensors, for benchmarks and exactness tests)
+    format: Literal[PRETRAIN_FORMATS] = "tencent"
+    root: PathStr = ""  # image root the list file's paths are relative to
+    list_file: PathStr = ""  # Tencent ML-Images list file (path idx:conf ...)
+    dictionary: PathStr = ""  # Tencent dictionary file (class names, parents)
+    shards: PathStr = ""  # folder of webdataset .tar shards (+ .idx)
+    num_classes: int = Field(11166, ge=1)
+    img_size: int = Field(224, ge=1)
+    num_threads: int = Field(4, ge=1, le=1024)
+    device: Literal["auto", "gpu", "cpu"] = "auto"  # where DALI runs (auto = GPU when CUDA is there)
+    crop_scale: list[Float] = Field(default_factory=lambda: [0.2, 1.0])
+    flip: bool = True
+    color_jitter: Float = Field(0.4, ge=0, le=1)
+    rotation_deg: Float = Field(10.0, ge=0, le=180)
+    rand_augment_n: int = Field(2, ge=0, le=16)  # 0 turns RandAugment off
+    rand_augment_m: int = Field(9, ge=0, le=30)  # DALI's 31 magnitude bins
+    mask_patch_size: int = Field(32, ge=1)
+    mask_ratio: Float = 0.6
+    label_threshold: Optional[Float] = None  # None: confidences as soft targets; else multi-hot conf >= t
+    skip_corrupt: bool = False
+    skip_list: PathStr = ""
+    holdout_list: PathStr = ""  # labelled held-out split for online evaluation
+    seed: int = Field(0, ge=0)
+    # the data index (`hvpmtl data index`): "" = beside the source, <list_file or shards>.hvpidx
+    index: PathStr = ""
+    index_auto_build: int = Field(1_000_000, ge=0)  # a missing/stale index of at most this many samples is built at start-up; 0 = never
+    index_wait_s: int = Field(600, ge=1)  # how long ranks wait for the one process that builds it
+    max_pixels: int = Field(67_108_864, ge=0)  # width x height (JPEG header) above which an image is an error; 0 = no bound
+
+
+class ASLConfig(Section):
+    enabled: bool = True
+    weight: Float = Field(0.001, ge=0)
+    eta: Float = Field(10.0, gt=0)  # weight of the positive term (paper)
+    gamma_pos: Float = Field(4.0, ge=0)
+    gamma_neg: Float = Field(1.0, ge=0)
+    clip: Float = Field(0.0, ge=0, lt=1)  # probability margin for negatives (ASL's m); 0 = off
+    eps: Float = Field(1e-8, gt=0, lt=1)
+
+
+class SwAVConfig(Section):
+    enabled: bool = True
+    weight: Float = Field(0.02, ge=0)
+    temperature: Float = Field(0.1, gt=0)
+    epsilon: Float = Field(0.05, gt=0)
+    sinkhorn_iters: int = Field(3, ge=1)
+    t_max: Optional[Float] = Field(10.0, gt=0)  # clamp of score/epsilon; None = SwAV's unclamped codes
+    queue_length: int = Field(0, ge=0)  # 0 = no queue; else a multiple of the global batch
+    queue_start_step: int = Field(0, ge=0)
+    freeze_prototypes_steps: int = Field(0, ge=0)
+    # masked: SwAV reads the masked view 1 (no extra forward) | unmasked: one more forward of the whole view 1
+    view1: Literal["masked", "unmasked"] = "masked"
+
+
+class MIMConfig(Section):
+    enabled: bool = True
+    weight: Float = Field(1.0, ge=0)
+
+
+class DistillConfig(Section):
+    enabled: bool = True
+    weight: Float = Field(10.0, ge=0)
+    temperature: Float = Field(0.1, gt=0)
+    momentum: Float = Field(0.995, ge=0, lt=1)
+    momentum_schedule: Literal["constant", "cosine"] = "constant"  # cosine: to momentum_end
+    momentum_end: Float = Field(1.0, ge=0, le=1)
+
+
+class ObjectivesConfig(Section):
+    asl: ASLConfig = Field(default_factory=ASLConfig)
+    swav: SwAVConfig = Field(default_factory=SwAVConfig)
+    mim: MIMConfig = Field(default_factory=MIMConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+
+class OptimConfig(OptimSection):
+    max_steps: int = Field(0, ge=0)  # > 0 caps the run (demos, smoke tests)
+    lr: Float = 1e-4
+    steps_per_epoch: int = Field(0, ge=0)  # 0 = derived from the data set size and the global batch
+
+
+class RunConfig(RunSection):
+    checkpoint_every: int = Field(1000, ge=1)  # steps
+    max_nonfinite_in_row: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0)  # steps between online linear-probe/kNN evaluations; 0 = off
+    image_log_every: int = Field(0, ge=0)  # steps between MLflow image panels; 0 = off
+    compile: bool = False  # torch.compile the backbones (student and teacher) and the label decoder
+    collapse_warn_steps: int = Field(50, ge=0)  # warn when a collapse figure stays collapsed this many steps; 0 = off
+
+
+class ExperimentConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    objectives: ObjectivesConfig = Field(default_factory=ObjectivesConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def check(self, source: str) -> None:
+        """Values that type-check but cannot work together."""
+        m, d, o, r, ob = self.model, self.data, self.optim, self.run, self.objectives
+        _check_backbone(m.backbone, source)
+        _check(m.img_size % d.mask_patch_size == 0, source, "model.img_size",
+               f"must be a positive multiple of data.mask_patch_size ({d.mask_patch_size}), got {m.img_size}")
+        _check(d.img_size == m.img_size, source, "data.img_size",
+               f"must equal model.img_size ({m.img_size}), got {d.img_size}")
+        _check(m.decoder_dim % m.decoder_heads == 0, source, "model.decoder_heads",
+               f"must divide model.decoder_dim ({m.decoder_dim}), got {m.decoder_heads}")
+        _check(m.decoder_groups <= d.num_classes, source, "model.decoder_groups",
+               f"must be in [0, data.num_classes ({d.num_classes})], got {m.decoder_groups}")
+        _check(0.0 < d.mask_ratio < 1.0, source, "data.mask_ratio", f"must be in (0, 1), got {d.mask_ratio}")
+        _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, source, "data.crop_scale",
+               f"must be [lo, hi] with 0 < lo <= hi <= 1, got {d.crop_scale}")
+        _check(d.label_threshold is None or 0 < d.label_threshold <= 1, source, "data.label_threshold",
+               "must be in (0, 1] or null")
+        _check(any(x.enabled for x in (ob.asl, ob.swav, ob.mim, ob.distill)), source, "objectives",
+               "at least one objective must be enabled")
+        dm = ob.distill
+        _check(dm.momentum_schedule == "constant" or dm.momentum_end >= dm.momentum, source,
+               "objectives.distill.momentum_end", f"must be >= objectives.distill.momentum ({dm.momentum})")
+        _check(o.lr > 0 and math.isfinite(o.lr), source, "optim.lr", f"must be a positive number, got {o.lr}")
+        _check(o.min_lr <= o.lr, source, "optim.min_lr", f"must be in [0, optim.lr], got {o.min_lr}")
+        _check_optim(o, source)
+        _check(r.eval_every == 0 or bool(d.holdout_list), source, "run.eval_every",
+               "> 0 needs data.holdout_list (a labelled held-out list file; "
+               "`hvpmtl data make-synthetic --holdout N` writes one)")
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+class FTModelConfig(Section):
+    backbone: str = "swin_base_patch4_window7_224"  # timm Swin or ViT name
+    img_size: int = Field(224, ge=1)
+    num_classes: int = Field(0, ge=0)  # 0 = the number of class folders under data.train_dir
+    init: PathStr = ""  # exported backbone (hvpmtl export: timm safetensors, mmdet .pth, detectron2 .pth/.pkl)
+    random_init: bool = False  # true: no init file (the from-scratch baseline)
+    drop_path_rate: Float = Field(0.1, ge=0, lt=1)
+    global_pool: Literal["avg", "token"] = "avg"  # avg: mean of the last feature map, as pre-training
+
+
+class FTDataConfig(Section):
+    train_dir: PathStr = ""  # ImageFolder root: <train_dir>/<class>/<image>
+    val_dir: PathStr = ""
+    num_threads: int = Field(4, ge=1, le=1024)
+    device: Literal["auto", "gpu", "cpu"] = "auto"  # where DALI runs
+    label_smoothing: Float = Field(0.1, ge=0, lt=1)
+    mixup: Float = Field(0.8, ge=0)  # mixup alpha; 0 = off
+    cutmix: Float = Field(1.0, ge=0)  # cutmix alpha; 0 = off
+    mixup_prob: Float = Field(1.0, ge=0, le=1)
+    mixup_switch_prob: Float = Field(0.5, ge=0, le=1)
+    seed: int = Field(0, ge=0)
+
+
+class FTOptimConfig(OptimSection):
+    epochs: int = Field(100, ge=1)
+    micro_batch_size: int = Field(128, ge=1)
+    base_lr: Float = Field(1.25e-3, gt=0)  # SimMIM's BASE_LR: peak lr = base_lr * global batch / lr_scale_batch
+    lr_scale_batch: int = Field(512, ge=1)
+    warmup_epochs: Float = Field(20.0, ge=0)
+    warmup_lr: Float = Field(2.5e-7, ge=0)
+    min_lr: Float = Field(2.5e-7, ge=0)
+    layer_decay: Float = Field(0.9, gt=0, le=1)  # SimMIM: 0.9 for Swin-B, 0.65 for ViT-B; 1.0 = off
+
+
+class FTRunConfig(RunSection):
+    name: str = "finetune"
+    output_dir: PathStr = "runs/finetune"
+    log_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    checkpoint_every_epochs: int = Field(1, ge=1)
+
+
+class FinetuneConfig(Section):
+    model: FTModelConfig = Field(default_factory=FTModelConfig)
+    data: FTDataConfig = Field(default_factory=FTDataConfig)
+    optim: FTOptimConfig = Field(default_factory=FTOptimConfig)
+    run: FTRunConfig = Field(default_factory=FTRunConfig)
+    tracking: TrackingConfig = Field(default_factory=lambda: TrackingConfig(experiment="hvpmtl-finetune"))
+
+    def check(self, source: str) -> None:
+        m, d, o = self.model, self.data, self.optim
+        _check_backbone(m.backbone, source)
+        _check(bool(m.init) != m.random_init, source, "model.init",
+               "give an exported backbone file, or set model.random_init: true (not both)")
+        _check(bool(d.train_dir) and bool(d.val_dir), source, "data.train_dir",
+               "data.train_dir and data.val_dir must both be set (ImageFolder roots)")
+        _check(not (d.mixup > 0 or d.cutmix > 0) or o.micro_batch_size % 2 == 0, source, "optim.micro_batch_size",
+               "must be even with mixup/cutmix (timm mixes each sample with its mirror in the batch)")
+        _check_optim(o, source)
+
+
+# ----------------------------------------------------------------------------- checks shared by both
+
+
+def _check(cond: bool, source: str, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{source}: '{key}' {msg}")
+
+
+def _check_backbone(name: str, source: str) -> None:
+    _check(name.startswith(("swin_", "vit_")), source, "model.backbone",
+           f"must be a timm Swin or ViT name (swin_*, vit_*), got '{name}'")
+
+
+def _check_optim(o: OptimSection, source: str) -> None:
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), source, "optim.betas",
+           f"must be [b1, b2] in [0, 1), got {o.betas}")
+    _check(o.warmup_epochs <= o.epochs, source, "optim.warmup_epochs",
+           f"must be <= optim.epochs ({o.epochs}), got {o.warmup_epochs}")
+
+
+def check_batch_sizes(cfg, world_size: int) -> int:
+    """Global batch = micro x accumulation x world size. Fills in optim.grad_accum_steps when it is null
+    (derived from optim.global_batch_size, else 1); a message naming the keys when the sizes do not fit."""
+    o = cfg.optim
+    per_step = o.micro_batch_size * world_size
+    if o.grad_accum_steps is None:
+        if o.global_batch_size and o.global_batch_size % per_step:
+            raise ConfigError(
+                f"optim.global_batch_size={o.global_batch_size} is not a multiple of micro_batch_size "
+                f"({o.micro_batch_size}) x world size ({world_size}) = {per_step}, so no "
+                f"optim.grad_accum_steps fits; change optim.micro_batch_size or the number of ranks")
+        o.grad_accum_steps = o.global_batch_size // per_step if o.global_batch_size else 1
+    product = per_step * o.grad_accum_steps
+    if o.global_batch_size and o.global_batch_size != product:
+        raise ConfigError(
+            f"optim.global_batch_size={o.global_batch_size} but micro_batch_size ({o.micro_batch_size}) x "
+            f"grad_accum_steps ({o.grad_accum_steps}) x world size ({world_size}) = {product}; "
+            f"set optim.grad_accum_steps={o.global_batch_size // per_step} "
+            f"(or leave it out to derive it) or change the batch sizes")
+    swav = getattr(getattr(cfg, "objectives", None), "swav", None)
+    if swav is not None and swav.enabled and swav.queue_length % product:
+        raise ConfigError(f"objectives.swav.queue_length={swav.queue_length} must be a multiple of the global batch "
+                          f"({product}): each rank keeps queue_length / world size rows, pushed a micro-batch at a time")
+    return product
+
+
+# ----------------------------------------------------------------------------- loading
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -254,11 +376,16 @@ def parse_override(text: str) -> dict:
     return out
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(path):], path))
+        raise ConfigError(f"{chain[-1]}: 'base' makes a cycle: {cycle}")
     try:
         text = path.read_text()
     except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        where = f"{chain[-1]}: 'base': " if chain else ""
+        raise ConfigError(f"{where}cannot read config file {path}: {e.strerror}") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
@@ -268,15 +395,55 @@ def _read_yaml(path: Path) -> dict:
     # `base: other.yaml` inherits (paths relative to this file), as the ablations do.
     base = data.pop("base", None)
     if base:
-        data = _merge(_read_yaml((path.parent / base).resolve()), data)
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: 'base' must be a file name, got {base!r}")
+        data = _merge(_read_yaml(path.parent / base, (*chain, path)), data)
     return data
 
 
+def _key(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+_TYPE_WORDS = {"float": "a number", "int": "an integer", "bool": "true or false", "string": "a string",
+               "list": "a list", "model": "a mapping", "dict": "a mapping"}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _section_fields(schema, loc: tuple) -> list[str]:
+    cls = schema
+    for part in loc:
+        ann = cls.model_fields[part].annotation
+        cls = ann
+    return sorted(cls.model_fields)
+
+
+def _message(schema, err: dict) -> str:
+    loc, kind, value = err["loc"], err["type"], err.get("input")
+    key = _key(loc)
+    if kind == "extra_forbidden":
+        return f"unknown key '{key}' (known: {', '.join(_section_fields(schema, loc[:-1]))})"
+    if kind in _BOUNDS:
+        bound = next(iter(err["ctx"].values()))
+        return f"'{key}' must be {_BOUNDS[kind]} {bound}, got {value!r}"
+    if kind == "literal_error":
+        return f"'{key}' must be one of {err['ctx']['expected']}, got {value!r}"
+    if kind == "finite_number":
+        return f"'{key}' must be a finite number, got {value!r}"
+    base = kind.split("_")[0]
+    if base in _TYPE_WORDS and kind.endswith(("_type", "_parsing", "_from_float")):
+        shown = type(value).__name__ if base in ("model", "dict") else repr(value)
+        return f"'{key}' must be {_TYPE_WORDS[base]}, got {shown}"
+    return f"'{key}' {err['msg']}"
+
+
 def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = (),
-                schema=ExperimentConfig, validator=None):
-    """YAML file (or defaults) + `--set` overrides -> a validated `schema` instance (ExperimentConfig unless
-    another dataclass tree is given, e.g. the fine-tuning config, with its own validator)."""
-    validator = validator or (validate if schema is ExperimentConfig else None)
+                schema=ExperimentConfig):
+    """YAML file (or defaults) + `--set` overrides -> a checked `schema` instance (ExperimentConfig for
+    pre-training, FinetuneConfig for fine-tuning)."""
     values: dict = {}
     source = "<defaults>"
     if path is not None:
@@ -286,101 +453,19 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         values = _merge(values, parse_override(o))
     if overrides:
         source += " + --set " + " ".join(overrides)
-    cfg = _build(schema, values, "", source)
-    if validator is not None:
-        validator(cfg, source)
+    try:
+        cfg = schema.model_validate(values)
+    except ValidationError as e:
+        raise ConfigError("\n".join(f"{source}: {_message(schema, err)}" for err in e.errors())) from None
+    cfg.check(source)
     return cfg
 
 
-def _check(cond: bool, source: str, key: str, msg: str):
-    if not cond:
-        raise ConfigError(f"{source}: '{key}' {msg}")
+# ----------------------------------------------------------------------------- writing
 
 
-def validate(cfg: ExperimentConfig, source: str = "<config>") -> None:
-    """Values that type-check but cannot work."""
-    m, d, o, r = cfg.model, cfg.data, cfg.optim, cfg.run
-    _check(m.backbone.startswith(("swin_", "vit_")), source, "model.backbone",
-           f"must be a timm Swin or ViT name (swin_*, vit_*), got '{m.backbone}'")
-    _check(m.img_size > 0 and m.img_size % d.mask_patch_size == 0, source, "model.img_size",
-           f"must be a positive multiple of data.mask_patch_size ({d.mask_patch_size}), got {m.img_size}")
-    _check(d.img_size == m.img_size, source, "data.img_size",
-           f"must equal model.img_size ({m.img_size}), got {d.img_size}")
-    _check(m.decoder_dim % m.decoder_heads == 0, source, "model.decoder_heads",
-           f"must divide model.decoder_dim ({m.decoder_dim})")
-    _check(0 <= m.decoder_groups <= d.num_classes, source, "model.decoder_groups",
-           f"must be in [0, data.num_classes ({d.num_classes})], got {m.decoder_groups}")
-    for k in ("decoder_layers", "decoder_dim", "num_prototypes", "proto_out_dim", "proto_hidden_dim"):
-        _check(getattr(m, k) > 0, source, f"model.{k}", "must be > 0")
-    _check(d.format in ("tencent", "shards", "imagefolder", "tensors"), source, "data.format",
-           f"must be tencent, shards, imagefolder or tensors, got '{d.format}'")
-    _check(d.device in ("auto", "gpu", "cpu"), source, "data.device", f"must be auto, gpu or cpu, got '{d.device}'")
-    _check(d.num_classes > 0, source, "data.num_classes", "must be > 0")
-    _check(0.0 < d.mask_ratio < 1.0, source, "data.mask_ratio", f"must be in (0, 1), got {d.mask_ratio}")
-    _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, source, "data.crop_scale",
-           f"must be [lo, hi] with 0 < lo <= hi <= 1, got {d.crop_scale}")
-    _check(d.label_threshold is None or 0 < d.label_threshold <= 1, source, "data.label_threshold",
-           "must be in (0, 1] or null")
-    _check(d.num_threads > 0, source, "data.num_threads", "must be > 0")
-    ob = cfg.objectives
-    _check(any(x.enabled for x in (ob.asl, ob.swav, ob.mim, ob.distill)), source, "objectives",
-           "at least one objective must be enabled")
-    for name in ("asl", "swav", "mim", "distill"):
-        _check(getattr(ob, name).weight >= 0, source, f"objectives.{name}.weight", "must be >= 0")
-    _check(ob.asl.eta > 0, source, "objectives.asl.eta", "must be > 0")
-    _check(ob.asl.gamma_pos >= 0 and ob.asl.gamma_neg >= 0, source, "objectives.asl.gamma_pos",
-           "gammas must be >= 0")
-    _check(0 <= ob.asl.clip < 1, source, "objectives.asl.clip", "must be in [0, 1)")
-    _check(ob.swav.epsilon > 0, source, "objectives.swav.epsilon", "must be > 0")
-    _check(ob.swav.temperature > 0, source, "objectives.swav.temperature", "must be > 0")
-    _check(ob.swav.sinkhorn_iters >= 1, source, "objectives.swav.sinkhorn_iters", "must be >= 1")
-    _check(ob.swav.t_max is None or ob.swav.t_max > 0, source, "objectives.swav.t_max", "must be > 0 or null")
-    _check(ob.swav.queue_length >= 0, source, "objectives.swav.queue_length", "must be >= 0")
-    _check(ob.swav.view1 in ("masked", "unmasked"), source, "objectives.swav.view1",
-           f"must be masked or unmasked, got '{ob.swav.view1}'")
-    _check(m.proto_head_norm in ("layernorm", "batchnorm"), source, "model.proto_head_norm",
-           f"must be layernorm or batchnorm, got '{m.proto_head_norm}'")
-    _check(r.collapse_warn_steps >= 0, source, "run.collapse_warn_steps", "must be >= 0 (0 = off)")
-    _check(0 <= ob.distill.momentum < 1, source, "objectives.distill.momentum", "must be in [0, 1)")
-    _check(ob.distill.momentum_schedule in ("constant", "cosine"), source, "objectives.distill.momentum_schedule",
-           "must be constant or cosine")
-    _check(ob.distill.temperature > 0, source, "objectives.distill.temperature", "must be > 0")
-    _check(o.micro_batch_size > 0, source, "optim.micro_batch_size", "must be > 0")
-    _check(o.grad_accum_steps > 0, source, "optim.grad_accum_steps", "must be > 0")
-    _check(o.epochs > 0, source, "optim.epochs", "must be > 0")
-    _check(o.max_steps >= 0, source, "optim.max_steps", "must be >= 0")
-    _check(o.lr > 0 and math.isfinite(o.lr), source, "optim.lr", f"must be a positive number, got {o.lr}")
-    _check(0 <= o.min_lr <= o.lr, source, "optim.min_lr", f"must be in [0, optim.lr], got {o.min_lr}")
-    _check(o.warmup_epochs >= 0, source, "optim.warmup_epochs", "must be >= 0")
-    _check(o.weight_decay >= 0, source, "optim.weight_decay", "must be >= 0")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), source, "optim.betas", "must be [b1, b2] in [0, 1)")
-    _check(o.grad_clip >= 0, source, "optim.grad_clip", "must be >= 0 (0 = off)")
-    _check(r.precision in ("auto", "bf16", "fp16", "fp32"), source, "run.precision",
-           f"must be auto, bf16, fp16 or fp32, got '{r.precision}'")
-    _check(r.checkpoint_every > 0, source, "run.checkpoint_every", "must be > 0")
-    _check(r.keep_checkpoints >= 1, source, "run.keep_checkpoints", "must be >= 1")
-    _check(r.max_nonfinite_in_row >= 1, source, "run.max_nonfinite_in_row", "must be >= 1")
-
-
-def check_batch_sizes(cfg: ExperimentConfig, world_size: int) -> int:
-    """train_batch_size = micro x accumulation x world size; a clear message when it does not hold."""
-    o = cfg.optim
-    product = o.micro_batch_size * o.grad_accum_steps * world_size
-    if o.global_batch_size and o.global_batch_size != product:
-        raise ConfigError(
-            f"optim.global_batch_size={o.global_batch_size} but micro_batch_size ({o.micro_batch_size}) x "
-            f"grad_accum_steps ({o.grad_accum_steps}) x world size ({world_size}) = {product}; "
-            f"set optim.grad_accum_steps={o.global_batch_size // max(1, o.micro_batch_size * world_size)} "
-            f"or change the batch sizes")
-    q = cfg.objectives.swav.queue_length
-    if cfg.objectives.swav.enabled and q % product:
-        raise ConfigError(f"objectives.swav.queue_length={q} must be a multiple of the global batch ({product}): "
-                          f"each rank keeps queue_length / world size rows, pushed a micro-batch at a time")
-    return product
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: BaseModel) -> dict:
+    return cfg.model_dump()
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -394,5 +479,21 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def absolute_paths(cfg: BaseModel) -> dict:
+    """cfg as a dict, with every non-empty path field (PathStr) made absolute against the working directory."""
+    out = {}
+    for name, field in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        if isinstance(value, BaseModel):
+            out[name] = absolute_paths(value)
+        elif PATH in field.metadata and value:
+            out[name] = os.path.abspath(value)
+        else:
+            out[name] = value.model_dump() if isinstance(value, BaseModel) else value
+    return out
+
+
+def save_config(cfg: BaseModel, path: str | Path) -> None:
+    """The config as loaded (after --set), data paths absolute: `load_config(path, schema=type(cfg))` reads it back
+    from any working directory."""
+    Path(path).write_text(yaml.safe_dump(absolute_paths(cfg), sort_keys=False))

@@ -8,17 +8,7 @@ import os
 import torch
 import torch.distributed as dist
 
-
-def map_slurm_env() -> None:
-    """Under srun the ranks only see SLURM_*: derive what torch.distributed expects."""
-    env = os.environ
-    if "RANK" in env or "SLURM_PROCID" not in env:
-        return
-    env["RANK"] = env["SLURM_PROCID"]
-    env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
-    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000))  # as the sbatch scripts
+from hvpmtl.slurm_env import map_slurm_env  # srun's SLURM_* -> RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*
 
 
 def init_distributed(timeout_s: int = 600) -> tuple[int, int, int]:
@@ -55,24 +45,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def all_reduce_mean(values: dict[str, float], device) -> dict[str, float]:
-    """Mean over ranks of a dict of floats, one collective."""
-    if not values:
-        return {}
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+def sum_to_host(t: torch.Tensor) -> list[float]:
+    """SUM over ranks of a small 1-D tensor (one collective, none outside torch.distributed), then one read on
+    the host. What a training step reduces goes through here, packed into a single tensor."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
-
-
-def any_rank(flag: bool, device) -> bool:
-    """True on every rank when the flag is set on any rank."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return t.tolist()
 
 
 class Heartbeat:

@@ -183,15 +183,17 @@ def sinkhorn(
     n_iters: int = 3,
     t_max: Optional[float] = 10.0,
     group=None,
+    global_batch: Optional[int] = None,
 ) -> torch.Tensor:
-    """Log-domain clamped Sinkhorn: Q [B, K] fp32 with rows summing to 1 (Triton kernels, fp32 accumulation)."""
+    """Log-domain clamped Sinkhorn: Q [B, K] fp32 with rows summing to 1 (Triton kernels, fp32 accumulation).
+    `global_batch`: rows over all ranks if known (else all-reduced)."""
     check_scores(scores, epsilon, n_iters)
     s = scores.detach().contiguous()
     b, k = s.shape
     dev = s.device
     eps = float(epsilon)
     tmax = float(t_max) if t_max is not None else 0.0
-    log_b = math.log(max(global_batch_size(b, dev, group), 1))
+    log_b = math.log(max(global_batch_size(b, dev, group, global_batch), 1))
     log_k = math.log(k)
     q = torch.empty(b, k, dtype=torch.float32, device=dev)
     rows_per_split, n_splits = _row_splits(b, k, dev) if b > 0 else (0, 0)

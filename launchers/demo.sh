@@ -2,6 +2,7 @@
 # `make demo`: synthetic multi-label JPEGs -> validation -> pre-training with all four objectives on
 # 2 CPU ranks through the real `deepspeed` launcher (ZeRO-2, gloo), DALI's CPU pipeline, MLflow (sqlite).
 # Extra arguments go to launchers/pretrain.py, e.g. `make demo ARGS="--set optim.max_steps=50"`.
+# A finished demo is not run again (it says so); `make demo-clean` removes it to start anew.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -10,6 +11,34 @@ export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} MLFLOW_DISABLE_TELEMETRY=true PYTHO
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PATH=$PWD/$VENV/bin:$PATH
+CONFIG=configs/demo_cpu.yaml
+
+# A finished demo (its backbone exported) is not launched again: with every step done it would train nothing and
+# only overwrite the export. An unfinished one (stopped half-way) resumes from its last checkpoint.
+read_output_dir='
+import argparse, sys
+from hvpmtl.config import ConfigError, load_config
+p = argparse.ArgumentParser(add_help=False)
+p.add_argument("--config")
+p.add_argument("--set", dest="overrides", action="append", default=[])
+args, _ = p.parse_known_args(sys.argv[1:])
+try:
+    print(load_config(args.config, args.overrides).run.output_dir)
+except ConfigError as e:
+    sys.exit(f"hvpmtl: config error: {e}")
+'
+out=$("$PY" -c "$read_output_dir" --config "$CONFIG" "$@") || exit 2
+if [[ -f $out/backbone.safetensors ]]; then
+  last=$(cat "$out/checkpoints/latest" 2>/dev/null) && step=$((10#${last#step_})) || step="its last step"
+  clean="make demo-clean"
+  [[ $out == runs/demo ]] || clean="rm -r $out"
+  echo "== the demo already ran to step $step: $out holds its checkpoints, metrics and exported backbone."
+  echo "   Nothing is left to train, so it is not launched again (options in ARGS apply to a new demo)."
+  echo "   To look at it:  . $VENV/bin/activate && mlflow ui --backend-store-uri sqlite:///$PWD/runs/mlflow.db --host 127.0.0.1 --port 5000"
+  echo "   To start anew:  $clean && make demo    (demo_data/ and the MLflow history in runs/mlflow.db stay)"
+  exit 0
+fi
+
 DATA=demo_data
 if [[ ! -f $DATA/train.txt ]]; then
   echo "== generating the synthetic multi-label data set in $DATA/"
@@ -18,11 +47,12 @@ fi
 echo "== validating $DATA/train.txt"
 "$PY" -m hvpmtl data validate --list "$DATA/train.txt" --root "$DATA" --dictionary "$DATA/dictionary.txt" --workers 2
 port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-echo "== pre-training (2 ranks, DeepSpeed ZeRO-2 on CPU): logs in runs/demo, MLflow in runs/mlflow.db"
+echo "== pre-training (2 ranks, DeepSpeed ZeRO-2 on CPU): logs in $out, MLflow in runs/mlflow.db"
 deepspeed --num_gpus 2 --master_addr 127.0.0.1 --master_port "$port" \
-  launchers/pretrain.py --config configs/demo_cpu.yaml "$@"
+  launchers/pretrain.py --config "$CONFIG" "$@"
 echo
 echo "== done. Loss curves, parameters, image panels and the exported backbone are in MLflow:"
-echo "   $VENV/bin/mlflow ui --backend-store-uri sqlite:///$PWD/runs/mlflow.db --host 127.0.0.1 --port 5000"
+echo "   . $VENV/bin/activate && mlflow ui --backend-store-uri sqlite:///$PWD/runs/mlflow.db --host 127.0.0.1 --port 5000"
 echo "   then open http://127.0.0.1:5000 (experiment 'hvpmtl', run 'demo-cpu')."
-echo "   Checkpoints: runs/demo/checkpoints   backbone: runs/demo/backbone.safetensors   per-step: runs/demo/metrics.jsonl"
+echo "   Checkpoints: $out/checkpoints   backbone: $out/backbone.safetensors   per-step: $out/metrics.jsonl"
+echo "   Running \`make demo\` again changes nothing; \`make demo-clean\` removes runs/demo to start anew."

@@ -1,9 +1,14 @@
 #!/usr/bin/env python
 """Entry point started on every rank by `deepspeed [--hostfile hosts] launchers/finetune.py --config ...`,
-by torchrun, or by srun. No training logic here: see hvpmtl/eval/finetune.py."""
+by torchrun, or by srun. No training logic here: see hvpmtl/train/finetune.py. The command line is parsed
+first, so --help answers before torch loads."""
 import sys
 
-from hvpmtl.eval.finetune import main
+from hvpmtl.train.args import finetune_parser
 
 if __name__ == "__main__":
-    sys.exit(main())
+    args = finetune_parser().parse_args()
+    from hvpmtl.eval.export import read_backbone_file
+    from hvpmtl.train.finetune import main
+
+    sys.exit(main(args, read_weights=read_backbone_file))

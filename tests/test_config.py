@@ -1,19 +1,42 @@
-"""Config validation: every error names the key and the file; overrides and inheritance work."""
+"""Config validation: every error names the key and the file; overrides and inheritance work; the saved
+copy of a run's config works from another directory."""
+import os
 from pathlib import Path
 
 import pytest
+import yaml
 
-from hvpmtl.config import ConfigError, ExperimentConfig, check_batch_sizes, load_config
+from hvpmtl.config import (PRETRAIN_FORMATS, ConfigError, ExperimentConfig, FinetuneConfig, check_batch_sizes,
+                           load_config, save_config)
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(ROOT.joinpath("configs").rglob("*.yaml"))
+# what a shipped fine-tuning config leaves to the command line (the model to start from, the data)
+FINETUNE_REQUIRED = ["model.random_init=true", "data.train_dir=/data/train", "data.val_dir=/data/val"]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     if path.name.startswith("finetune"):
-        return  # fine-tuning configs have their own schema (tests/eval)
-    cfg = load_config(path)
-    assert isinstance(cfg, ExperimentConfig)
+        cfg = load_config(path, FINETUNE_REQUIRED, schema=FinetuneConfig)
+        assert isinstance(cfg, FinetuneConfig) and cfg.tracking.experiment == "hvpmtl-finetune"
+        with pytest.raises(ConfigError, match="model.init"):  # the file alone names what is missing
+            load_config(path, schema=FinetuneConfig)
+    else:
+        cfg = load_config(path)
+        assert isinstance(cfg, ExperimentConfig)
+
+
+def test_simmim_finetuning_recipe_values():
+    cfg = load_config(ROOT / "configs/finetune_simmim.yaml", FINETUNE_REQUIRED, schema=FinetuneConfig)
+    o, m, d = cfg.optim, cfg.model, cfg.data
+    assert (o.epochs, o.base_lr, o.lr_scale_batch, o.warmup_epochs, o.warmup_lr, o.min_lr) == (
+        100, 1.25e-3, 512, 20, 2.5e-7, 2.5e-7)
+    assert (o.weight_decay, o.layer_decay, o.grad_clip, o.betas) == (0.05, 0.9, 5.0, [0.9, 0.999])
+    assert (m.backbone, m.img_size, m.drop_path_rate) == ("swin_base_patch4_window7_224", 224, 0.1)
+    assert (d.label_smoothing, d.mixup, d.cutmix) == (0.1, 0.8, 1.0)
+    tiny = load_config(ROOT / "configs/finetune_tiny.yaml", FINETUNE_REQUIRED, schema=FinetuneConfig)
+    assert tiny.optim.weight_decay == 0.05 and tiny.optim.epochs == 2 and tiny.model.img_size == 64  # base: + own
 
 
 def test_paper_recipe_values():
@@ -58,8 +81,8 @@ def _write(tmp_path, text):
      "  distill: {enabled: false}\n", "at least one objective"),
     ("- just\n- a list\n", "top level must be a mapping"),
     ("optim: [1, 2\n", "not valid YAML"),
-    ("objectives:\n  swav: {view1: sideways}\n", "'objectives.swav.view1' must be masked or unmasked"),
-    ("model:\n  proto_head_norm: groupnorm\n", "'model.proto_head_norm' must be layernorm or batchnorm"),
+    ("objectives:\n  swav: {view1: sideways}\n", "'objectives.swav.view1' must be one of 'masked' or 'unmasked'"),
+    ("model:\n  proto_head_norm: groupnorm\n", "'model.proto_head_norm' must be one of 'layernorm' or 'batchnorm'"),
     ("run:\n  collapse_warn_steps: -1\n", "'run.collapse_warn_steps' must be >= 0"),
 ])
 def test_errors_name_key_and_file(tmp_path, text, needle):
@@ -93,6 +116,138 @@ def test_batch_size_product_checked():
     with pytest.raises(ConfigError, match=r"global_batch_size=1024 but micro_batch_size \(16\) x grad_accum_steps "
                                           r"\(2\) x world size \(8\) = 256; set optim.grad_accum_steps=8"):
         check_batch_sizes(cfg, 8)
+
+
+@pytest.mark.parametrize("sets,needle", [
+    # issue 10.9: each used to crash later (ZeroDivisionError, TypeError) or be accepted
+    (["data.mask_patch_size=0"], "'data.mask_patch_size' must be >= 1, got 0"),
+    (["model.decoder_heads=0"], "'model.decoder_heads' must be >= 1, got 0"),
+    (["optim.betas=[0.9, [0.99]]"], "'optim.betas[1]' must be a number"),
+    (["optim.betas=[0.9, 0.99, 0.5]"], "'optim.betas' must be [b1, b2] in [0, 1)"),
+    (["optim.betas=0.9"], "'optim.betas' must be a list"),
+    (["run.log_every=0"], "'run.log_every' must be >= 1, got 0"),
+    (["run.eval_every=-1"], "'run.eval_every' must be >= 0, got -1"),
+    (["run.eval_every=5"], "'run.eval_every' > 0 needs data.holdout_list"),
+    (["data.format=imagefolder"], "'data.format' must be one of 'tencent', 'synthetic', 'shards' or 'tensors'"),
+    # every other number is bounded too
+    (["optim.lr=.nan"], "'optim.lr' must be a finite number"),
+    (["optim.epochs=0"], "'optim.epochs' must be >= 1"),
+    (["optim.warmup_epochs=40"], "'optim.warmup_epochs' must be <= optim.epochs (2)"),
+    (["optim.grad_accum_steps=0"], "'optim.grad_accum_steps' must be >= 1"),
+    (["objectives.swav.sinkhorn_iters=0"], "'objectives.swav.sinkhorn_iters' must be >= 1"),
+    (["objectives.distill.momentum=1.0"], "'objectives.distill.momentum' must be < 1"),
+    (["objectives.distill.momentum_schedule=cosine", "objectives.distill.momentum=0.99",
+      "objectives.distill.momentum_end=0.9"], "'objectives.distill.momentum_end' must be >="),
+    (["data.num_threads=0"], "'data.num_threads' must be >= 1"),
+    (["data.rand_augment_m=31"], "'data.rand_augment_m' must be <= 30"),
+    (["model.drop_path_rate=1.0"], "'model.drop_path_rate' must be < 1"),
+    (["run.collective_timeout_s=0"], "'run.collective_timeout_s' must be >= 1"),
+    (["run.precision=bf32"], "'run.precision' must be one of 'auto', 'bf16', 'fp16' or 'fp32'"),
+    (["optim.micro_batch_size=true"], "'optim.micro_batch_size' must be an integer, got True"),
+    (["model=3"], "'model' must be a mapping, got int"),
+])
+def test_bad_values_name_the_key(sets, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/test_tiny.yaml", sets)
+    assert needle in str(e.value)
+    assert "configs/test_tiny.yaml + --set" in str(e.value)
+
+
+def test_every_number_has_a_bound():
+    """Issue 10.9: no int/float key is left without a bound (pydantic's or the schema's check)."""
+    checked_by_schema = {"optim.lr", "data.mask_ratio", "data.crop_scale", "data.label_threshold", "optim.betas"}
+    unbounded = []
+
+    def walk(cls, prefix):
+        for name, f in cls.model_fields.items():
+            key = f"{prefix}{name}"
+            ann = f.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann, key + ".")
+            elif ann in (int, float) or "float" in str(ann) or "int" in str(ann):
+                bounded = any(hasattr(m, a) for m in f.metadata for a in ("gt", "ge", "lt", "le"))
+                if not bounded and key not in checked_by_schema:
+                    unbounded.append(key)
+    walk(ExperimentConfig, "")
+    walk(FinetuneConfig, "")
+    assert unbounded == []
+
+
+def test_base_that_includes_itself_names_the_cycle(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"'base' makes a cycle: .*a\.yaml -> .*a\.yaml"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("base: c.yaml\noptim: {lr: 1.0e-3}\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "b.yaml")
+    assert f"{tmp_path / 'b.yaml'} -> {tmp_path / 'c.yaml'} -> {tmp_path / 'b.yaml'}" in str(e.value)
+    (tmp_path / "d.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"d\.yaml: 'base': cannot read config file .*missing\.yaml"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_grad_accum_steps_derived_from_the_global_batch():
+    """Issue 13.2: the documented 4-node ViT-B example (global 1024, 4 x 8 GPUs x 16) needs accumulation 2."""
+    cfg = load_config(ROOT / "configs/pretrain_vit_b.yaml")
+    assert cfg.optim.global_batch_size == 1024 and cfg.optim.grad_accum_steps is None
+    assert check_batch_sizes(cfg, 32) == 1024 and cfg.optim.grad_accum_steps == 2
+    cfg = load_config(ROOT / "configs/pretrain_vit_b.yaml")
+    assert check_batch_sizes(cfg, 64) == 1024 and cfg.optim.grad_accum_steps == 1
+    cfg = load_config(ROOT / "configs/pretrain_vit_b.yaml")
+    with pytest.raises(ConfigError, match=r"optim.global_batch_size=1024 is not a multiple of micro_batch_size "
+                                          r"\(16\) x world size \(48\) = 768"):
+        check_batch_sizes(cfg, 48)
+    cfg = load_config(None)  # no global batch: no accumulation
+    assert check_batch_sizes(cfg, 3) == 48 and cfg.optim.grad_accum_steps == 1
+
+
+def test_saved_config_holds_absolute_paths_and_loads_from_elsewhere(tmp_path, monkeypatch):
+    """Issue 13.5: `hvpmtl eval` from another directory must find the run's data."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(ROOT / "configs/demo_cpu.yaml", ["data.skip_list=lists/skip.txt"])
+    save_config(cfg, tmp_path / "saved.yaml")
+    saved = yaml.safe_load((tmp_path / "saved.yaml").read_text())
+    d = saved["data"]
+    assert d["root"] == str(tmp_path / "demo_data") and d["list_file"] == str(tmp_path / "demo_data/train.txt")
+    assert d["skip_list"] == str(tmp_path / "lists/skip.txt") and d["shards"] == ""  # empty stays empty
+    assert saved["run"]["output_dir"] == str(tmp_path / "runs/demo")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)
+    again = load_config(tmp_path / "saved.yaml")
+    assert again.data.dictionary == str(tmp_path / "demo_data/dictionary.txt")
+    assert again.model_dump() == {**cfg.model_dump(), "data": again.data.model_dump(), "run": again.run.model_dump()}
+    ft = load_config(ROOT / "configs/finetune_tiny.yaml", ["model.init=bb.safetensors", "data.train_dir=t",
+                                                           "data.val_dir=v"], schema=FinetuneConfig)
+    save_config(ft, tmp_path / "ft.yaml")
+    back = load_config(tmp_path / "ft.yaml", schema=FinetuneConfig)
+    assert (back.model.init, back.data.train_dir) == (str(elsewhere / "bb.safetensors"), str(elsewhere / "t"))
+
+
+def test_pretrain_formats_are_the_ones_the_loaders_serve(tmp_path):
+    """Issue 10.9: data.format accepts exactly what builds a pre-training loader (imagefolder has none)."""
+    import torch
+
+    from hvpmtl.data.pipeline import build_pretrain_loader
+    from hvpmtl.data.synthetic import make_synthetic
+    from hvpmtl.data.tensor_source import TensorSource
+
+    syn = make_synthetic(tmp_path / "syn", 8, seed=0, shard_size=8)
+    sets = {"tencent": [f"data.list_file={syn['list_file']}"], "synthetic": [f"data.list_file={syn['list_file']}"],
+            "shards": [f"data.shards={syn['shards']}"], "tensors": []}
+    assert set(sets) == set(PRETRAIN_FORMATS)
+    for fmt in PRETRAIN_FORMATS:
+        cfg = load_config(ROOT / "configs/test_tiny.yaml", [
+            f"data.format={fmt}", f"data.root={syn['root']}", "data.num_classes=24", "data.device=cpu",
+            "model.img_size=32", "data.img_size=32", "data.mask_patch_size=16", *sets[fmt]])
+        kw = dict(batch_size=4, patch_size=16, rank=0, world_size=1)
+        if fmt == "tensors":
+            loader = TensorSource(cfg.data, **kw)
+        else:
+            loader = build_pretrain_loader(cfg.data, local_rank=0, seed=0, **kw)
+        batch = next(iter(loader))
+        assert batch["view1"].shape == (4, 3, 32, 32) and batch["labels"].dtype == torch.float32, fmt
 
 
 def test_swav_queue_is_a_multiple_of_the_global_batch():

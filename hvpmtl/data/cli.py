@@ -1,4 +1,8 @@
-"""`hvpmtl data ...`: make-synthetic, validate, to-shards, index-shards."""
+"""`hvpmtl data ...`: make-synthetic, index, validate, to-shards, index-shards.
+
+Exit codes: 0 done (validate: no errors), 1 validate found errors, 2 unusable data or arguments
+(a message naming the file, no traceback).
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,11 +12,25 @@ from pathlib import Path
 
 from hvpmtl.data.issues import DataError
 
+FMT = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _note(msg: str) -> None:
+    print(f"note: {msg}", file=sys.stderr)
+
+
+def _num_classes(args):
+    if getattr(args, "dictionary", None) and args.num_classes is None:
+        from hvpmtl.data.tencent import read_dictionary
+        return len(read_dictionary(args.dictionary))
+    return args.num_classes
+
 
 def _make_synthetic(args) -> int:
     from hvpmtl.data.synthetic import make_synthetic
     t = time.time()
-    paths = make_synthetic(args.out, args.num_images, seed=args.seed, holdout=args.holdout, shard_size=args.shard_size)
+    paths = make_synthetic(args.out, args.num_images, seed=args.seed, holdout=args.holdout, shard_size=args.shard_size,
+                           imagefolder=args.imagefolder, progress=True)
     n = args.num_images + args.holdout
     print(f"wrote {n} images in {time.time() - t:.1f} s")
     for k, v in paths.items():
@@ -22,50 +40,105 @@ def _make_synthetic(args) -> int:
     if "holdout_list" in paths:
         sets.append(f"data.holdout_list={paths['holdout_list']}")
     print("train with: " + " ".join(f"--set {s}" for s in sets))
+    if "imagefolder_train" in paths:
+        print(f"fine-tune with: --set data.train_dir={paths['imagefolder_train']} "
+              f"--set data.val_dir={paths['imagefolder_val']}")
     return 0
 
 
+def _index(args) -> int:
+    from hvpmtl.data.index import DataIndex, build_list_index, build_shard_index
+    from hvpmtl.data.jobs import Progress
+    if bool(args.list) == bool(args.shards):
+        print("hvpmtl data index: give either --list or --shards", file=sys.stderr)
+        return 2
+    t = time.perf_counter()
+    if args.list:
+        prog = Progress(f"index {Path(args.list).name}", Path(args.list).stat().st_size if Path(args.list).exists()
+                        else 0, unit="B")
+        path = build_list_index(args.list, args.out, num_classes=_num_classes(args), progress=prog,
+                                threads=args.threads)
+        prog.close()
+    else:
+        path = build_shard_index(args.shards, args.out)
+    dt = time.perf_counter() - t
+    idx = DataIndex(path)
+    h = idx.header
+    errors = sum(v for k, v in h.get("issue_counts", {}).items() if k in _error_codes())
+    print(f"{path}: {h['num_samples']:,} samples, {h['nnz']:,} labels, {path.stat().st_size / 2**20:.1f} MiB, "
+          f"{dt:.1f} s ({h['num_lines'] / max(dt, 1e-9):,.0f} lines/s); {errors} parse errors "
+          f"({', '.join(f'{k}: {v}' for k, v in sorted(h.get('issue_counts', {}).items())) or 'no issues'})")
+    if errors:
+        print(f"`hvpmtl data validate --list {args.list} --root ROOT` lists them with file:line")
+    return 0
+
+
+def _error_codes():
+    from hvpmtl.data.issues import CODES
+    return {k for k, (sev, _) in CODES.items() if sev == "error"}
+
+
 def _validate(args) -> int:
+    from hvpmtl.data.jobs import parse_part
     from hvpmtl.data.validate import format_report, validate_list, validate_shards, write_skip_list
     if bool(args.list) == bool(args.shards):
         print("hvpmtl data validate: give either --list (with --root) or --shards", file=sys.stderr)
         return 2
+    out_skip = args.write_skip_list
+    if args.skip_list:
+        _note("validate --skip-list is now --write-skip-list (it writes the file); the old spelling still works")
+        out_skip = out_skip or args.skip_list
+    part = parse_part(args.part)
+    if part and args.merge:
+        print("hvpmtl data validate: --part and --merge go in separate runs (the parts first)", file=sys.stderr)
+        return 2
     t = time.time()
+    common = dict(full_decode=args.full_decode, workers=args.workers, max_pixels=args.max_pixels,
+                  index_path=args.index or None, part=part, merge_only=args.merge, progress=True)
     if args.shards:
-        rep = validate_shards(args.shards, num_classes=args.num_classes, full_decode=args.full_decode)
+        rep = validate_shards(args.shards, num_classes=args.num_classes, **common)
     else:
         if not args.root:
             print("hvpmtl data validate: --list needs --root (the folder the paths are relative to)", file=sys.stderr)
             return 2
-        rep = validate_list(args.list, args.root, dictionary=args.dictionary, num_classes=args.num_classes,
-                            full_decode=args.full_decode, workers=args.workers)
+        rep = validate_list(args.list, args.root, dictionary=args.dictionary, num_classes=args.num_classes, **common)
     print(format_report(rep, args.max_per_code))
     print(f"({time.time() - t:.1f} s)")
-    if args.skip_list:
-        n = write_skip_list(args.skip_list, rep.errors)
-        print(f"skip list: {args.skip_list} ({n} entries); train with --set data.skip_list={args.skip_list}")
+    if part:
+        print(f"part {part[0]}/{part[1]} checked; when every part is done, run the same command with --merge "
+              "instead of --part to record the verdicts in the data index")
+    if out_skip:
+        n = write_skip_list(out_skip, rep.errors)
+        print(f"skip list: {out_skip} ({n} entries); train with --set data.skip_list={out_skip}")
     return 1 if rep.errors else 0
 
 
 def _to_shards(args) -> int:
+    from hvpmtl.data.jobs import parse_part
     from hvpmtl.data.shards import write_shards
-    from hvpmtl.data.tencent import read_dictionary
-    from hvpmtl.data.validate import prepare_list
-    num_classes = args.num_classes
-    if args.dictionary and num_classes is None:
-        num_classes = len(read_dictionary(args.dictionary))
-    labels, skipped = prepare_list(args.list, args.root, num_classes=num_classes, skip_corrupt=args.skip_corrupt,
-                                   skip_list=args.skip_list or "")
+    skip = args.read_skip_list
+    if args.skip_list:
+        _note("to-shards --skip-list is now --read-skip-list (it reads the validator's file); the old spelling "
+              "still works")
+        skip = skip or args.skip_list
+    part = parse_part(args.part)
     t = time.time()
-    m = write_shards(args.list, args.root, args.out, args.shard_size, seed=args.seed, num_classes=num_classes,
-                     labels=labels)
+    m = write_shards(args.list, args.root, args.out, args.shard_size, seed=args.seed, num_classes=_num_classes(args),
+                     skip_corrupt=args.skip_corrupt, skip_list=skip or "", max_pixels=args.max_pixels,
+                     workers=args.workers, part=part, merge_only=args.merge, progress=True, index_path=args.index)
+    if m is None:
+        print(f"part {part[0]}/{part[1]} written to {args.out} ({time.time() - t:.1f} s); when every part is done, "
+              "run the same command with --merge instead of --part")
+        return 0
+    lo = m["left_out"]
     print(f"wrote {m['num_samples']} samples in {len(m['shards'])} shards to {args.out} ({time.time() - t:.1f} s); "
-          f"{skipped} bad samples left out")
+          f"left out: {lo['parse_errors']} parse errors, {lo['skip_list']} skip list, {lo['skip_corrupt']} "
+          f"skip_corrupt, {lo['when_written']} when written")
     return 0
 
 
 def _index_shards(args) -> int:
-    from hvpmtl.data.shards import write_index
+    from hvpmtl.data.tars import write_index
     tars = sorted(Path(args.folder).glob("*.tar"))
     if not tars:
         print(f"{args.folder}: no .tar files", file=sys.stderr)
@@ -85,44 +158,89 @@ def _guard(fn):
     return run
 
 
+def _max_pixels_arg(p) -> None:
+    from hvpmtl.data.jpeg import DEFAULT_MAX_PIXELS
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="width x height (from the JPEG header) above which an image is an error (oversized), as "
+                        "data.max_pixels; 0 = no bound")
+
+
+def _scale_args(p, unit: str) -> None:
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes (default: every core this process may use)")
+    p.add_argument("--part", default=None, metavar="i/N",
+                   help=f"do part i (0-based) of N of the {unit}, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; "
+                        "then one run with --merge")
+    p.add_argument("--merge", action="store_true", help="after every --part is done: combine them (checks nothing)")
+    p.add_argument("--index", default="", help="the data index ('' = beside the list file or shard folder, "
+                                               "<source>.hvpidx), as data.index")
+
+
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("data", help="data sets: synthetic data, validation, shards")
+    p = subparsers.add_parser("data", help="data sets: synthetic data, the data index, validation, shards",
+                              formatter_class=FMT)
     sub = p.add_subparsers(dest="data_cmd", required=True)
 
-    s = sub.add_parser("make-synthetic", help="write a synthetic multi-label data set in Tencent format")
-    s.add_argument("--out", required=True)
-    s.add_argument("--num-images", type=int, required=True)
-    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("make-synthetic", help="write a synthetic multi-label data set in Tencent format",
+                       formatter_class=FMT)
+    s.add_argument("--out", required=True, help="folder to write (created)")
+    s.add_argument("--num-images", type=int, required=True, help="images in the training split (train.txt)")
+    s.add_argument("--seed", type=int, default=0, help="the data set is a function of the seed")
     s.add_argument("--holdout", type=int, default=0, help="images in a held-out split (holdout.txt)")
-    s.add_argument("--shard-size", type=int, default=0, help="also write the training split as shards of this size")
+    s.add_argument("--shard-size", type=int, default=0, help="also write the training split as shards of this size "
+                                                             "(0 = no shards)")
+    s.add_argument("--imagefolder", action="store_true",
+                   help="also write imagefolder/train and imagefolder/val (the held-out split): one folder per class, "
+                        "the class of each scene's largest object's shape (single-label, for fine-tuning)")
     s.set_defaults(func=_guard(_make_synthetic))
 
-    v = sub.add_parser("validate", help="check a list file and its images, or a shard folder")
-    v.add_argument("--list")
+    x = sub.add_parser("index", help="build the data index of a list file or shard folder (once per data set; "
+                                     "training maps it)", formatter_class=FMT)
+    x.add_argument("--list", help="a Tencent-format list file")
+    x.add_argument("--shards", help="a shard folder written by to-shards")
+    x.add_argument("--dictionary", help="dictionary file: its class count bounds the class indices")
+    x.add_argument("--num-classes", type=int, default=None, help="class count (default: the dictionary's, else "
+                                                                 "unbounded)")
+    x.add_argument("--out", default=None, help="index file (default: <source>.hvpidx beside the source)")
+    x.add_argument("--threads", type=int, default=None, help="parse threads (default: up to 4)")
+    x.set_defaults(func=_guard(_index))
+
+    v = sub.add_parser("validate", help="check a list file and its images, or a shard folder; record the verdicts "
+                                        "in the data index", formatter_class=FMT)
+    v.add_argument("--list", help="a Tencent-format list file")
     v.add_argument("--root", help="image root the list's paths are relative to")
-    v.add_argument("--dictionary")
-    v.add_argument("--num-classes", type=int)
+    v.add_argument("--dictionary", help="dictionary file (its class count is checked and bounds the indices)")
+    v.add_argument("--num-classes", type=int, default=None, help="class count (default: the dictionary's)")
     v.add_argument("--shards", help="a shard folder written by to-shards")
-    v.add_argument("--skip-list", help="write the samples with errors here (for data.skip_list)")
-    v.add_argument("--full-decode", action="store_true", help="decode every image with PIL (slow, finds more)")
-    v.add_argument("--workers", type=int, default=16, help="threads for the image checks")
+    v.add_argument("--write-skip-list", default=None, metavar="FILE",
+                   help="write the samples with errors here, for data.skip_list")
+    v.add_argument("--skip-list", default=None, metavar="FILE", help="deprecated spelling of --write-skip-list")
+    v.add_argument("--full-decode", action="store_true", help="also decode every image with PIL (slow, finds "
+                                                              "damaged image data)")
+    _max_pixels_arg(v)
+    _scale_args(v, "chunks of samples (list) or shards")
     v.add_argument("--max-per-code", type=int, default=20, help="issues printed per kind")
     v.set_defaults(func=_guard(_validate))
 
-    t = sub.add_parser("to-shards", help="convert a list file to shuffled webdataset shards with DALI indices")
-    t.add_argument("--list", required=True)
-    t.add_argument("--root", required=True)
-    t.add_argument("--out", required=True)
-    t.add_argument("--shard-size", type=int, default=1000)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--dictionary")
-    t.add_argument("--num-classes", type=int)
-    t.add_argument("--skip-list", help="the validator's skip list: leave those samples out")
-    t.add_argument("--skip-corrupt", action="store_true", help="leave bad samples out instead of stopping")
+    t = sub.add_parser("to-shards", help="convert a list file to shuffled webdataset shards with DALI indices",
+                       formatter_class=FMT)
+    t.add_argument("--list", required=True, help="a Tencent-format list file")
+    t.add_argument("--root", required=True, help="image root the list's paths are relative to")
+    t.add_argument("--out", required=True, help="shard folder to write (a killed run resumes in it)")
+    t.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    t.add_argument("--seed", type=int, default=0, help="seed of the shuffle across shards")
+    t.add_argument("--dictionary", help="dictionary file (its class count bounds the indices)")
+    t.add_argument("--num-classes", type=int, default=None, help="class count (default: the dictionary's)")
+    t.add_argument("--read-skip-list", default=None, metavar="FILE",
+                   help="the validator's skip list (validate --write-skip-list): leave those samples out")
+    t.add_argument("--skip-list", default=None, metavar="FILE", help="deprecated spelling of --read-skip-list")
+    t.add_argument("--skip-corrupt", action="store_true", help="leave bad samples out (counted) instead of stopping")
+    _max_pixels_arg(t)
+    _scale_args(t, "shards")
     t.set_defaults(func=_guard(_to_shards))
 
-    i = sub.add_parser("index-shards", help="(re)write the DALI index of every .tar in a folder")
-    i.add_argument("folder")
+    i = sub.add_parser("index-shards", help="(re)write the DALI index of every .tar in a folder", formatter_class=FMT)
+    i.add_argument("folder", help="a folder of .tar shards")
     i.set_defaults(func=_guard(_index_shards))
 
 

@@ -7,41 +7,12 @@ Batches: {"image": [B,3,S,S], "label": [B] int64, "index": [B] int64}.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from hvpmtl.data import augment
-from hvpmtl.data.issues import DataError
 from hvpmtl.data.loader import EpochLoader, EvalLoader, to_device
-from hvpmtl.data.tencent import LabelList
-
-EXTENSIONS = (".jpg", ".jpeg", ".png")
-
-
-def scan_image_folder(root: str | Path) -> tuple[list[str], LabelList, np.ndarray]:
-    """(class names, the files as a LabelList without multi-labels, their class indices)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if not classes:
-        raise DataError(f"{root}: no class sub-folders (expected root/<class>/<image>)")
-    paths, targets = [], []
-    for c, name in enumerate(classes):
-        for p in sorted((root / name).rglob("*")):
-            if p.suffix.lower() in EXTENSIONS and p.is_file():
-                paths.append(str(p.relative_to(root)).encode())
-                targets.append(c)
-    if not paths:
-        raise DataError(f"{root}: no images with extensions {', '.join(EXTENSIONS)}")
-    n = len(paths)
-    offsets = np.zeros(n + 1, np.int64)
-    np.cumsum([len(p) for p in paths], out=offsets[1:])
-    labels = LabelList(str(root), b"".join(paths), offsets, np.arange(1, n + 1, dtype=np.int64),
-                       np.zeros(n + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))
-    return classes, labels, np.asarray(targets, np.int64)
+from hvpmtl.data.prepare import IMAGE_EXTENSIONS as EXTENSIONS, prepare_imagefolder, scan_image_folder  # noqa: F401
 
 
 class ImageFolderTrainLoader(EpochLoader):
@@ -69,12 +40,12 @@ def build_imagefolder_loader(root: str, batch_size: int, img_size: int, train: b
     rank with the remainder dropped). train=False: EvalLoader over every image once (ranks may
     differ by one batch).
     """
-    classes, labels, targets = scan_image_folder(root)
+    classes, data, targets = prepare_imagefolder(root)
     if train:
-        return ImageFolderTrainLoader(targets=targets, classes=classes, img_size=img_size, labels=labels, root=root,
+        return ImageFolderTrainLoader(targets=targets, classes=classes, img_size=img_size, data=data, root=root,
                                       batch_size=batch_size, rank=rank, world_size=world_size, local_rank=local_rank,
                                       seed=seed, dtype=dtype, device=device, num_threads=num_threads)
-    loader = EvalLoader(labels=labels, root=root, batch_size=batch_size, rank=rank, world_size=world_size,
+    loader = EvalLoader(data=data, root=root, batch_size=batch_size, rank=rank, world_size=world_size,
                         local_rank=local_rank, img_size=img_size, device=device, num_threads=num_threads,
                         dtype=dtype, int_labels=targets)
     loader.classes = classes

@@ -5,7 +5,9 @@ Errors make a sample unusable (the loader refuses the data set, or skips the sam
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
 
 ERROR = "error"
 WARNING = "warning"
@@ -18,9 +20,14 @@ CODES = {
     "truncated": (ERROR, "the JPEG stream ends before its end-of-image marker"),
     "corrupt-jpeg": (ERROR, "the JPEG markers are broken or it does not decode"),
     "not-jpeg": (ERROR, "not JPEG content; the pipeline decodes JPEG only: convert it or skip it"),
+    "oversized": (ERROR, "more pixels than data.max_pixels (a decompression bomb, or a huge original): "
+                         "downscale it or skip it"),
     "grayscale": (WARNING, "1-channel JPEG; decoded to RGB by repeating the channel"),
     "cmyk": (WARNING, "CMYK/YCCK JPEG; decoded to RGB by the decoder's colour conversion"),
     "empty-line": (WARNING, "empty line, ignored"),
+    "empty-list": (ERROR, "the list file holds no samples"),
+    "bad-path": (ERROR, "the image path must be relative to the image root and stay inside it"),
+    "non-utf8-path": (WARNING, "the path is not valid UTF-8; the file is opened by its raw bytes"),
     "no-labels": (WARNING, "image without labels: a negative for every class"),
     "malformed": (ERROR, "expected 'path idx:conf idx:conf ...'"),
     "bad-index": (ERROR, "class index outside [0, num_classes)"),
@@ -64,3 +71,50 @@ class DataError(RuntimeError):
 def make_issue(code: str, file: str, line: int, detail: str = "", path: str = "") -> Issue:
     advice = CODES[code][1]
     return Issue(code, file, line, f"{detail}; {advice}" if detail else advice, path)
+
+
+SHOW = 8  # errors listed in a refusal
+
+
+@dataclass
+class Report:
+    """What a validation found: issues (sorted by file and line) and how many samples were checked."""
+    issues: list = field(default_factory=list)
+    num_samples: int = 0
+
+    @property
+    def errors(self) -> list[Issue]:
+        return [i for i in self.issues if i.is_error]
+
+    @property
+    def warnings(self) -> list[Issue]:
+        return [i for i in self.issues if not i.is_error]
+
+    def counts(self) -> Counter:
+        return Counter(i.code for i in self.issues)
+
+
+def format_report(rep: Report, max_per_code: int = 20) -> str:
+    lines, shown = [], Counter()
+    for i in rep.issues:
+        shown[i.code] += 1
+        if shown[i.code] <= max_per_code:
+            lines.append(i.format())
+    for code, n in sorted(rep.counts().items()):
+        if n > max_per_code:
+            lines.append(f"... {n - max_per_code} more [{code}]")
+    summary = ", ".join(f"{k}: {v}" for k, v in sorted(rep.counts().items())) or "no issues"
+    lines.append(f"{rep.num_samples} samples checked; {len(rep.errors)} errors, {len(rep.warnings)} warnings ({summary})")
+    return "\n".join(lines)
+
+
+def refusal(what: str, errors: list[Issue], validate_cmd: str, total: Optional[int] = None) -> DataError:
+    """The DataError for a data set with samples that cannot be used and no permission to leave them out."""
+    total = len(errors) if total is None else total
+    shown = "\n".join("  " + e.format() for e in errors[:SHOW])
+    more = f"\n  ... and {total - min(SHOW, len(errors))} more" if total > SHOW else ""
+    return DataError(
+        f"{what}: {total} sample(s) cannot be used:\n{shown}{more}\n"
+        f"Fix the files, or run `{validate_cmd} --write-skip-list skip.txt` and train with "
+        "`--set data.skip_list=skip.txt`, or set `data.skip_corrupt: true` to leave bad samples out "
+        "(they are counted and reported).")

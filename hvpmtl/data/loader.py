@@ -13,6 +13,7 @@ import collections
 import logging
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +22,7 @@ import torch
 
 from hvpmtl.data import augment, jpeg
 from hvpmtl.data.issues import DataError
-from hvpmtl.data.tencent import LabelList
+from hvpmtl.data.prepare import Prepared, Skipped
 
 log = logging.getLogger(__name__)
 
@@ -53,35 +54,85 @@ def derive_seed(*parts: int) -> int:
 
 def epoch_batches(num_samples: int, batch_size: int, world_size: int, rank: int, seed: int, epoch: int,
                   start: int = 0) -> np.ndarray:
-    """This rank's batches [L, B] of sample ids for `epoch`, from global position `start` on."""
-    perm = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    """This rank's batches [L, B] of sample ids for `epoch`, from global position `start` on.
+
+    The permutation is default_rng([seed, epoch]).permutation(N), made in int32 where N allows (the
+    same shuffle of the same values: half the transient memory at 17.6M samples)."""
+    perm = np.arange(num_samples, dtype=np.int32 if num_samples < 2**31 else np.int64)
+    np.random.default_rng([seed, epoch]).shuffle(perm)
     g = batch_size * world_size
     n = (num_samples - start) // g
-    return perm[start:start + n * g].reshape(n, world_size, batch_size)[:, rank]
+    return perm[start:start + n * g].reshape(n, world_size, batch_size)[:, rank].astype(np.int64)
 
 
 class FileReader:
-    """Reads the encoded images of a batch of ids with a few threads (file I/O releases the GIL)."""
+    """Reads the encoded images of a batch of ids with a few threads (file I/O releases the GIL) and
+    checks each one's JPEG header on the bytes read (format, markers, end of image, width x height
+    against max_pixels) before DALI decodes it: the check costs no extra I/O, so start-up need not
+    open any image. A sample that fails is an error naming file:line, or with skip_corrupt is left
+    out: replaced by the next readable id (i+1, i+2, ...), a choice that depends on nothing but the
+    files, so a resumed run replaces it the same way; counted in `skipped.runtime`."""
 
-    def __init__(self, root: str, labels: LabelList, threads: int = 4):
+    MAX_TRIES = 64  # unreadable samples in a row before the root itself is suspect
+
+    def __init__(self, root: str, labels, threads: int = 4, *, max_pixels: int = 0, skip_corrupt: bool = False,
+                 skipped: Optional[Skipped] = None):
         self.root, self.labels = Path(root), labels
+        self.max_pixels, self.skip_corrupt = max_pixels, skip_corrupt
+        self.skipped = skipped if skipped is not None else Skipped()
+        self.bad: dict[int, str] = {}  # sample id -> why it was left out
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="hvpmtl-read")
 
     def where(self, i: int) -> str:
-        return f"{self.labels.source}:{int(self.labels.lines[i])} ({self.labels.path(i)})"
+        return f"{self.labels.source}:{self.labels.line(int(i))} ({self.labels.path(int(i))})"
 
     def path(self, i: int) -> Path:
         return self.root / self.labels.path(int(i))
 
-    def _read(self, i: int) -> np.ndarray:
+    def _read(self, i: int) -> tuple[Optional[np.ndarray], str]:
+        if i in self.bad:
+            return None, self.bad[i]
         try:
-            return np.fromfile(self.path(i), dtype=np.uint8)
+            data = np.fromfile(self.path(i), dtype=np.uint8)
+        except FileNotFoundError:
+            return None, f"[missing-file] {self.path(i)} not found"
         except OSError as e:
-            raise DataError(f"{self.where(i)}: cannot read {self.path(i)}: {e.strerror}; run `hvpmtl data validate` "
-                            "and pass its skip list, or set data.skip_corrupt: true") from None
+            return None, f"[unreadable] cannot read {self.path(i)}: {e.strerror}"
+        c = jpeg.check_bytes(data, max_pixels=self.max_pixels)
+        return (data, "") if c.usable else (None, f"[{c.code}] {c.detail}")
 
-    def __call__(self, ids) -> list[np.ndarray]:
-        return list(self.pool.map(self._read, [int(i) for i in ids]))
+    def _failed(self, i: int, problem: str) -> None:
+        if not self.skip_corrupt:
+            raise DataError(f"{self.where(i)}: {problem}. Run `hvpmtl data validate` and train with its skip list "
+                            "(data.skip_list), or set data.skip_corrupt: true to leave such samples out")
+        if i not in self.bad:
+            self.bad[i] = problem
+            self.skipped.runtime = len(self.bad)
+            n = len(self.bad)
+            if n <= 20 or n % 1000 == 0:
+                log.warning("data: %s: %s; left out (data.skip_corrupt), %d so far", self.where(i), problem, n)
+
+    def __call__(self, ids) -> tuple[list[np.ndarray], np.ndarray]:
+        """(the images' bytes, the ids they belong to: `ids` with any replacement)."""
+        ids = [int(i) for i in ids]
+        got = list(self.pool.map(self._read, ids))
+        for j, (data, problem) in enumerate(got):
+            if data is None:
+                self._failed(ids[j], problem)
+                ids[j], data = self._replacement(ids[j])
+                got[j] = (data, "")
+        return [d for d, _ in got], np.asarray(ids, np.int64)
+
+    def _replacement(self, i: int) -> tuple[int, np.ndarray]:
+        n = len(self.labels)
+        for step in range(1, self.MAX_TRIES + 1):
+            j = (i + step) % n
+            data, problem = self._read(j)
+            if data is not None:
+                return j, data
+            self._failed(j, problem)
+        raise DataError(f"{self.MAX_TRIES} samples after {self.where(i)} cannot be read either ({self.bad[i]}): "
+                        f"is data.root ({self.root}) right?")
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
@@ -101,9 +152,9 @@ class BatchSource:
         k = info.iteration
         if k >= len(self.batches):
             raise StopIteration
-        ids = np.asarray(self.batches[k], np.int64)
+        data, ids = self.reader(np.asarray(self.batches[k], np.int64))
         self.in_flight.append(ids)
-        return self.reader(ids), ids.reshape(-1, 1)
+        return data, ids.reshape(-1, 1)
 
 
 def explain_failure(err: Exception, reader: Optional[FileReader], source: Optional[BatchSource], what: str):
@@ -115,13 +166,14 @@ def explain_failure(err: Exception, reader: Optional[FileReader], source: Option
     bad = []
     for ids in source.in_flight:
         for i in ids:
-            code, detail = jpeg.check_file(str(reader.path(i)), full_decode=True)
-            if code and code not in ("grayscale", "cmyk"):
-                bad.append(f"  {reader.where(i)}: [{code}] {detail}")
+            c = jpeg.check_file(str(reader.path(i)), full_decode=True, max_pixels=reader.max_pixels)
+            if not c.usable:
+                bad.append(f"  {reader.where(i)}: [{c.code}] {c.detail}")
     names = "\n".join(bad) or "  (every image in flight decodes with PIL; see what DALI said)"
     return DataError(f"DALI failed to decode a batch of {what}; images in flight that fail a full check:\n{names}\n"
-                     "Run `hvpmtl data validate --full-decode` and pass its skip list (data.skip_list), or set "
-                     f"data.skip_corrupt: true.\nDALI said: {said[:2000]}")
+                     "Run `hvpmtl data validate --full-decode` and pass its skip list (data.skip_list): a stream "
+                     "that breaks inside DALI's decoder cannot be skipped while training, even with "
+                     f"data.skip_corrupt.\nDALI said: {said[:2000]}")
 
 
 def quiet_build(pipe_fn):
@@ -141,37 +193,62 @@ def to_device(t: torch.Tensor, device: torch.device, dtype=None) -> torch.Tensor
     return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
 
+@dataclass
+class LoaderPosition:
+    """Where a loader stands: what state_dict saves and a resume restores."""
+    epoch: int = 0
+    start: int = 0  # global position in the epoch's permutation where this pass begins
+    consumed: int = 0  # batches consumed since `start`
+    restore: Optional[str] = None  # DALI checkpoint for the next pipeline
+    fast_forward: int = 0  # shards without a checkpoint: batches to run and drop
+
+    def move_to(self, epoch: int) -> None:
+        self.epoch, self.start, self.consumed, self.restore, self.fast_forward = epoch, 0, 0, None, 0
+
+
+@dataclass
+class LivePipeline:
+    """The DALI pipeline of the pass in progress (or just finished, for reuse by the next epoch)."""
+    it: object
+    pipe: object
+    reader: Optional[FileReader]
+    source: Optional[BatchSource]
+    key: tuple  # (epoch, start) of its pass
+    ended: bool = False  # it finished its pass cleanly
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+
 class EpochLoader:
     """An epoch-based DALI loader with resumable state; subclasses give the views and the batch dict.
 
-    Samples come from a LabelList under `root` (external_source, global per-epoch permutation) or,
-    with `shards`, from fn.readers.webdataset (shard rotated per epoch, shuffle in a buffer).
+    Samples come from a prepared list under `root` (external_source, global per-epoch permutation)
+    or, when the prepared data has shards, from fn.readers.webdataset (shard rotated per epoch,
+    shuffle in a buffer). `skipped` counts what was left out (at start-up, and while reading);
+    `skipped_description()` says it in one line.
     """
 
     output_names: tuple[str, ...] = ()
 
-    def __init__(self, *, labels: LabelList, root: str, batch_size: int, rank: int, world_size: int,
-                 local_rank: int, seed: int, dtype, device: str, num_threads: int, shards=None, skipped: int = 0):
+    def __init__(self, *, data: Prepared, root: str, batch_size: int, rank: int, world_size: int, local_rank: int,
+                 seed: int, dtype, device: str, num_threads: int, skip_corrupt: bool = False,
+                 max_pixels: int = jpeg.DEFAULT_MAX_PIXELS):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
-        self.labels, self.root, self.shards = labels, root, shards
+        self.labels, self.root, self.shards, self.skipped = data.samples, root, data.shards, data.skipped
         self.batch_size, self.rank, self.world_size, self.local_rank = batch_size, rank, world_size, local_rank
         self.seed, self.dtype, self.num_threads = seed, dtype, num_threads
-        self.skipped_corrupt = skipped
+        self.skip_corrupt, self.max_pixels = skip_corrupt, max_pixels
         self.device_kind = resolve_device(device)
         self.device = torch.device("cuda", local_rank) if self.device_kind == "gpu" else torch.device("cpu")
         self.half = self.device_kind == "gpu" and dtype in (torch.float16, torch.bfloat16)
-        self.num_samples = len(labels)
+        self.num_samples = len(self.labels)
         if len(self) == 0:
             raise DataError(f"{self.num_samples} samples make no batch of {batch_size} on each of {world_size} ranks")
-        self.epoch = 0
-        self._start = 0  # global position in the epoch's permutation where this pass begins
-        self._position = 0  # batches consumed since _start
-        self._restore: Optional[str] = None  # DALI checkpoint for the next pipeline
-        self._fast_forward = 0  # shards without a checkpoint: batches to run and drop
-        self._it = self._pipe = self._reader = self._source = None
-        self._ended = False  # the live pipeline finished its pass cleanly
-        self._live = None  # (epoch, start) of the live pipeline's pass
+        self.pos = LoaderPosition()
+        self._live: Optional[LivePipeline] = None
 
     # -- subclass hooks --------------------------------------------------------------
 
@@ -183,22 +260,35 @@ class EpochLoader:
 
     # -- public API --------------------------------------------------------------------
 
+    @property
+    def epoch(self) -> int:
+        return self.pos.epoch
+
+    @property
+    def skipped_corrupt(self) -> int:
+        """Samples left out at start-up (parse errors, skip list, skip_corrupt)."""
+        return self.skipped.at_start
+
+    def skipped_description(self) -> str:
+        return self.skipped.describe()
+
     def __len__(self) -> int:
         """Batches per epoch on each rank (the same on every rank)."""
         return self.num_samples // (self.batch_size * self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            if not self._ended:  # a pass left early still has that epoch's batches in flight
+        if epoch != self.pos.epoch:
+            if self._live is not None and not self._live.ended:  # a pass left early: its batches are in flight
                 self._close()
-            self.epoch, self._start, self._position, self._restore, self._fast_forward = epoch, 0, 0, None, 0
+            self.pos.move_to(epoch)
 
     def state_dict(self) -> dict:
         """This rank's position: save one per rank (the DALI part holds this rank's RNG state)."""
-        cp = self._restore
-        if self._it is not None and 0 < self._position < self._pass_len():
-            cp = self._it.checkpoints()[0]
-        return {"epoch": self.epoch, "start": self._start, "position": self._position, "rank": self.rank,
+        p = self.pos
+        cp = p.restore
+        if self._live is not None and 0 < p.consumed < self._pass_len():
+            cp = self._live.it.checkpoints()[0]
+        return {"epoch": p.epoch, "start": p.start, "position": p.consumed, "rank": self.rank,
                 "world_size": self.world_size, "batch_size": self.batch_size, "num_samples": self.num_samples,
                 "seed": self.seed, "format": "shards" if self.shards else "list", "dali": cp}
 
@@ -207,51 +297,50 @@ class EpochLoader:
         if sd["num_samples"] != self.num_samples or sd["seed"] != self.seed:
             raise DataError(f"data loader state is for {sd['num_samples']} samples and seed {sd['seed']}, this loader "
                             f"has {self.num_samples} and {self.seed}: the data set or seed changed since the checkpoint")
-        self.epoch = int(sd["epoch"])
+        p = self.pos
+        p.move_to(int(sd["epoch"]))
         same_split = (sd["world_size"], sd["batch_size"]) == (self.world_size, self.batch_size)
         usable_cp = bool(same_split and sd["rank"] == self.rank and sd.get("dali") and sd["position"] > 0)
         consumed = sd["start"] + sd["position"] * sd["batch_size"] * sd["world_size"]
-        self._restore, self._fast_forward = None, 0
         if usable_cp:
-            self._start, self._position, self._restore = sd["start"], sd["position"], sd["dali"]
+            p.start, p.consumed, p.restore = sd["start"], sd["position"], sd["dali"]
         elif self.shards is None:
             # the same samples from the saved global position on; augmentation draws start afresh
-            self._start, self._position = consumed, 0
+            p.start = consumed
             if sd["position"]:
                 log.warning("data loader resumes epoch %d at sample %d without a DALI checkpoint for rank %d: "
-                            "same samples, new augmentation draws", self.epoch, consumed, self.rank)
+                            "same samples, new augmentation draws", p.epoch, consumed, self.rank)
         elif same_split:
-            self._start, self._position, self._fast_forward = 0, sd["position"], sd["position"]
+            p.consumed = p.fast_forward = sd["position"]
         else:
-            self._start, self._position = 0, 0
             log.warning("shard loader state was saved with another world size or batch size: epoch %d restarts",
-                        self.epoch)
+                        p.epoch)
 
     def __iter__(self):
-        if self._position >= self._pass_len() and self._restore is None:
-            self._start, self._position = 0, 0  # a finished epoch runs again unless set_epoch moved on
-        key = (self.epoch, self._start)
-        if self._it is not None and self._position > 0 and self._live == key and not self._fast_forward:
+        p = self.pos
+        if p.consumed >= self._pass_len() and p.restore is None:
+            p.start, p.consumed = 0, 0  # a finished epoch runs again unless set_epoch moved on
+        key, live = (p.epoch, p.start), self._live
+        if live is not None and p.consumed > 0 and live.key == key and not p.fast_forward:
             pass  # a pass left early (break) carries on where it stopped
-        elif self._it is not None and self._ended and self.shards is None and self._restore is None \
-                and self._position == 0:
+        elif live is not None and live.ended and self.shards is None and p.restore is None and p.consumed == 0:
             # the list pipeline is reused across epochs: new ids for the source, then DALI's reset
-            self._source.batches = epoch_batches(self.num_samples, self.batch_size, self.world_size, self.rank,
-                                                 self.seed, self.epoch, self._start)
-            self._it.reset()
-            self._ended, self._live = False, key
+            live.source.batches = epoch_batches(self.num_samples, self.batch_size, self.world_size, self.rank,
+                                                self.seed, p.epoch, p.start)
+            live.it.reset()
+            live.ended, live.key = False, key
         else:
             self._open()
         try:
-            while self._fast_forward > 0:
+            while p.fast_forward > 0:
                 self._next()
-                self._fast_forward -= 1
-            while self._position < self._pass_len():
+                p.fast_forward -= 1
+            while p.consumed < self._pass_len():
                 out = self._next()
-                self._position += 1
+                p.consumed += 1
                 ids = out["index"].view(-1).to("cpu", torch.int64)
                 if self.shards is not None:
-                    ids = torch.from_numpy(self.shards.remap[ids.numpy()])
+                    ids = torch.from_numpy(self.shards.dense(ids.numpy()))
                 yield self._finish(out, ids)
             if self.shards is None:
                 self._drain()
@@ -266,24 +355,26 @@ class EpochLoader:
     # -- internals ---------------------------------------------------------------------
 
     def _pass_len(self) -> int:
-        return (self.num_samples - self._start) // (self.batch_size * self.world_size)
+        return (self.num_samples - self.pos.start) // (self.batch_size * self.world_size)
 
     def _open(self) -> None:
         self._close()
-        dev = self.device_kind
+        dev, p = self.device_kind, self.pos
         kw = dict(batch_size=self.batch_size, num_threads=self.num_threads,
                   device_id=self.local_rank if dev == "gpu" else None,
-                  seed=derive_seed(self.seed, self.rank, self.epoch), enable_conditionals=True,
-                  enable_checkpointing=True, checkpoint=self._restore, prefetch_queue_depth=2)
+                  seed=derive_seed(self.seed, self.rank, p.epoch), enable_conditionals=True,
+                  enable_checkpointing=True, checkpoint=p.restore, prefetch_queue_depth=2)
+        reader = source = None
         if self.shards is None:
             batches = epoch_batches(self.num_samples, self.batch_size, self.world_size, self.rank, self.seed,
-                                    self.epoch, self._start)
-            self._reader = FileReader(self.root, self.labels, threads=max(2, self.num_threads))
-            self._source = BatchSource(batches, self._reader)
+                                    p.epoch, p.start)
+            reader = FileReader(self.root, self.labels, threads=max(2, self.num_threads), max_pixels=self.max_pixels,
+                                skip_corrupt=self.skip_corrupt, skipped=self.skipped)
+            source = BatchSource(batches, reader)
 
             @pipeline_def(**kw)
             def pipe():
-                jpegs, ids = fn.external_source(source=self._source, num_outputs=2, batch=True, batch_info=True,
+                jpegs, ids = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
                                                 dtype=[types.UINT8, types.INT64])
                 return (*self._views(augment.decode(jpegs, dev)), ids)
         else:
@@ -294,41 +385,43 @@ class EpochLoader:
                 # the shard assignment rotates per epoch; the reader shuffles inside initial_fill samples
                 jpegs, ids = fn.readers.webdataset(
                     paths=sh.tars, index_paths=sh.index_paths, ext=["jpg", "id"], dtypes=[types.UINT8, types.INT64],
-                    missing_component_behavior="error", shard_id=(self.rank + self.epoch) % self.world_size,
+                    missing_component_behavior="error", shard_id=(self.rank + p.epoch) % self.world_size,
                     num_shards=self.world_size, random_shuffle=True, initial_fill=1024, stick_to_shard=True,
                     pad_last_batch=True, name="reader")
                 return (*self._views(augment.decode(jpegs, dev)), ids)
-        self._pipe = quiet_build(pipe)
-        self._it = DALIGenericIterator([self._pipe], [*self.output_names, "index"], auto_reset=False,
-                                       prepare_first_batch=False, last_batch_policy=LastBatchPolicy.PARTIAL)
-        self._restore = None
-        self._ended, self._live = False, (self.epoch, self._start)
+        built = quiet_build(pipe)
+        it = DALIGenericIterator([built], [*self.output_names, "index"], auto_reset=False,
+                                 prepare_first_batch=False, last_batch_policy=LastBatchPolicy.PARTIAL)
+        self._live = LivePipeline(it, built, reader, source, (p.epoch, p.start))
+        p.restore = None
 
     def _drain(self) -> None:
         """Take the end-of-epoch StopIteration so that DALI's reset() can start the next epoch."""
         try:
-            next(self._it)
+            next(self._live.it)
         except StopIteration:
-            self._ended = True
+            self._live.ended = True
             return
-        raise DataError(f"rank {self.rank}: DALI yielded more than the {self._pass_len()} batches of epoch {self.epoch}")
+        raise DataError(f"rank {self.rank}: DALI yielded more than the {self._pass_len()} batches of epoch "
+                        f"{self.pos.epoch}")
 
     def _next(self) -> dict:
+        live = self._live
         try:
-            return next(self._it)[0]
+            return next(live.it)[0]
         except StopIteration:
-            raise DataError(f"rank {self.rank}: DALI ran out of samples after {self._position} of "
-                            f"{self._pass_len()} batches in epoch {self.epoch}") from None
+            raise DataError(f"rank {self.rank}: DALI ran out of samples after {self.pos.consumed} of "
+                            f"{self._pass_len()} batches in epoch {self.pos.epoch}") from None
+        except DataError:
+            raise
         except RuntimeError as e:
-            what = self.shards.shards.folder if self.shards else self.labels.source
-            raise explain_failure(e, self._reader, self._source, str(what)) from e
+            what = self.shards.folder if self.shards else self.labels.source
+            raise explain_failure(e, live.reader, live.source, str(what)) from e
 
     def _close(self) -> None:
-        self._it = self._pipe = self._source = None
-        self._ended, self._live = False, None
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        if self._live is not None:
+            self._live.close()
+            self._live = None
 
     def __del__(self):
         try:
@@ -342,30 +435,41 @@ class EvalLoader:
 
     Rank r takes ids r, r+W, r+2W, ... in order, in batches of B with a partial last one, so ranks
     may differ by one batch. Batches: {"image": [B,3,S,S], "index": [B]} plus "labels" [B,C]
-    float32 (multi-label table) or "label" [B] int64 (single-label).
+    float32 (multi-label table) or "label" [B] int64 (single-label). A sample that fails when read
+    is an error, or with skip_corrupt is replaced by the next readable one (FileReader).
     """
 
-    def __init__(self, *, labels: LabelList, root: str, batch_size: int, rank: int, world_size: int,
+    def __init__(self, *, data: Prepared, root: str, batch_size: int, rank: int, world_size: int,
                  local_rank: int, img_size: int, device: str, num_threads: int, dtype=torch.float32,
-                 table=None, int_labels: Optional[np.ndarray] = None, skipped: int = 0):
-        self.labels, self.root, self.img_size, self.num_threads = labels, root, img_size, num_threads
+                 table=None, int_labels: Optional[np.ndarray] = None, skip_corrupt: bool = False,
+                 max_pixels: int = jpeg.DEFAULT_MAX_PIXELS):
+        self.labels, self.root, self.img_size, self.num_threads = data.samples, root, img_size, num_threads
+        self.skipped = data.skipped
         self.batch_size, self.rank, self.world_size, self.local_rank, self.dtype = (
             batch_size, rank, world_size, local_rank, dtype)
-        self.skipped_corrupt = skipped
+        self.skip_corrupt, self.max_pixels = skip_corrupt, max_pixels
         self.device_kind = resolve_device(device)
         self.device = torch.device("cuda", local_rank) if self.device_kind == "gpu" else torch.device("cpu")
         self.half = self.device_kind == "gpu" and dtype in (torch.float16, torch.bfloat16)
         self.table = table
         self.int_labels = None if int_labels is None else torch.from_numpy(np.asarray(int_labels, np.int64))
-        self.num_samples = len(labels)
+        self.num_samples = len(self.labels)
         ids = np.arange(rank, self.num_samples, world_size)
         self.batches = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
+
+    @property
+    def skipped_corrupt(self) -> int:
+        return self.skipped.at_start
+
+    def skipped_description(self) -> str:
+        return self.skipped.describe()
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self):
-        reader = FileReader(self.root, self.labels, threads=max(2, self.num_threads))
+        reader = FileReader(self.root, self.labels, threads=max(2, self.num_threads), max_pixels=self.max_pixels,
+                            skip_corrupt=self.skip_corrupt, skipped=self.skipped)
         source = BatchSource(self.batches, reader)
         dev, half, size = self.device_kind, self.half, self.img_size
 
@@ -382,6 +486,8 @@ class EvalLoader:
             for _ in range(len(self.batches)):
                 try:
                     out = next(it)[0]
+                except DataError:
+                    raise
                 except RuntimeError as e:
                     raise explain_failure(e, reader, source, self.labels.source) from e
                 ids = out["index"].view(-1).to("cpu", torch.int64)

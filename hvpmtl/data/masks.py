@@ -1,8 +1,12 @@
-"""SimMIM masks: ceil(N * ratio) random mask_patch_size blocks out of the (img_size / mask_patch_size)^2
+"""SimMIM masks, the one generator used everywhere (the loaders, the random-tensor source, the
+benchmarks): ceil(N * ratio) random mask_patch_size blocks out of the (img_size / mask_patch_size)^2
 grid, repeated up to the model's patch grid (56x56 for Swin patch 4 at 224, 14x14 for ViT patch 16).
 
-Each sample's mask is a function of (seed, epoch, sample id) alone, through a counter-based hash,
-so it does not depend on the batch a sample lands in, the rank, or a resume.
+Each sample's mask is a function of (seed, epoch, sample id) alone, through a counter-based hash
+(SplitMix64's finaliser), so it does not depend on the batch a sample lands in, the rank, a resume
+or the device: the generator is integer torch ops on the ids' device (the GPU when DALI runs there),
+bit-identical on CPU and GPU. int64 arithmetic wraps like uint64; the right shifts are made logical
+by masking off the sign bits.
 """
 from __future__ import annotations
 
@@ -11,19 +15,33 @@ import math
 import numpy as np
 import torch
 
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_GOLDEN = 0x9E3779B97F4A7C15
+_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic): a cheap, well-mixed hash."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
+def _i64(c: int) -> int:
+    """A uint64 constant as the int64 with the same bits."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors holding uint64 bits (wrapping arithmetic)."""
+    x = x + _i64(_GOLDEN)
+    x = (x ^ _shr(x, 30)) * _i64(_M1)
+    x = (x ^ _shr(x, 27)) * _i64(_M2)
+    return x ^ _shr(x, 31)
 
 
 class SimMIMMaskGenerator:
     def __init__(self, img_size: int, mask_patch_size: int, model_patch_size: int, mask_ratio: float):
+        if mask_patch_size <= 0 or model_patch_size <= 0:
+            raise ValueError(f"mask_patch_size ({mask_patch_size}) and the model's patch size ({model_patch_size}) "
+                             "must be > 0")
         if img_size % mask_patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of mask_patch_size {mask_patch_size}")
         if mask_patch_size % model_patch_size:
@@ -38,15 +56,18 @@ class SimMIMMaskGenerator:
     def grid(self) -> int:
         return self.rand_size * self.scale
 
-    def __call__(self, ids: np.ndarray, seed: int, epoch: int) -> torch.Tensor:
-        """bool [B, grid, grid] for the sample ids; True = masked."""
-        ids = np.asarray(ids, np.uint64).reshape(-1, 1)
-        with np.errstate(over="ignore"):
-            key = splitmix64(splitmix64(np.uint64(seed & (2**63 - 1))) ^ np.uint64(epoch))
-            blocks = np.arange(self.num_blocks, dtype=np.uint64).reshape(1, -1)
-            scores = splitmix64(key ^ splitmix64(ids * np.uint64(self.num_blocks) + blocks))
-        chosen = np.argsort(scores, axis=1, kind="stable")[:, : self.num_masked]
-        m = np.zeros((len(ids), self.num_blocks), bool)
-        np.put_along_axis(m, chosen, True, axis=1)
-        m = m.reshape(-1, self.rand_size, self.rand_size).repeat(self.scale, 1).repeat(self.scale, 2)
-        return torch.from_numpy(m)
+    def __call__(self, ids, seed: int, epoch: int, device=None) -> torch.Tensor:
+        """bool [B, grid, grid] for the sample ids (a tensor, on whose device the masks are made, or an
+        array); True = masked."""
+        if not isinstance(ids, torch.Tensor):
+            ids = torch.from_numpy(np.asarray(ids, np.int64))
+        ids = ids.to(device if device is not None else ids.device, torch.int64).reshape(-1, 1)
+        key = splitmix64(splitmix64(torch.tensor(seed & (2**63 - 1), dtype=torch.int64)) ^ int(epoch)).to(ids.device)
+        blocks = torch.arange(self.num_blocks, dtype=torch.int64, device=ids.device).reshape(1, -1)
+        scores = splitmix64(key ^ splitmix64(ids * self.num_blocks + blocks))
+        # order by the top 63 bits (non-negative as int64); stable, so equal scores cannot differ by device
+        chosen = torch.argsort(_shr(scores, 1), dim=1, stable=True)[:, : self.num_masked]
+        m = torch.zeros(len(ids), self.num_blocks, dtype=torch.bool, device=ids.device)
+        m.scatter_(1, chosen, True)
+        m = m.view(-1, self.rand_size, self.rand_size)
+        return m.repeat_interleave(self.scale, 1).repeat_interleave(self.scale, 2)

@@ -1,33 +1,40 @@
-"""Webdataset tar shards: writer, DALI index files, manifest and label table.
+"""`hvpmtl data to-shards`: a list file to shuffled webdataset shards with DALI indices (the folder's
+format is described in tars.py), and the shard folder's data index.
 
-A shard folder holds
-    shard-000000.tar   samples `<key>.jpg` (the image bytes), `<key>.id` (int64 little endian: the
-                       sample id) and `<key>.json` ({"id", "path", "labels": [[idx, conf], ...]})
-    shard-000000.idx   DALI's webdataset index (the format of DALI's wds2idx: "v1.2 <n>" then per
-                       sample "ext offset size name" for each member)
-    labels.npz         the label table by id (CSR: indptr, classes, confs), source lines/paths, and
-                       `order`: the ids as written, shard after shard
-    manifest.json      sample and shard counts, class count, source list, seed
-Sample ids are positions in the source list after the invalid lines are dropped; samples are
-shuffled across shards when written, since DALI's reader shuffles only inside a small buffer.
+Sample ids are positions among the usable samples of the list (after what the skip policy left
+out); samples are shuffled across shards when written, since DALI's reader shuffles only inside a
+small buffer. Each image is header-checked (and bounded by max_pixels) on the bytes being copied,
+so the shards' verdicts are complete without a separate scan.
+
+Scale: shards are written by processes over all cores, each shard to a temporary name then renamed,
+with a record in `<out>/.work/` written last: a killed run resumes with the shards not yet recorded;
+`--part i/N` writes a share of the shards on each machine (a Slurm array), and `--merge` (or a run
+without --part) writes manifest.json, labels.npz and the data index once every shard is there.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+import shutil
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
+from hvpmtl.data import jpeg
+from hvpmtl.data.index import VERDICT, DataIndex, build_shard_index
 from hvpmtl.data.issues import DataError
-from hvpmtl.data.tencent import LabelList
+from hvpmtl.data.jobs import Progress, default_workers, load_npz, part_units, process_pool, save_npz_atomic
+from hvpmtl.data.prepare import IndexedSamples, IndexOptions, prepare_list
+from hvpmtl.data.tars import FORMAT, LABELS, MANIFEST, write_index  # noqa: F401 (write_index: index-shards)
+from hvpmtl.data.tencent import csr_take
 
-MANIFEST = "manifest.json"
-LABELS = "labels.npz"
-FORMAT = "hvpmtl-shards-v1"
-INDEX_VERSION = "v1.2"
+WORK = ".work"
+NEVER = 2**62
+SMALL = 4096  # fewer samples than this are written inline: starting processes would cost more
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -37,128 +44,143 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def split_name(name: str) -> tuple[str, str]:
-    """'dir/000123.jpg' -> ('dir/000123', 'jpg'): webdataset splits at the first dot of the basename."""
-    dot = name.find(".", name.rfind("/") + 1)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
-
-
-def write_index(tar_path: str | Path, idx_path: str | Path | None = None) -> int:
-    """Write DALI's index for one tar (what wds2idx writes); returns the sample count."""
-    tar_path = Path(tar_path)
-    idx_path = Path(idx_path) if idx_path else tar_path.with_suffix(".idx")
-    samples: list[list[tuple[str, int, int, str]]] = []
-    last = None
-    with tarfile.open(tar_path) as tf:
-        for m in tf:
-            if not m.isreg():
+def write_one_shard(index_path: str, list_file: str, root: str, out_dir: str, shard: int, ids: np.ndarray,
+                    positions: np.ndarray, skip_corrupt: bool, max_pixels: int) -> None:
+    """Write shard `shard` (in a worker process): samples `ids` (index rows `positions`), in that order."""
+    idx = DataIndex(index_path)
+    out = Path(out_dir)
+    name = f"shard-{shard:06d}"
+    tmp_tar, tmp_idx = out / WORK / f"{name}.tar.tmp", out / WORK / f"{name}.idx.tmp"
+    n = len(ids)
+    verdict, width, height = np.zeros(n, np.uint8), np.zeros(n, np.uint16), np.zeros(n, np.uint16)
+    written = np.zeros(n, bool)
+    o, blob, lines = idx.path_offsets, idx.path_blob, idx.lines
+    with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for j, (i, p) in enumerate(zip(ids.tolist(), positions.tolist())):
+            rel = bytes(blob[o[p]:o[p + 1]])
+            shown = rel.decode(errors="backslashreplace")
+            try:
+                data = (Path(root) / os.fsdecode(rel)).read_bytes()
+                c = jpeg.check_bytes(data, max_pixels=max_pixels)
+            except FileNotFoundError:
+                data, c = b"", jpeg.Check("missing-file", f"{Path(root) / os.fsdecode(rel)} not found")
+            except OSError as e:
+                data, c = b"", jpeg.Check("unreadable", f"{Path(root) / os.fsdecode(rel)}: {e.strerror}")
+            verdict[j] = VERDICT[c.code] if c.code else VERDICT["ok"]
+            width[j], height[j] = min(c.width, 65535), min(c.height, 65535)
+            if not c.usable:
+                if not skip_corrupt:
+                    raise DataError(f"{list_file}:{int(lines[p])} ({shown}): error [{c.code}]: {c.detail}. Fix it, "
+                                    "or run `hvpmtl data validate` and pass its skip list (--read-skip-list), or "
+                                    "--skip-corrupt; the shards written so far are kept, a re-run resumes")
                 continue
-            key, ext = split_name(m.name)
-            if not key or key.endswith("/"):
-                continue
-            if key != last:
-                samples.append([])
-                last = key
-            samples[-1].append((ext, m.offset_data, m.size, m.name))
-    write_index_lines(idx_path, samples)
-    return len(samples)
+            a, b = int(idx.indptr[p]), int(idx.indptr[p + 1])
+            cls, conf = idx.classes[a:b], idx.conf_values(np.arange(a, b))
+            meta = {"id": i, "path": shown, "labels": [[int(k), float(f)] for k, f in zip(cls, conf)]}
+            key = f"{i:09d}"
+            _add(tf, f"{key}.jpg", data)
+            _add(tf, f"{key}.id", np.int64(i).tobytes())
+            _add(tf, f"{key}.json", json.dumps(meta).encode())
+            written[j] = True
+    write_index(tmp_tar, tmp_idx)
+    h = hashlib.sha256()
+    with open(tmp_tar, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    size = tmp_tar.stat().st_size
+    os.replace(tmp_tar, out / f"{name}.tar")
+    os.replace(tmp_idx, out / f"{name}.idx")
+    save_npz_atomic(out / WORK / f"{name}.npz", ids=np.asarray(ids, np.int64), verdict=verdict, width=width,
+                    height=height, written=written, size=np.array(size), sha256=np.array(h.hexdigest()))
+    idx.close()
 
 
-def write_index_lines(idx_path: str | Path, samples) -> None:
-    with open(idx_path, "w") as f:
-        f.write(f"{INDEX_VERSION} {len(samples)}\n")
-        for comps in samples:
-            f.write(" ".join(f"{e} {o} {s} {n}" for e, o, s, n in comps) + "\n")
-
-
-def read_index(idx_path: str | Path) -> list[list[tuple[str, int, int, str]]]:
-    """Samples of a DALI index: per sample a list of (ext, offset, size, name)."""
-    lines = Path(idx_path).read_text().splitlines()
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or head[0] != INDEX_VERSION:
-        raise DataError(f"{idx_path}:1: not a DALI {INDEX_VERSION} webdataset index; rewrite it with "
-                        "`hvpmtl data index-shards`")
-    out = []
-    for n, line in enumerate(lines[1:], start=2):
-        t = line.split()
-        if len(t) % 4:
-            raise DataError(f"{idx_path}:{n}: expected groups of 'ext offset size name'")
-        out.append([(t[i], int(t[i + 1]), int(t[i + 2]), t[i + 3]) for i in range(0, len(t), 4)])
-    if len(out) != int(head[1]):
-        raise DataError(f"{idx_path}:1: header says {head[1]} samples, the file lists {len(out)}")
-    return out
+def _job(list_file: str, idx: DataIndex, n: int, shard_size: int, seed: int, num_classes, skip_list: str,
+         max_pixels: int) -> dict:
+    # skip_corrupt is not part of it: shards finished without it hold only good samples, so a run stopped
+    # by a bad image may resume with --skip-corrupt
+    return {"list": idx.header["key"]["sha256"], "samples": n, "shard_size": shard_size, "seed": seed,
+            "num_classes": num_classes, "skip_list": skip_list, "max_pixels": max_pixels}
 
 
 def write_shards(list_file: str, root: str, out_dir: str, shard_size: int, *, seed: int = 0,
-                 num_classes: int | None = None, labels: LabelList | None = None) -> dict:
+                 num_classes: Optional[int] = None, skip_corrupt: bool = False, skip_list: str = "",
+                 max_pixels: int = jpeg.DEFAULT_MAX_PIXELS, workers: Optional[int] = None,
+                 part: Optional[tuple[int, int]] = None, merge_only: bool = False, progress: bool = False,
+                 index_path: str = "") -> Optional[dict]:
     """Convert a list file to shuffled shards of `shard_size` samples (the last may be smaller).
-
-    `labels` is the validated LabelList to write (what the validator kept); by default the list
-    file is checked here and any error stops the conversion.
-    """
+    Returns the manifest, or None after a `part` (run `merge_only` once every part is done)."""
     if shard_size <= 0:
         raise ValueError("shard_size must be > 0")
-    if labels is None:
-        from hvpmtl.data.validate import prepare_list
-        labels, _ = prepare_list(list_file, root, num_classes=num_classes, skip_corrupt=False)
+    data = prepare_list(list_file, root, num_classes=num_classes, skip_corrupt=skip_corrupt, skip_list=skip_list,
+                        max_pixels=max_pixels, index=IndexOptions(path=index_path, auto_build_max=NEVER,
+                                                                  log=lambda m: None))
+    samples: IndexedSamples = data.samples
+    idx = data.index
+    n = len(samples)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    n = len(labels)
-    if n == 0:
-        raise DataError(f"{list_file}: no usable samples to shard")
+    (out / WORK).mkdir(parents=True, exist_ok=True)
+    job = _job(list_file, idx, n, shard_size, seed, num_classes, skip_list, max_pixels)
+    job_file = out / WORK / "job.json"
+    if job_file.exists() and json.loads(job_file.read_text()) != job:
+        raise DataError(f"{out} holds an unfinished conversion with other settings ({job_file}); use the same "
+                        "settings to resume it, or remove the folder")
+    job_file.write_text(json.dumps(job))
     order = np.random.default_rng([seed, 7]).permutation(n)
+    num_shards = -(-n // shard_size)
+    units = part_units(num_shards, part) if not merge_only else range(0)
+    todo = [s for s in units if not (out / WORK / f"shard-{s:06d}.npz").exists()]
+    prog = Progress(f"to-shards {out.name}" + (f" part {part[0]}/{part[1]}" if part else ""),
+                    len(todo), unit="shards", enabled=progress)
+    args = []
+    for s in todo:
+        ids = order[s * shard_size:(s + 1) * shard_size]
+        args.append((str(idx.path), str(list_file), str(root), str(out), s, ids, samples.positions(ids), skip_corrupt,
+                     max_pixels))
+    workers = workers or default_workers()
+    if workers <= 1 or len(args) <= 1 or n < SMALL:
+        for a in args:
+            write_one_shard(*a)
+            prog.add(1)
+    else:
+        with process_pool(min(workers, len(args))) as pool:
+            for f in [pool.submit(write_one_shard, *a) for a in args]:
+                f.result()
+                prog.add(1)
+    prog.close()
+    if part is not None:
+        return None
+    return _merge(out, list_file, root, samples, order, num_shards, shard_size, seed, num_classes, data)
+
+
+def _merge(out: Path, list_file, root, samples: IndexedSamples, order, num_shards, shard_size, seed, num_classes,
+           data) -> dict:
+    records = [load_npz(out / WORK / f"shard-{s:06d}.npz") for s in range(num_shards)]
+    missing = [s for s, r in enumerate(records) if r is None]
+    if missing:
+        raise DataError(f"{len(missing)} of {num_shards} shards in {out} are not written yet (first: "
+                        f"shard-{missing[0]:06d}); run the missing parts (`--part i/N`) before --merge")
+    n = len(samples)
+    verdict, width, height = np.zeros(n, np.uint8), np.zeros(n, np.uint16), np.zeros(n, np.uint16)
+    written = []
     shards = []
-    for s, start in enumerate(range(0, n, shard_size)):
-        name = f"shard-{s:06d}"
-        tar_path = out / f"{name}.tar"
-        with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tf:
-            for i in order[start:start + shard_size]:
-                i = int(i)
-                key = f"{i:09d}"
-                cls, conf = labels.labels(i)
-                meta = {"id": i, "path": labels.path(i),
-                        "labels": [[int(c), float(f)] for c, f in zip(cls, conf)]}
-                _add(tf, f"{key}.jpg", (Path(root) / labels.path(i)).read_bytes())
-                _add(tf, f"{key}.id", np.int64(i).tobytes())
-                _add(tf, f"{key}.json", json.dumps(meta).encode())
-        count = write_index(tar_path)
-        shards.append({"name": f"{name}.tar", "samples": count})
-    np.savez(out / LABELS, order=order, indptr=labels.indptr, classes=labels.classes, confs=labels.confs,
-             lines=labels.lines, path_blob=np.frombuffer(labels.path_blob, np.uint8),
-             path_offsets=labels.path_offsets)
-    manifest = {"format": FORMAT, "num_samples": n, "num_classes": num_classes, "shard_size": shard_size,
-                "shards": shards, "source_list": str(list_file), "root": str(root), "seed": seed}
+    for s, r in enumerate(records):
+        verdict[r["ids"]], width[r["ids"]], height[r["ids"]] = r["verdict"], r["width"], r["height"]
+        written.append(r["ids"][r["written"]])
+        shards.append({"name": f"shard-{s:06d}.tar", "samples": int(r["written"].sum()), "bytes": int(r["size"]),
+                       "sha256": str(r["sha256"])})
+    idx = samples.index
+    pos = samples.positions(np.arange(n))
+    path_off, ptake = csr_take(idx.path_offsets.astype(np.int64), pos)
+    indptr, ltake = csr_take(idx.indptr.astype(np.int64), pos)
+    np.savez(out / LABELS, order=np.concatenate(written) if written else np.zeros(0, np.int64), indptr=indptr,
+             classes=idx.classes[ltake], confs=idx.conf_values(ltake), lines=np.asarray(idx.lines[pos], np.int64),
+             path_blob=idx.path_blob[ptake], path_offsets=path_off, verdict=verdict, width=width, height=height)
+    left_out = int(n - sum(s["samples"] for s in shards))
+    manifest = {"format": FORMAT, "num_samples": n - left_out, "num_classes": num_classes, "shard_size": shard_size,
+                "shards": shards, "source_list": str(list_file), "root": str(root), "seed": seed,
+                "left_out": {"when_written": left_out, **data.skipped.as_dict()}}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    build_shard_index(out)
+    shutil.rmtree(out / WORK, ignore_errors=True)
     return manifest
-
-
-@dataclass
-class ShardSet:
-    folder: Path
-    manifest: dict
-    labels: LabelList  # indexed by sample id
-    order: np.ndarray | None  # the ids as written, shard after shard
-
-    @property
-    def tars(self) -> list[Path]:
-        return [self.folder / s["name"] for s in self.manifest["shards"]]
-
-
-def load_shard_set(folder: str | Path) -> ShardSet:
-    folder = Path(folder)
-    mpath = folder / MANIFEST
-    try:
-        manifest = json.loads(mpath.read_text())
-    except OSError:
-        raise DataError(f"{mpath}: no shard manifest; write shards with `hvpmtl data to-shards`") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{mpath}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{mpath}: format '{manifest.get('format')}', expected '{FORMAT}'")
-    try:
-        z = np.load(folder / LABELS)
-    except OSError:
-        raise DataError(f"{folder / LABELS}: missing label table; rewrite the shards") from None
-    labels = LabelList(manifest.get("source_list", str(folder)), z["path_blob"].tobytes(), z["path_offsets"],
-                       z["lines"], z["indptr"], z["classes"], z["confs"])
-    return ShardSet(folder, manifest, labels, z["order"] if "order" in z.files else None)

@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from hvpmtl.data.issues import DataError
+from hvpmtl.data.jobs import Progress
 from hvpmtl.data.tencent import Dictionary, write_dictionary, write_list_file
 
 # (name, parent name or None); the index is the position.
@@ -149,11 +152,14 @@ def scene_labels(objects: list[dict], rng: np.random.Generator, d: Dictionary) -
     return labels
 
 
-def _write_split(out: Path, split: str, split_id: int, num: int, seed: int, d: Dictionary) -> tuple[Path, Path]:
+def _write_split(out: Path, split: str, split_id: int, num: int, seed: int, d: Dictionary,
+                 progress: bool = False) -> tuple[Path, Path]:
     list_path, obj_path = out / f"{split}.txt", out / f"{split}_objects.jsonl"
     entries = []
+    prog = Progress(f"make-synthetic {split}", num, unit="images", enabled=progress)
     with open(obj_path, "w") as fo:
         for i in range(num):
+            prog.add(1)
             rng = np.random.default_rng([seed, split_id, i])
             img, objects = render_scene(rng)
             labels = scene_labels(objects, rng, d)
@@ -166,28 +172,59 @@ def _write_split(out: Path, split: str, split_id: int, num: int, seed: int, d: D
             fo.write(json.dumps({"path": rel, "width": img.shape[1], "height": img.shape[0],
                                  "objects": objects}) + "\n")
     write_list_file(list_path, entries)
+    prog.close()
     return list_path, obj_path
 
 
+def main_class(objects: list[dict]) -> str:
+    """A scene's single label for ImageFolder use: the shape of its largest object."""
+    return max(objects, key=lambda o: o["r"])["shape"]
+
+
+def write_imagefolder(out: Path, split_objects: Path, dest: Path) -> int:
+    """Link (or copy) a split's images into dest/<main class>/ (torchvision's ImageFolder layout)."""
+    n = 0
+    for line in split_objects.read_text().splitlines():
+        rec = json.loads(line)
+        d = dest / main_class(rec["objects"])
+        d.mkdir(parents=True, exist_ok=True)
+        target = d / Path(rec["path"]).name
+        if not target.exists():
+            try:
+                os.link(out / rec["path"], target)
+            except OSError:
+                shutil.copyfile(out / rec["path"], target)
+        n += 1
+    return n
+
+
 def make_synthetic(out: str | os.PathLike, num_images: int, seed: int = 0, holdout: int = 0,
-                   shard_size: int = 0) -> dict[str, str]:
+                   shard_size: int = 0, imagefolder: bool = False, progress: bool = False) -> dict[str, str]:
     """Write the data set under `out`; returns the paths (root, list_file, dictionary, ...).
 
-    shard_size > 0 also writes the training split as webdataset shards of that many samples.
+    shard_size > 0 also writes the training split as webdataset shards of that many samples;
+    imagefolder also writes out/imagefolder/{train,val}/<class>/ (val from the held-out split).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     d = dictionary()
     write_dictionary(out / "dictionary.txt", d)
     paths = {"root": str(out), "dictionary": str(out / "dictionary.txt")}
-    lst, obj = _write_split(out, "train", 0, num_images, seed, d)
+    lst, obj = _write_split(out, "train", 0, num_images, seed, d, progress)
     paths.update(list_file=str(lst), objects=str(obj))
     if holdout:
-        lst, obj = _write_split(out, "holdout", 1, holdout, seed, d)
+        lst, obj = _write_split(out, "holdout", 1, holdout, seed, d, progress)
         paths.update(holdout_list=str(lst), holdout_objects=str(obj))
+    if imagefolder:
+        if not holdout:
+            raise DataError("make-synthetic --imagefolder needs --holdout N: the held-out images become imagefolder/val")
+        write_imagefolder(out, Path(paths["objects"]), out / "imagefolder" / "train")
+        write_imagefolder(out, Path(paths["holdout_objects"]), out / "imagefolder" / "val")
+        paths.update(imagefolder_train=str(out / "imagefolder" / "train"),
+                     imagefolder_val=str(out / "imagefolder" / "val"))
     if shard_size:
         from hvpmtl.data.shards import write_shards
-        write_shards(paths["list_file"], str(out), str(out / "shards"), shard_size, seed=seed,
+        write_shards(paths["list_file"], str(out), str(out / "shards"), shard_size, seed=seed, workers=1,
                      num_classes=len(d))
         paths["shards"] = str(out / "shards")
     return paths

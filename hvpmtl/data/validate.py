@@ -1,81 +1,132 @@
-"""Data set checks for `hvpmtl data validate` and for the loaders before training starts.
+"""`hvpmtl data validate`: find every problem in a data set, report it with file:line, and record
+the verdicts in the data index (the loaders read them there: start-up opens no image).
 
 Policy (docs/DATA.md): errors make a sample unusable: missing/unreadable/zero-byte files,
-truncated or corrupt JPEGs, non-JPEG content (PNG, GIF, ...), malformed labels, class indices out
-of range, confidences outside (0, 1], duplicate paths (the later line), empty shards. Grayscale and
-CMYK JPEGs are warnings: DALI decodes them to RGB (a grayscale channel is repeated; CMYK/YCCK go
-through the decoder's colour conversion). Empty lines and images without labels are warnings.
+truncated or corrupt JPEGs, non-JPEG content (PNG, GIF, ...), more pixels than max_pixels,
+malformed labels, class indices out of range, confidences outside (0, 1], duplicate paths (the
+later line), paths that are absolute or climb out of the root, empty shards, an empty list.
+Grayscale and CMYK JPEGs are warnings: DALI decodes them to RGB. Empty lines, images without labels
+and non-UTF-8 names are warnings.
 
-The loaders refuse a data set with errors unless given the validator's skip list
-(`data.skip_list`, trusted: no image scan) or `data.skip_corrupt: true` (header scan at start-up,
-bad samples left out and counted).
+Scale: the image checks run in processes over all cores (one JPEG header check is a few small reads
+and is GIL-bound in threads), in chunks of CHUNK samples (a tar for shards). Each chunk's results go
+to a work file beside the index, keyed by each file's size and mtime: a killed run resumes where it
+stopped, a re-run re-checks only the files that changed, and `--part i/N` (a Slurm array) checks a
+share of the chunks on each machine; `--merge` (or a run without --part) writes the verdicts into
+the index and reports.
 """
 from __future__ import annotations
 
 import json
+import os
 import tarfile
-import tempfile
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
 
 from hvpmtl.data import jpeg
-from hvpmtl.data.issues import DataError, Issue, make_issue
-from hvpmtl.data.shards import ShardSet, load_shard_set, read_index, split_name, write_index_lines
-from hvpmtl.data.tencent import LabelList, read_dictionary, read_list_file
+from hvpmtl.data.index import (USABLE, VERDICT, VERDICTS, DataIndex, build_shard_index, default_index_path,
+                               ensure_index, with_verdicts)
+from hvpmtl.data.issues import DataError, Issue, Report, format_report, make_issue  # noqa: F401 (re-exported)
+from hvpmtl.data.jobs import Progress, default_workers, load_npz, part_units, process_pool, save_npz_atomic
+from hvpmtl.data.prepare import SKIP_HEADER, read_skip_list  # noqa: F401 (re-exported)
+from hvpmtl.data.tars import load_shard_set, read_index, sample_key, tar_samples
+from hvpmtl.data.tencent import read_dictionary
 
-SKIP_HEADER = "# hvpmtl skip list: file<TAB>line<TAB>path-or-key<TAB>code"
-SHOW = 8  # errors listed in a refusal
-
-
-@dataclass
-class Report:
-    issues: list[Issue] = field(default_factory=list)
-    num_samples: int = 0  # samples checked
-
-    @property
-    def errors(self) -> list[Issue]:
-        return [i for i in self.issues if i.is_error]
-
-    @property
-    def warnings(self) -> list[Issue]:
-        return [i for i in self.issues if not i.is_error]
-
-    def counts(self) -> Counter:
-        return Counter(i.code for i in self.issues)
+CHUNK = 8192  # samples per work unit of a list file, at most (fewer for small lists, so all cores get work)
 
 
-# ----------------------------------------------------------------------------- image scans
+def chunk_size(n: int) -> int:
+    """Work unit size: a function of the list's length alone, so parts and re-runs cut the same units."""
+    return max(min(64, CHUNK), min(CHUNK, -(-n // 256)))
+NEVER = 2**62  # auto-build limit for the offline commands: they always may build the index
 
 
-def _chunks(n: int, size: int = 8192) -> Iterable[range]:
-    for s in range(0, n, size):
-        yield range(s, min(n, s + size))
+def _work_dir(index_path: Path) -> Path:
+    return index_path.with_name(index_path.name + ".work")
 
 
-def scan_list_images(labels: LabelList, root: str, *, full_decode: bool = False, workers: int = 16) -> list[Issue]:
-    """Header checks (or full decodes) of every image; one issue per bad or unusual image."""
-    issues = []
-    rootp = Path(root)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for rng in _chunks(len(labels)):
-            paths = [labels.path(i) for i in rng]
-            results = pool.map(lambda p: jpeg.check_file(str(rootp / p), full_decode), paths)
-            for i, p, (code, detail) in zip(rng, paths, results):
-                if code:
-                    issues.append(make_issue(code, labels.source, int(labels.lines[i]), detail, p))
-    return issues
+# ----------------------------------------------------------------------------- list files: one chunk
 
 
-# ----------------------------------------------------------------------------- list files
+def check_list_chunk(index_path: str, root: str, lo: int, hi: int, full_decode: bool, max_pixels: int,
+                     work_file: str, key: str) -> tuple[int, int, int]:
+    """Check samples [lo, hi) of an index (in a worker process); results to `work_file`, reusing a
+    previous one's verdicts for files whose size and mtime did not change. Returns (lo, hi, re-checked)."""
+    idx = DataIndex(index_path)
+    prev = load_npz(Path(work_file))
+    if prev is not None and (str(prev["key"]) != key or int(prev["lo"]) != lo or int(prev["hi"]) != hi):
+        prev = None
+    n = hi - lo
+    verdict, width, height = np.zeros(n, np.uint8), np.zeros(n, np.uint16), np.zeros(n, np.uint16)
+    size, mtime = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+    full = np.zeros(n, bool)
+    details = [b""] * n
+    rootp = os.fsencode(root)
+    o, blob = idx.path_offsets, idx.path_blob
+    redone = 0
+    for j in range(n):
+        p = os.path.join(rootp, bytes(blob[o[lo + j]:o[lo + j + 1]]))
+        try:
+            st = os.stat(p)
+            size[j], mtime[j] = st.st_size, st.st_mtime_ns
+        except OSError:
+            pass
+        if prev is not None and size[j] >= 0 and prev["size"][j] == size[j] and prev["mtime"][j] == mtime[j] and \
+                (prev["full"][j] or not full_decode):
+            verdict[j], width[j], height[j], full[j] = prev["verdict"][j], prev["width"][j], prev["height"][j], \
+                prev["full"][j]
+            details[j] = bytes(prev["detail_blob"][prev["detail_off"][j]:prev["detail_off"][j + 1]])
+            continue
+        c = jpeg.check_file(p, full_decode=False, max_pixels=0)
+        if full_decode and c.usable:
+            if max_pixels and c.width * c.height > max_pixels:  # never decode a bomb to find out more
+                c = jpeg.Check("oversized", jpeg.too_big(c.width, c.height, max_pixels) + ": not decoded",
+                               c.width, c.height)
+            else:
+                c = jpeg.check_file(p, full_decode=True, max_pixels=0)
+        verdict[j] = VERDICT[c.code] if c.code else VERDICT["ok"]
+        width[j], height[j], full[j] = min(c.width, 65535), min(c.height, 65535), full_decode
+        details[j] = c.detail.encode(errors="surrogateescape")
+        redone += 1
+    off = np.zeros(n + 1, np.int64)
+    np.cumsum([len(d) for d in details], out=off[1:])
+    save_npz_atomic(Path(work_file), key=np.array(key), lo=np.array(lo), hi=np.array(hi), verdict=verdict,
+                    width=width, height=height, size=size, mtime=mtime, full=full, detail_off=off,
+                    detail_blob=np.frombuffer(b"".join(details), np.uint8))
+    idx.close()
+    return lo, hi, redone
+
+
+def _chunk_file(work: Path, lo: int, hi: int) -> Path:
+    return work / f"list-{lo:012d}-{hi:012d}.npz"
+
+
+SMALL = 4096  # less work than this runs inline: starting processes would cost more
+
+
+def _run(jobs: list, fn, workers: int, progress: Progress, unit_size, total: int) -> None:
+    """Run work units in processes (inline with one worker or little work), in order of submission."""
+    if workers <= 1 or len(jobs) <= 1 or total < SMALL:
+        for args in jobs:
+            fn(*args)
+            progress.add(unit_size(args))
+        return
+    with process_pool(min(workers, len(jobs))) as pool:
+        futures = [(pool.submit(fn, *args), args) for args in jobs]
+        for f, args in futures:
+            f.result()
+            progress.add(unit_size(args))
 
 
 def validate_list(list_file: str, root: str, *, dictionary: Optional[str] = None, num_classes: Optional[int] = None,
-                  full_decode: bool = False, workers: int = 16) -> Report:
+                  full_decode: bool = False, workers: Optional[int] = None, max_pixels: int = jpeg.DEFAULT_MAX_PIXELS,
+                  index_path: Optional[str] = None, part: Optional[tuple[int, int]] = None, merge_only: bool = False,
+                  progress: bool = False) -> Report:
+    """Check a list file and its images. Without `part`: every chunk (re-using verdicts of unchanged
+    files), then the verdicts go into the index. With `part`: that share of the chunks only.
+    `merge_only` (after all parts): checks nothing, assembles the work files into the index."""
     rep = Report()
     if dictionary:
         try:
@@ -86,117 +137,129 @@ def validate_list(list_file: str, root: str, *, dictionary: Optional[str] = None
             num_classes = len(d) if num_classes is None else num_classes
         except DataError as e:
             rep.issues.append(Issue("bad-dictionary", dictionary, 0, str(e)))
-    labels, parse_issues = read_list_file(list_file, num_classes)
-    rep.issues += parse_issues
-    rep.issues += scan_list_images(labels, root, full_decode=full_decode, workers=workers)
-    rep.num_samples = len(labels)
+    idx = ensure_index("list", list_file, index_path=index_path, num_classes=num_classes, auto_build_max=NEVER,
+                       log=lambda m: print(m, flush=True) if progress else None)
+    n = len(idx)
+    work = _work_dir(idx.path)
+    work.mkdir(exist_ok=True)
+    key = json.dumps([idx.header["key"]["sha256"], num_classes, str(Path(root).resolve())])
+    size = chunk_size(n)
+    chunks = [(lo, min(n, lo + size)) for lo in range(0, n, size)]
+    mine = [chunks[c] for c in part_units(len(chunks), part)]
+    if not merge_only:
+        todo = [(str(idx.path), str(root), lo, hi, full_decode, max_pixels, str(_chunk_file(work, lo, hi)), key)
+                for lo, hi in (mine if part is not None else chunks)]
+        prog = Progress(f"validate {Path(list_file).name}" + (f" part {part[0]}/{part[1]}" if part else ""),
+                        sum(hi - lo for _, _, lo, hi, *_ in todo), enabled=progress)
+        _run(todo, check_list_chunk, workers or default_workers(), prog, lambda a: a[3] - a[2], prog.total)
+        prog.close()
+    use = mine if part is not None else chunks
+    results = [load_npz(_chunk_file(work, lo, hi)) for lo, hi in use]
+    missing = [c for c, r in zip(use, results) if r is None or str(r["key"]) != key]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(use)} chunks of {list_file} are not checked yet (first: samples "
+                        f"{missing[0][0]}-{missing[0][1]}); run the missing parts (`hvpmtl data validate --part i/N`) "
+                        "before --merge")
+    verdict = np.concatenate([r["verdict"] for r in results]) if results else np.zeros(0, np.uint8)
+    width = np.concatenate([r["width"] for r in results]) if results else np.zeros(0, np.uint16)
+    height = np.concatenate([r["height"] for r in results]) if results else np.zeros(0, np.uint16)
+    first = use[0][0] if use else 0
+    rep.issues += [i for i in idx.issues() if part is None or i.line == 0]
+    rep.issues += _image_issues(idx, list_file, first, verdict, width, height, results, max_pixels)
+    rep.issues += _no_label_issues(idx, list_file, first, first + len(verdict))
+    rep.num_samples = len(verdict)
     rep.issues.sort(key=lambda i: (i.file, i.line))
+    if part is None:
+        full = bool(results) and all(r["full"].all() for r in results)
+        with_verdicts(idx, verdict, width, height, {"by": "validate", "root": str(Path(root).resolve()),
+                                                     "full_decode": full, "max_pixels": max_pixels})
+    idx.close()
     return rep
 
 
-# ----------------------------------------------------------------------------- skip lists
-
-
-def write_skip_list(path: str, issues: Iterable[Issue]) -> int:
-    n = 0
-    with open(path, "w") as f:
-        f.write(SKIP_HEADER + "\n")
-        for i in issues:
-            if i.is_error and i.line:
-                f.write(f"{i.file}\t{i.line}\t{i.path}\t{i.code}\n")
-                n += 1
-    return n
-
-
-def read_skip_list(path: str) -> dict[int, tuple[str, str]]:
-    """line (or shard sample position) -> (path or key, code); keys carry 'shard.tar:' for shards."""
-    out: dict = {}
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise DataError(f"cannot read skip list {path}: {e.strerror}") from None
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        t = line.split("\t")
-        if len(t) != 4 or not t[1].isdigit():
-            raise DataError(f"{path}:{n}: expected 'file<TAB>line<TAB>path<TAB>code' as written by "
-                            "`hvpmtl data validate --skip-list`")
-        out[(Path(t[0]).name, int(t[1]))] = (t[2], t[3])
+def _image_issues(idx: DataIndex, file: str, first: int, verdict, width, height, results, max_pixels) -> list[Issue]:
+    out = []
+    detail_of = {}
+    base = first
+    for r in results:
+        lo = int(r["lo"])
+        for j in np.flatnonzero(r["verdict"] > VERDICT["ok"]):
+            detail_of[lo + int(j)] = bytes(r["detail_blob"][r["detail_off"][j]:r["detail_off"][j + 1]]).decode(
+                errors="backslashreplace")
+    big = (width.astype(np.int64) * height > max_pixels) if max_pixels else np.zeros(len(verdict), bool)
+    o, blob = idx.path_offsets, idx.path_blob
+    for j in np.flatnonzero((verdict > VERDICT["ok"]) | (big & np.isin(verdict, USABLE))).tolist():
+        p = base + j
+        path = bytes(blob[o[p]:o[p + 1]]).decode(errors="backslashreplace")
+        if verdict[j] > VERDICT["ok"]:
+            out.append(make_issue(VERDICTS[verdict[j]], file, int(idx.lines[p]), detail_of.get(p, ""), path))
+        if big[j] and verdict[j] in USABLE:
+            out.append(make_issue("oversized", file, int(idx.lines[p]),
+                                  jpeg.too_big(int(width[j]), int(height[j]), max_pixels), path))
     return out
 
 
-def _refusal(what: str, errors: list[Issue], validate_cmd: str) -> DataError:
-    shown = "\n".join("  " + e.format() for e in errors[:SHOW])
-    more = f"\n  ... and {len(errors) - SHOW} more" if len(errors) > SHOW else ""
-    return DataError(
-        f"{what}: {len(errors)} sample(s) cannot be used:\n{shown}{more}\n"
-        f"Fix the files, or run `{validate_cmd} --skip-list skip.txt` and train with "
-        "`--set data.skip_list=skip.txt`, or set `data.skip_corrupt: true` to leave bad samples out "
-        "(they are counted in skipped_corrupt).")
+def _no_label_issues(idx: DataIndex, file: str, lo: int, hi: int) -> list[Issue]:
+    counts = np.diff(idx.indptr[lo:hi + 1].astype(np.int64))
+    o, blob = idx.path_offsets, idx.path_blob
+    return [make_issue("no-labels", file, int(idx.lines[lo + j]), "",
+                       bytes(blob[o[lo + j]:o[lo + j + 1]]).decode(errors="backslashreplace"))
+            for j in np.flatnonzero(counts == 0).tolist()]
 
 
-def prepare_list(list_file: str, root: str, *, num_classes: Optional[int], skip_corrupt: bool,
-                 skip_list: str = "", workers: int = 16) -> tuple[LabelList, int]:
-    """The usable samples of a list file, and how many bad ones were left out.
-
-    Raises DataError listing file:line of the first errors when the data set has errors that
-    neither the skip list covers nor skip_corrupt allows to drop.
-    """
-    labels, issues = read_list_file(list_file, num_classes)
-    parse_errors = [i for i in issues if i.is_error]
-    cmd = f"hvpmtl data validate --list {list_file} --root {root}"
-    if skip_list:
-        skip = read_skip_list(skip_list)
-        name = Path(list_file).name
-        uncovered = [e for e in parse_errors if (name, e.line) not in skip]
-        if uncovered:
-            raise _refusal(f"{list_file} (skip list {skip_list} is stale)", uncovered, cmd)
-        line_to_pos = {int(n): i for i, n in enumerate(labels.lines)}
-        drop = []
-        for (fname, line), (p, _) in skip.items():
-            if fname != name or line not in line_to_pos:
-                continue
-            i = line_to_pos[line]
-            if labels.path(i) != p:
-                raise DataError(f"skip list {skip_list} says line {line} of {list_file} is '{p}' but it is "
-                                f"'{labels.path(i)}': the skip list belongs to another list file; re-run the validator")
-            drop.append(i)
-        keep = np.setdiff1d(np.arange(len(labels)), np.asarray(drop, np.int64))
-        return (labels.subset(keep) if drop else labels), len(parse_errors) + len(drop)
-    image_issues = scan_list_images(labels, root, workers=workers)
-    errors = parse_errors + [i for i in image_issues if i.is_error]
-    if errors and not skip_corrupt:
-        errors.sort(key=lambda i: i.line)
-        raise _refusal(list_file, errors, cmd)
-    bad_lines = {i.line for i in image_issues if i.is_error}
-    if not bad_lines:
-        return labels, len(parse_errors)
-    keep = np.asarray([i for i, n in enumerate(labels.lines) if int(n) not in bad_lines], np.int64)
-    return labels.subset(keep), len(parse_errors) + len(bad_lines)
+# ----------------------------------------------------------------------------- shards: one tar
 
 
-# ----------------------------------------------------------------------------- shards
+def check_tar(folder: str, name: str, full_decode: bool, max_pixels: int, num_ids: int, num_classes: Optional[int],
+              work_file: str) -> None:
+    """Check one shard (in a worker process): the tar against its DALI index, every sample's members,
+    image and label record. Results to `work_file`, reused while the tar and its index keep their
+    size and mtime."""
+    tar_path = Path(folder) / name
+    idx_path = tar_path.with_suffix(".idx")
+    stamp = []
+    for p in (tar_path, idx_path):
+        try:
+            st = p.stat()
+            stamp += [st.st_size, st.st_mtime_ns]
+        except OSError:
+            stamp += [-1, -1]
+    stamp = np.asarray(stamp + [int(full_decode), max_pixels], np.int64)
+    prev = load_npz(Path(work_file))
+    if prev is not None and np.array_equal(prev["stamp"][:4], stamp[:4]) and \
+            (prev["stamp"][4] >= stamp[4]) and prev["stamp"][5] == stamp[5]:
+        return
+    issues: list[Issue] = []
+    ids, verdict, width, height = [], [], [], []
+    if stamp[0] < 0:
+        issues.append(make_issue("bad-shard", name, 0, "listed in manifest.json but missing"))
+    else:
+        try:
+            samples = tar_samples(tar_path)
+        except (tarfile.TarError, OSError) as e:
+            samples = None
+            issues.append(make_issue("bad-shard", name, 0, f"not a readable tar: {e}"))
+        if samples is not None:
+            if stamp[2] < 0:
+                issues.append(make_issue("missing-index", name, 0, f"{idx_path.name} not found"))
+            else:
+                try:
+                    if read_index(idx_path) != samples:
+                        issues.append(make_issue("bad-shard", idx_path.name, 0, "index does not match the tar (stale); "
+                                                 f"rewrite it with `hvpmtl data index-shards {folder}`"))
+                except DataError as e:
+                    issues.append(make_issue("bad-shard", idx_path.name, 0, str(e)))
+            if not samples:
+                issues.append(make_issue("empty-shard", name, 0, "0 samples"))
+            _check_samples(tar_path, samples, num_ids, num_classes, full_decode, max_pixels, issues, ids, verdict,
+                           width, height)
+    save_npz_atomic(Path(work_file), stamp=stamp, ids=np.asarray(ids, np.int64), verdict=np.asarray(verdict, np.uint8),
+                    width=np.asarray(width, np.uint16), height=np.asarray(height, np.uint16),
+                    issues=np.array(json.dumps([[i.code, i.file, i.line, i.message, i.path] for i in issues])))
 
 
-def _tar_samples(tar_path: Path) -> list[list[tuple[str, int, int, str]]]:
-    """The tar's samples as index entries, from the tar itself."""
-    samples, last = [], None
-    with tarfile.open(tar_path) as tf:
-        for m in tf:
-            if not m.isreg():
-                continue
-            key, ext = split_name(m.name)
-            if key != last:
-                samples.append([])
-                last = key
-            samples[-1].append((ext, m.offset_data, m.size, m.name))
-    return samples
-
-
-def _check_shard_samples(tar_path: Path, samples, table: Optional[LabelList], num_classes: Optional[int],
-                         full_decode: bool, check_json: bool) -> list[Issue]:
-    issues = []
+def _check_samples(tar_path: Path, samples, num_ids, num_classes, full_decode, max_pixels, issues, ids, verdict,
+                   width, height) -> None:
     name = tar_path.name
     seen: set = set()
     with open(tar_path, "rb") as f:
@@ -204,7 +267,7 @@ def _check_shard_samples(tar_path: Path, samples, table: Optional[LabelList], nu
             f.seek(off)
             return f.read(size)
         for pos, comps in enumerate(samples, start=1):
-            key = split_name(comps[0][3])[0]
+            key = sample_key(comps)
             by_ext = {e: (o, s) for e, o, s, _ in comps}
             if key in seen:
                 issues.append(make_issue("duplicate-path", name, pos, "key repeated in the shard", key))
@@ -214,165 +277,103 @@ def _check_shard_samples(tar_path: Path, samples, table: Optional[LabelList], nu
             if missing:
                 issues.append(make_issue("bad-shard", name, pos, f"no .{' .'.join(missing)} member", key))
                 continue
-            code, detail = jpeg.check_bytes(read(*by_ext["jpg"]), full_decode)
-            if code:
-                issues.append(make_issue(code, name, pos, detail, key))
             raw_id = read(*by_ext["id"])
             sid = int(np.frombuffer(raw_id, "<i8")[0]) if len(raw_id) == 8 else -1
-            if table is not None and not 0 <= sid < len(table):
+            if not 0 <= sid < num_ids:
                 issues.append(make_issue("bad-shard", name, pos, f"sample id {sid} not in the label table", key))
                 continue
-            if check_json and "json" in by_ext:
+            data = read(*by_ext["jpg"])
+            c = jpeg.check_bytes(data, False, 0)
+            if full_decode and c.usable:
+                if max_pixels and c.width * c.height > max_pixels:
+                    c = jpeg.Check("oversized", jpeg.too_big(c.width, c.height, max_pixels) + ": not decoded",
+                                   c.width, c.height)
+                else:
+                    c = jpeg.check_bytes(data, True, 0)
+            if c.code:
+                issues.append(make_issue(c.code, name, pos, c.detail, key))
+            if max_pixels and c.usable and c.width * c.height > max_pixels:
+                issues.append(make_issue("oversized", name, pos, jpeg.too_big(c.width, c.height, max_pixels), key))
+            ids.append(sid)
+            verdict.append(VERDICT[c.code] if c.code else VERDICT["ok"])
+            width.append(min(c.width, 65535))
+            height.append(min(c.height, 65535))
+            if "json" in by_ext:
                 try:
                     meta = json.loads(read(*by_ext["json"]))
-                    for k, c in meta["labels"]:
+                    for k, conf in meta["labels"]:
                         if num_classes is not None and not 0 <= k < num_classes:
                             issues.append(make_issue("bad-index", name, pos, f"class index {k}", key))
-                        if not 0 < c <= 1:
-                            issues.append(make_issue("bad-conf", name, pos, f"confidence {c}", key))
+                        if not 0 < conf <= 1:
+                            issues.append(make_issue("bad-conf", name, pos, f"confidence {conf}", key))
                     if meta["id"] != sid:
                         issues.append(make_issue("bad-shard", name, pos, f".json id {meta['id']} != .id {sid}", key))
                 except (ValueError, KeyError, TypeError) as e:
                     issues.append(make_issue("malformed", name, pos, f".json member: {e}", key))
-    return issues
 
 
-def validate_shards(folder: str, *, num_classes: Optional[int] = None, full_decode: bool = False) -> Report:
+def validate_shards(folder: str, *, num_classes: Optional[int] = None, full_decode: bool = False,
+                    workers: Optional[int] = None, max_pixels: int = jpeg.DEFAULT_MAX_PIXELS,
+                    index_path: Optional[str] = None, part: Optional[tuple[int, int]] = None, merge_only: bool = False,
+                    progress: bool = False) -> Report:
+    """Check a shard folder, a tar per work unit; without `part`, the verdicts go into the shard
+    folder's data index (rebuilt from the current tars' DALI indices)."""
     rep = Report()
     folder_p = Path(folder)
     try:
         ss = load_shard_set(folder_p)
+        num_ids = len(ss.record()["lines"])
     except DataError as e:
         rep.issues.append(Issue("bad-shard", str(folder_p), 0, str(e)))
         return rep
     num_classes = num_classes or ss.manifest.get("num_classes")
-    listed = {s["name"] for s in ss.manifest["shards"]}
-    for extra in sorted(p.name for p in folder_p.glob("*.tar") if p.name not in listed):
-        rep.issues.append(make_issue("bad-shard", extra, 0, "tar not listed in manifest.json"))
-    for tar_path in ss.tars:
-        if not tar_path.exists():
-            rep.issues.append(make_issue("bad-shard", tar_path.name, 0, "listed in manifest.json but missing"))
-            continue
-        try:
-            samples = _tar_samples(tar_path)
-        except (tarfile.TarError, OSError) as e:
-            rep.issues.append(make_issue("bad-shard", tar_path.name, 0, f"not a readable tar: {e}"))
-            continue
-        idx = tar_path.with_suffix(".idx")
-        if not idx.exists():
-            rep.issues.append(make_issue("missing-index", tar_path.name, 0, f"{idx.name} not found"))
-        else:
-            try:
-                if read_index(idx) != samples:
-                    rep.issues.append(make_issue("bad-shard", idx.name, 0, "index does not match the tar (stale); "
-                                                 "rewrite it with `hvpmtl data index-shards`"))
-            except DataError as e:
-                rep.issues.append(make_issue("bad-shard", idx.name, 0, str(e)))
-        if not samples:
-            rep.issues.append(make_issue("empty-shard", tar_path.name, 0, "0 samples"))
-            continue
-        rep.issues += _check_shard_samples(tar_path, samples, ss.labels, num_classes, full_decode, True)
-        rep.num_samples += len(samples)
+    out = Path(index_path) if index_path else default_index_path(folder_p)
+    work = _work_dir(out)
+    work.mkdir(exist_ok=True)
+    names = [s["name"] for s in ss.manifest["shards"]]
+    mine = [names[u] for u in part_units(len(names), part)]
+    if not merge_only:
+        todo = [(str(folder_p), nm, full_decode, max_pixels, num_ids, num_classes, str(work / f"{nm}.npz"))
+                for nm in (mine if part is not None else names)]
+        prog = Progress(f"validate {folder_p.name}" + (f" part {part[0]}/{part[1]}" if part else ""), len(todo),
+                        unit="shards", enabled=progress)
+        _run(todo, check_tar, workers or default_workers(), prog, lambda a: 1, num_ids)
+        prog.close()
+    use = mine if part is not None else names
+    results = [load_npz(work / f"{nm}.npz") for nm in use]
+    missing = [nm for nm, r in zip(use, results) if r is None]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(use)} shards of {folder} are not checked yet (first: {missing[0]}); "
+                        "run the missing parts (`hvpmtl data validate --shards ... --part i/N`) before --merge")
+    listed = set(names)
+    if part is None:
+        for extra in sorted(p.name for p in folder_p.glob("*.tar") if p.name not in listed):
+            rep.issues.append(make_issue("bad-shard", extra, 0, "tar not listed in manifest.json"))
+    verdict, width, height = np.zeros(num_ids, np.uint8), np.zeros(num_ids, np.uint16), np.zeros(num_ids, np.uint16)
+    structural = False
+    for r in results:
+        for code, file, line, message, path in json.loads(str(r["issues"])):
+            rep.issues.append(Issue(code, file, line, message, path))
+            structural |= code in ("bad-shard", "missing-index") and line == 0
+        verdict[r["ids"]], width[r["ids"]], height[r["ids"]] = r["verdict"], r["width"], r["height"]
+        rep.num_samples += len(r["ids"])
+    rep.issues.sort(key=lambda i: (i.file, i.line))
+    if part is None and not structural:
+        build_shard_index(folder_p, out, verdicts=(verdict, width, height),
+                          verdict_meta={"by": "validate", "full_decode": full_decode, "max_pixels": max_pixels})
     return rep
 
 
-@dataclass
-class PreparedShards:
-    shards: ShardSet
-    tars: list[str]
-    index_paths: list[str]
-    labels: LabelList  # dense: position = loader sample id
-    remap: np.ndarray  # stored id -> dense id (-1: skipped)
-    skipped: int
-    tmpdir: Optional[tempfile.TemporaryDirectory] = None  # holds filtered indices; alive with the loader
+# ----------------------------------------------------------------------------- skip lists
 
 
-def _sample_ids(tar_path: Path, samples) -> np.ndarray:
-    """The int64 `.id` member of each sample, read from the tar (-1 where there is none)."""
-    out = np.full(len(samples), -1, np.int64)
-    with open(tar_path, "rb") as f:
-        for j, comps in enumerate(samples):
-            for e, o, n, _ in comps:
-                if e == "id" and n == 8:
-                    f.seek(o)
-                    out[j] = int(np.frombuffer(f.read(8), "<i8")[0])
-    return out
-
-
-def prepare_shards(folder: str, *, num_classes: Optional[int], skip_corrupt: bool, skip_list: str = "") -> PreparedShards:
-    """Shards ready for fn.readers.webdataset: empty shards dropped and bad samples filtered out of
-    (copies of) the DALI indices when allowed, else a DataError naming shard and key.
-
-    Sample ids come from the writer's record of each shard's ids (labels.npz `order`) while a
-    shard's sample count matches the manifest, else from the tar's `.id` members.
-    """
-    ss = load_shard_set(folder)
-    if num_classes is not None and ss.manifest.get("num_classes") not in (None, num_classes):
-        raise DataError(f"{folder}: shards were written for {ss.manifest['num_classes']} classes, "
-                        f"data.num_classes is {num_classes}")
-    skip = read_skip_list(skip_list) if skip_list else None
-    tmp = tempfile.TemporaryDirectory(prefix="hvpmtl-idx-")
-    tars, idx_paths, errors, present, dropped = [], [], [], [], 0
-    first = 0
-    for tar_path, entry in zip(ss.tars, ss.manifest["shards"]):
-        written = ss.order[first:first + entry["samples"]] if ss.order is not None else None
-        first += entry["samples"]
-        if not tar_path.exists():  # its ids are unknown: cannot be skipped
-            raise DataError(f"{tar_path}: listed in {folder}/manifest.json but missing; restore it or rewrite "
-                            "the shards")
-        idx = tar_path.with_suffix(".idx")
-        samples = read_index(idx) if idx.exists() else _tar_samples(tar_path)
-        end = max((o + n for comps in samples for _, o, n, _ in comps), default=0)
-        if end > tar_path.stat().st_size:  # cheap staleness check: the index points past the tar
-            raise DataError(f"{idx}: the index points past the end of {tar_path.name} (stale); rewrite it with "
-                            f"`hvpmtl data index-shards {folder}`")
-        if not samples:
-            errors.append(make_issue("empty-shard", tar_path.name, 0, "0 samples"))
-            continue
-        if skip is not None:
-            bad = {pos for (f, pos) in skip if f == tar_path.name}
-        else:
-            sample_issues = [i for i in _check_shard_samples(tar_path, samples, ss.labels, num_classes, False, False)
-                             if i.is_error]
-            bad = {i.line for i in sample_issues}
-            errors += sample_issues
-        ids = written if written is not None and len(written) == len(samples) else _sample_ids(tar_path, samples)
-        keep = [pos - 1 for pos in range(1, len(samples) + 1) if pos not in bad]
-        dropped += len(samples) - len(keep)
-        present.append(ids[keep])
-        if not keep:
-            continue
-        if bad or not idx.exists():
-            idx = Path(tmp.name) / idx.name
-            write_index_lines(idx, [samples[j] for j in keep])
-        tars.append(str(tar_path))
-        idx_paths.append(str(idx))
-    if errors and skip is None and not skip_corrupt:
-        tmp.cleanup()
-        raise _refusal(f"shards in {folder}", errors, f"hvpmtl data validate --shards {folder}")
-    if not tars:
-        tmp.cleanup()
-        raise DataError(f"{folder}: no usable shards")
-    n = len(ss.labels)
-    keep_ids = np.unique(np.concatenate(present))
-    if keep_ids[0] < 0 or keep_ids[-1] >= n:
-        raise DataError(f"{folder}: sample ids outside the label table [0, {n}); rewrite the shards")
-    remap = np.full(n, -1, np.int64)
-    remap[keep_ids] = np.arange(len(keep_ids))
-    labels = ss.labels.subset(keep_ids) if len(keep_ids) < n else ss.labels
-    return PreparedShards(ss, tars, idx_paths, labels, remap, dropped, tmp)
-
-
-def format_report(rep: Report, max_per_code: int = 20) -> str:
-    lines, shown = [], Counter()
-    for i in rep.issues:
-        shown[i.code] += 1
-        if shown[i.code] <= max_per_code:
-            lines.append(i.format())
-    for code, n in sorted(rep.counts().items()):
-        if n > max_per_code:
-            lines.append(f"... {n - max_per_code} more [{code}]")
-    c = rep.counts()
-    summary = ", ".join(f"{k}: {v}" for k, v in sorted(c.items())) or "no issues"
-    lines.append(f"{rep.num_samples} samples checked; {len(rep.errors)} errors, {len(rep.warnings)} warnings ({summary})")
-    return "\n".join(lines)
+def write_skip_list(path: str, issues: Iterable[Issue]) -> int:
+    """The samples with errors, for data.skip_list (file<TAB>line<TAB>path<TAB>code)."""
+    n = 0
+    with open(path, "w", errors="surrogateescape") as f:
+        f.write(SKIP_HEADER + "\n")
+        for i in issues:
+            if i.is_error and i.line:
+                f.write(f"{i.file}\t{i.line}\t{i.path}\t{i.code}\n")
+                n += 1
+    return n

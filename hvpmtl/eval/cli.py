@@ -17,14 +17,19 @@ import sys
 import time
 from pathlib import Path
 
+from hvpmtl.eval.export import add_weights_arguments, describe
+
+
+def _say(msg: str) -> None:
+    print(f"hvpmtl eval: {msg}", file=sys.stderr, flush=True)
+
 
 def _add_common(p) -> None:
     src = p.add_argument_group("backbone (one of)")
     src.add_argument("--run-dir", help="a pre-training run (config.yaml + checkpoints/)")
     src.add_argument("--backbone", help="an exported backbone file (hvpmtl export)")
     src.add_argument("--random-init", action="store_true", help="untrained weights (the baseline)")
-    p.add_argument("--checkpoint", help="checkpoint tag dir of --run-dir (default: newest complete)")
-    p.add_argument("--which", default="auto", choices=("auto", "teacher", "student"))
+    add_weights_arguments(p)
     p.add_argument("--backbone-name", help="timm name (default: from the file's metadata or the run)")
     p.add_argument("--img-size", type=int, help="input size (default: from the file's metadata or the run)")
     p.add_argument("--config", help="experiment YAML for the data section when there is no --run-dir")
@@ -85,13 +90,18 @@ def prepare(args):
     backbone = load_backbone(run_dir=None if args.random_init else args.run_dir, checkpoint=args.checkpoint,
                              which=args.which, backbone_file=None if args.random_init else args.backbone,
                              backbone_name=name, img_size=size, random_init=args.random_init, seed=args.seed)
+    info = getattr(backbone, "weights_info", None)
+    if info:
+        _say(f"using the {describe(info)}")
+    elif args.backbone:
+        _say(f"using {args.backbone}")
     device = _device(args.device)
     backbone.to(device)
     feats = split_features(backbone, cfg.data, device=device, batch_size=args.batch_size,
                            train_list=args.train_list, test_list=args.test_list,
-                           train_dir=args.train_dir, test_dir=args.test_dir)
+                           train_dir=args.train_dir, test_dir=args.test_dir, progress=_say)
     what = "random-init " + backbone.name if args.random_init else (args.run_dir or args.backbone)
-    return feats, what, device
+    return feats, what, device, info
 
 
 def _report(args, result: dict) -> int:
@@ -109,14 +119,17 @@ def _run(args, evaluate) -> int:
 
     t0 = time.perf_counter()
     try:
-        f, what, device = prepare(args)
+        f, what, device, info = prepare(args)
     except (ValueError, ConfigError, DataError) as e:  # ExportError is a ValueError
         print(f"hvpmtl eval: {e}", file=sys.stderr)
         return 2
     tr, te = f["train"], f["test"]
+    _say(f"fitting on {len(tr['features'])} images, scoring {len(te['features'])} ...")
     result = evaluate(tr, te, f, device)
     result.update(backbone=what, n_train=int(len(tr["features"])), n_test=int(len(te["features"])),
                   seconds=round(time.perf_counter() - t0, 1))
+    if info:
+        result.update(which=info["which"], checkpoint=info["checkpoint"], step=info["step"])
     return _report(args, result)
 
 

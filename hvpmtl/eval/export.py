@@ -1,12 +1,14 @@
 """Export of the pre-trained backbone for timm, MMDetection/MMSegmentation and Detectron2.
 
-    hvpmtl export --run-dir RUN [--checkpoint TAG_DIR] [--which auto|teacher|student]
-                  --format timm|mmdet|mmseg|detectron2 [--prefix P] [--features-only] --out FILE
+    hvpmtl export --run-dir RUN [--checkpoint TAG] [--which auto|teacher|student]
+                  [--format timm|mmdet|mmseg|detectron2] [--prefix P] [--features-only] --out FILE
 
-The weights are read from a DeepSpeed checkpoint of the engine (<run>/checkpoints/step_*/):
-the teacher (EMA, fp32, in the client state) when distillation ran, else the student
-('module'; fp32 master weights recovered from the ZeRO partitions when it trained in bf16/fp16).
-Keys are always timm's own (`MaskableBackbone.model`); only a prefix differs per format:
+The weights are read from a DeepSpeed checkpoint of the engine (<run>/checkpoints/step_*/, checked
+against its manifest and read weights-only) by hvpmtl.train.checkpoint.read_backbone: the student
+(fp32 master weights) or the EMA teacher; `auto` takes the teacher only once less than 1% of it is
+its random initialisation (checkpoint.default_weights), and the choice is printed. The format
+follows the --out suffix (.safetensors: timm, .pkl: detectron2; .pth needs --format) and a
+mismatch is refused. Keys are always timm's own (`MaskableBackbone.model`); only a prefix differs:
 
   timm        safetensors; timm.create_model(name, pretrained=True, num_classes=0, img_size=S,
               pretrained_cfg_overlay=dict(file=PATH)) loads it with no missing or unexpected key
@@ -20,22 +22,35 @@ Keys are always timm's own (`MaskableBackbone.model`); only a prefix differs per
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
+
+import hvpmtl.train.checkpoint as ckpt
+from hvpmtl.train.checkpoint import UnsafeFileError
 
 FORMATS = ("timm", "mmdet", "mmseg", "detectron2")
 DEFAULT_PREFIX = {"timm": "", "mmdet": "backbone.timm_model.", "mmseg": "backbone.timm_model.", "detectron2": ""}
-MODEL_FILE = "mp_rank_00_model_states.pt"
-TIMM_PREFIX = "backbone.model."  # where the timm model sits inside Student and Teacher
+SUFFIXES = {"timm": (".safetensors",), "mmdet": (".pth",), "mmseg": (".pth",), "detectron2": (".pth", ".pkl")}
 
 
 class ExportError(ValueError):
     """A run, checkpoint or file that cannot be exported, with the path in the message."""
+
+
+def _shared_mode(path: Path) -> Path:
+    """Files are written as the user's umask allows (safetensors creates them 0600): group members of a
+    shared cluster project read what a colleague exported."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+    return path
 
 
 def timm_state_dict(backbone) -> dict[str, torch.Tensor]:
@@ -49,100 +64,53 @@ def save_timm_backbone(backbone, path: str | Path, metadata: Optional[dict] = No
     meta = {"format": "pt", "timm_model": backbone.name, "img_size": str(backbone.img_size)}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     save_file(timm_state_dict(backbone), str(path), metadata=meta)
-    return path
+    return _shared_mode(path)
 
 
 # ----------------------------------------------------------------------------- reading
 
 
 def find_checkpoint(run_dir: str | Path, checkpoint: Optional[str | Path] = None) -> Path:
-    """The given tag dir (checked complete) or the newest complete one under <run>/checkpoints."""
-    from hvpmtl.train.checkpoint import candidates, is_complete
-
-    if checkpoint is not None:
-        tag = Path(checkpoint)
-        ok, why = is_complete(tag)
-        if not ok:
-            raise ExportError(f"--checkpoint {tag}: not a usable checkpoint ({why})")
-        return tag
-    found = candidates(Path(run_dir) / "checkpoints")
+    """The given checkpoint (a tag folder or a tag name under <run>/checkpoints, checked complete) or the
+    newest complete one."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    try:
+        if checkpoint is not None:
+            tag = ckpt.resolve_tag(ckpt_dir, checkpoint)
+            ok, why = ckpt.is_complete(tag)
+            if not ok:
+                raise ExportError(f"--checkpoint {checkpoint}: not a usable checkpoint ({why})")
+            return tag
+    except ckpt.CheckpointError as e:
+        raise ExportError(str(e)) from None
+    found = ckpt.candidates(ckpt_dir)
     if not found:
-        raise ExportError(f"{run_dir}: no complete checkpoint under {Path(run_dir) / 'checkpoints'}")
+        raise ExportError(f"{run_dir}: no complete checkpoint under {ckpt_dir}")
     return found[0]
 
 
-def _strip(state: dict, prefix: str, source: str) -> dict[str, torch.Tensor]:
-    out = {k[len(prefix):]: v.detach().float().cpu().contiguous() for k, v in state.items() if k.startswith(prefix)}
-    if not out:
-        raise ExportError(f"{source}: no '{prefix}*' weights in it")
-    return out
-
-
 def read_run_backbone(run_dir: str | Path, checkpoint: Optional[str | Path] = None, which: str = "auto"):
-    """(timm state dict fp32, the run's ExperimentConfig, info dict) from a run's checkpoint."""
-    from hvpmtl.config import load_config
-
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise ExportError(f"{run_dir}: no config.yaml (is it a run.output_dir of `launchers/pretrain.py`?)")
-    cfg = load_config(cfg_path)
-    tag = find_checkpoint(run_dir, checkpoint)
-    model_file = tag / MODEL_FILE
-    if not model_file.is_file():
-        raise ExportError(f"{tag}: no {MODEL_FILE} (not a DeepSpeed checkpoint of the engine?)")
-    ckpt = torch.load(model_file, map_location="cpu", weights_only=False)
-    if which not in ("auto", "teacher", "student"):
-        raise ExportError(f"--which must be auto, teacher or student, got '{which}'")
-    teacher = ckpt.get("teacher")
-    if which == "auto":
-        which = "teacher" if teacher is not None else "student"
-    if which == "teacher":
-        if teacher is None:
-            raise ExportError(f"{model_file}: no teacher (distillation was off in this run); use --which student")
-        state = _strip(teacher, TIMM_PREFIX, f"{model_file} [teacher]")
-    else:
-        module = ckpt.get("module")
-        if module is None:
-            raise ExportError(f"{model_file}: no 'module' state dict")
-        if any(v.dtype != torch.float32 for k, v in module.items() if k.startswith(TIMM_PREFIX)):
-            # bf16/fp16 training: the module holds rounded copies; take ZeRO's fp32 master weights
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-            module = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
-        state = _strip(module, TIMM_PREFIX, f"{model_file} [student]")
-    info = {"run_dir": str(run_dir.resolve()), "checkpoint": tag.name, "step": ckpt.get("step"), "which": which,
-            "timm_model": cfg.model.backbone, "img_size": cfg.model.img_size}
-    return state, cfg, info
+    """(timm state dict fp32, the run's ExperimentConfig, info dict) from a run's checkpoint: see
+    hvpmtl.train.checkpoint.read_backbone. info names the weights (which, reason, checkpoint, step)."""
+    try:
+        return ckpt.read_backbone(run_dir, checkpoint, which)
+    except (ckpt.CheckpointError, UnsafeFileError) as e:
+        raise ExportError(str(e)) from None
 
 
 def read_backbone_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(timm state dict, metadata) from any export of this module; prefixes are removed."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"backbone file {path} does not exist")
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        return load_file(str(path)), meta
-    if path.suffix == ".pkl":
-        with open(path, "rb") as f:
-            obj = pickle.load(f)
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(obj, dict) and "state_dict" in obj:  # mmdet / mmseg
-        meta = dict(obj.get("meta", {}).get("hvpmtl", {}))
-        state = obj["state_dict"]
-    elif isinstance(obj, dict) and "model" in obj:  # detectron2
-        meta = dict(obj.get("hvpmtl", {}))
-        state = obj["model"]
-    else:
-        raise ExportError(f"{path}: neither a safetensors file nor a dict with 'state_dict' or 'model'")
-    prefix = meta.get("prefix", "")
-    if meta.get("features_only"):
-        raise ExportError(f"{path}: a --features-only export holds timm's features_only keys; export the timm "
-                          "format to read it back here")
-    state = {k[len(prefix):]: torch.as_tensor(v) for k, v in state.items() if k.startswith(prefix)}
-    return state, meta
+    """(timm state dict, metadata) from any export of this module (hvpmtl.train.checkpoint.read_backbone_file:
+    safetensors, weights-only .pth, numpy-only .pkl)."""
+    try:
+        return ckpt.read_backbone_file(path)
+    except (ckpt.CheckpointError, UnsafeFileError) as e:
+        raise ExportError(str(e)) from None
+
+
+def describe(info: dict) -> str:
+    """One line naming the weights a command uses."""
+    return (f"{info['which']} of {info.get('run_dir', '?')} at {info['checkpoint']} (step {info['step']}): "
+            f"{info.get('reason', '')}")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -163,12 +131,11 @@ def _features_only_state(state: dict, name: str, img_size: int) -> dict[str, tor
 def write_export(state: dict[str, torch.Tensor], out: str | Path, fmt: str, info: dict,
                  prefix: Optional[str] = None, features_only: bool = False) -> Path:
     """Write `state` (timm keys) in `fmt`; `info` needs timm_model and img_size."""
-    if fmt not in FORMATS:
-        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    out = Path(out)
+    fmt = format_for(out, fmt)
     if features_only and fmt not in ("mmdet", "mmseg"):
         raise ExportError("--features-only applies to the mmdet and mmseg formats")
     prefix = DEFAULT_PREFIX[fmt] if prefix is None else prefix
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: v for k, v in info.items() if v is not None}
     meta.update(prefix=prefix, features_only=features_only, keys="timm")
@@ -177,7 +144,7 @@ def write_export(state: dict[str, torch.Tensor], out: str | Path, fmt: str, info
             raise ExportError("the timm format takes no --prefix: timm loads its own keys")
         save_file({k: v.contiguous() for k, v in state.items()}, str(out),
                   metadata={"format": "pt", **{k: str(v) for k, v in meta.items()}})
-        return out
+        return _shared_mode(out)
     if features_only:
         state = _features_only_state(state, info["timm_model"], int(info["img_size"]))
     keyed = {prefix + k: v for k, v in state.items()}
@@ -190,11 +157,32 @@ def write_export(state: dict[str, torch.Tensor], out: str | Path, fmt: str, info
             pickle.dump(obj, f)
     else:
         torch.save({"model": keyed, "__author__": "hvpmtl", "matching_heuristics": True, "hvpmtl": meta}, out)
-    return out
+    return _shared_mode(out)
 
 
-def export_run(run_dir: str | Path, out: str | Path, fmt: str = "timm", checkpoint: Optional[str | Path] = None,
-               which: str = "auto", prefix: Optional[str] = None, features_only: bool = False) -> Path:
+def format_for(out: Path, fmt: Optional[str]) -> str:
+    """The export format: the one given, which must fit the file suffix, or the one the suffix implies."""
+    if fmt is not None and fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    fits = [f for f in FORMATS if out.suffix in SUFFIXES[f]]
+    if fmt is None:
+        if len(fits) == 1:
+            return fits[0]
+        raise ExportError(f"--out {out}: give --format ({' or '.join(fits) if fits else ', '.join(FORMATS)}); "
+                          "the suffix does not decide it" + ("" if fits else
+                                                            " (.safetensors: timm, .pth: mmdet/mmseg/detectron2, "
+                                                            ".pkl: detectron2)"))
+    if fmt not in fits:
+        raise ExportError(f"--format {fmt} writes {' or '.join(SUFFIXES[fmt])}, not '{out.suffix or '(no suffix)'}': "
+                          f"name the file {out.with_suffix(SUFFIXES[fmt][0]).name} (or pick the format of its suffix)")
+    return fmt
+
+
+def export_run(run_dir: str | Path, out: str | Path, fmt: Optional[str] = None,
+               checkpoint: Optional[str | Path] = None, which: str = "auto", prefix: Optional[str] = None,
+               features_only: bool = False) -> Path:
+    """Export a run's backbone; `fmt` None: from the suffix of `out`."""
+    fmt = format_for(Path(out), fmt)  # before the (slow) read: a wrong name fails at once
     state, _, info = read_run_backbone(run_dir, checkpoint, which)
     return write_export(state, out, fmt, info, prefix, features_only)
 
@@ -206,10 +194,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("export", help="export a run's pre-trained backbone (timm, mmdet, mmseg, detectron2)",
                               description=__doc__.split("\n\n")[1] if __doc__ else None)
     p.add_argument("--run-dir", required=True, help="the run's output_dir (holds config.yaml and checkpoints/)")
-    p.add_argument("--checkpoint", default=None, help="a checkpoint tag dir (default: the newest complete one)")
-    p.add_argument("--which", default="auto", choices=("auto", "teacher", "student"),
-                   help="auto: the EMA teacher when distillation ran, else the student")
-    p.add_argument("--format", default="timm", choices=FORMATS)
+    add_weights_arguments(p)
+    p.add_argument("--format", default=None, choices=FORMATS,
+                   help="default: from the --out suffix (.safetensors: timm, .pkl: detectron2); .pth needs it")
     p.add_argument("--prefix", default=None,
                    help="key prefix (default: 'backbone.timm_model.' for mmdet/mmseg, none otherwise)")
     p.add_argument("--features-only", action="store_true",
@@ -218,16 +205,27 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=_main)
 
 
-def _main(args) -> int:
-    import sys
+def add_weights_arguments(p) -> None:
+    """--checkpoint and --which, shared by `hvpmtl export` and `hvpmtl eval`."""
+    p.add_argument("--checkpoint", default=None,
+                   help="a checkpoint of --run-dir: tag name (step_00001000) or folder (default: the newest complete)")
+    p.add_argument("--which", default="auto", choices=("auto", "teacher", "student"),
+                   help="auto (default): the EMA teacher once less than 1%% of it is its random start, else the "
+                        "student (docs/EVAL.md); the choice is printed")
 
+
+def _main(args) -> int:
     from hvpmtl.config import ConfigError
 
     try:
-        path = export_run(args.run_dir, args.out, args.format, args.checkpoint, args.which, args.prefix,
-                          args.features_only)
+        fmt = format_for(Path(args.out), args.format)  # a wrong name fails before the (slow) read
+        print(f"hvpmtl export: reading {args.run_dir} ...", file=sys.stderr, flush=True)
+        state, _, info = read_run_backbone(args.run_dir, args.checkpoint, args.which)
+        print(f"hvpmtl export: using the {describe(info)}", file=sys.stderr, flush=True)
+        path = write_export(state, args.out, fmt, info, args.prefix, args.features_only)
     except (ExportError, ConfigError) as e:
         print(f"hvpmtl export: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"out": str(path), "format": args.format}))
+    print(json.dumps({"out": str(path), "format": fmt, "which": info["which"], "checkpoint": info["checkpoint"],
+                      "step": info["step"]}))
     return 0

@@ -25,8 +25,9 @@ def load_backbone(*, run_dir: Optional[str | Path] = None, checkpoint: Optional[
     With a run directory, the name and image size come from its config.yaml unless given."""
     from hvpmtl.eval import export
 
+    info = None
     if run_dir is not None:
-        state, cfg, _ = export.read_run_backbone(run_dir, checkpoint=checkpoint, which=which)
+        state, cfg, info = export.read_run_backbone(run_dir, checkpoint=checkpoint, which=which)
         name = backbone_name or cfg.model.backbone
         size = img_size or cfg.model.img_size
     elif backbone_file is not None:
@@ -54,7 +55,14 @@ def load_backbone(*, run_dir: Optional[str | Path] = None, checkpoint: Optional[
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(f"backbone weights do not fit timm '{name}' at {size} px: missing "
                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    backbone.weights_info = info  # which weights of the run (teacher/student, tag, step, why), for the caller to say
     return backbone.eval()
+
+
+def split_halves(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (probe-train, probe-test) by the parity of the sample's position in the list."""
+    train = index % 2 == 0
+    return train, ~train
 
 
 def pooled(backbone: MaskableBackbone, images: torch.Tensor) -> torch.Tensor:
@@ -63,11 +71,16 @@ def pooled(backbone: MaskableBackbone, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(backbone: MaskableBackbone, batches: Iterable[dict], *, device) -> dict[str, np.ndarray]:
+def extract_features(backbone: MaskableBackbone, batches: Iterable[dict], *, device, progress=None,
+                     what: str = "features") -> dict[str, np.ndarray]:
     """{"features" [N, D] float32, "labels" [N, C] or [N], "index" [N]} in the loader's order.
 
     The backbone runs in eval mode in its own parameter dtype (bf16 for a bf16 student); its
-    training mode is restored afterwards."""
+    training mode is restored afterwards. `progress(msg)` hears about it every ~5 s."""
+    import time
+
+    t0 = last = time.perf_counter()
+    total = len(batches) if hasattr(batches, "__len__") else None
     was_training = backbone.training
     backbone.eval()
     dtype = next(backbone.parameters()).dtype
@@ -80,6 +93,10 @@ def extract_features(backbone: MaskableBackbone, batches: Iterable[dict], *, dev
             labels.append(y.cpu())
             if "index" in b:
                 index.append(b["index"].view(-1).cpu().long())
+            if progress is not None and time.perf_counter() - last > 5:
+                last = time.perf_counter()
+                of = f" of {total}" if total else ""
+                progress(f"{what}: batch {len(feats)}{of}, {sum(len(f) for f in feats)} images, {last - t0:.0f} s")
     finally:
         backbone.train(was_training)
     if not feats:
@@ -99,19 +116,15 @@ def _loader_device(device) -> tuple[str, int]:
 
 def split_features(backbone: MaskableBackbone, data_cfg, *, device, batch_size: int = 64,
                    train_list: Optional[str] = None, test_list: Optional[str] = None,
-                   train_dir: Optional[str] = None, test_dir: Optional[str] = None) -> dict:
+                   train_dir: Optional[str] = None, test_dir: Optional[str] = None, progress=None) -> dict:
     """Features of a probe-train and a probe-test split, one process.
 
     ImageFolder dirs (single-label), two Tencent list files (multi-label), or by default the held-out
     list `data_cfg.holdout_list` split in two by position parity, as the online evaluation does.
     Returns {"train": {...}, "test": {...}, "multilabel": bool, "num_classes": int}."""
-    import dataclasses
-
-    from hvpmtl.eval.online import split_halves
-
     kind, local_rank = _loader_device(device)
-    data_cfg = dataclasses.replace(data_cfg, img_size=backbone.img_size,
-                                   device=kind if data_cfg.device == "auto" else data_cfg.device)
+    data_cfg = data_cfg.model_copy(update={"img_size": backbone.img_size,
+                                           "device": kind if data_cfg.device == "auto" else data_cfg.device})
     if train_dir or test_dir:
         if not (train_dir and test_dir):
             raise ValueError("give both --train-dir and --test-dir (ImageFolder roots)")
@@ -122,7 +135,8 @@ def split_features(backbone: MaskableBackbone, data_cfg, *, device, batch_size: 
                    for d in (train_dir, test_dir)]
         if loaders[0].classes != loaders[1].classes:
             raise ValueError(f"{train_dir} and {test_dir} have different class folders")
-        tr, te = (extract_features(backbone, ld, device=device) for ld in loaders)
+        tr, te = (extract_features(backbone, ld, device=device, progress=progress, what=w)
+                  for ld, w in zip(loaders, ("probe-train features", "probe-test features")))
         return {"train": tr, "test": te, "multilabel": False, "num_classes": len(loaders[0].classes)}
     from hvpmtl.data.pipeline import build_eval_loader
 
@@ -130,10 +144,12 @@ def split_features(backbone: MaskableBackbone, data_cfg, *, device, batch_size: 
     if train_list or test_list:
         if not (train_list and test_list):
             raise ValueError("give both --train-list and --test-list (Tencent-format list files)")
-        tr = extract_features(backbone, build_eval_loader(data_cfg, list_file=train_list, **kw), device=device)
-        te = extract_features(backbone, build_eval_loader(data_cfg, list_file=test_list, **kw), device=device)
+        tr = extract_features(backbone, build_eval_loader(data_cfg, list_file=train_list, **kw), device=device,
+                              progress=progress, what="probe-train features")
+        te = extract_features(backbone, build_eval_loader(data_cfg, list_file=test_list, **kw), device=device,
+                              progress=progress, what="probe-test features")
     else:
-        allf = extract_features(backbone, build_eval_loader(data_cfg, **kw), device=device)
+        allf = extract_features(backbone, build_eval_loader(data_cfg, **kw), device=device, progress=progress)
         order = np.argsort(allf["index"], kind="stable")
         allf = {k: v[order] for k, v in allf.items()}
         m_tr, m_te = split_halves(allf["index"])

@@ -1,6 +1,7 @@
 """Online evaluation during pre-training: kNN and linear-probe mAP on the labelled held-out split.
 
-Called by the engine on every rank every `run.eval_every` steps. Each rank extracts features for
+Run on every rank every `run.eval_every` steps by the `OnlineEval` step hook (hvpmtl/eval/hooks.py), which
+keeps one `OnlineEvaluator` (and so one held-out loader) for the run. Each rank extracts features for
 its share of `data.holdout_list` (the eval loader gives rank r the ids r, r+W, ...); the features
 are gathered on every rank, rank 0 fits the probes and broadcasts the numbers, so every rank
 returns the same dict and no rank waits on a long single-rank job at a barrier.
@@ -15,12 +16,11 @@ import torch
 import torch.distributed as dist
 
 from hvpmtl.config import ConfigError, ExperimentConfig
-from hvpmtl.eval.features import extract_features
+from hvpmtl.eval.features import extract_features, split_halves
 from hvpmtl.eval.knn import knn_eval
 from hvpmtl.eval.linear_probe import linear_probe
 
 EVAL_BATCH_SIZE = 64
-_LOADERS: dict = {}  # EvalLoader per (held-out list, size, rank...): each iteration builds a fresh DALI pipeline
 
 
 def _distributed(world_size: int) -> bool:
@@ -41,12 +41,6 @@ def _all_gather_rows(x: torch.Tensor, world_size: int) -> torch.Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
-def split_halves(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean masks (probe-train, probe-test) by the parity of the sample's position in the list."""
-    train = index % 2 == 0
-    return train, ~train
-
-
 def probe_scores(features: np.ndarray, labels: np.ndarray, index: np.ndarray, *, num_classes: int,
                  knn_k: int = 20, knn_temperature: float = 0.07, device="cpu") -> dict[str, float]:
     """kNN and linear-probe mAP (percent) of multi-label features split by `split_halves`."""
@@ -63,42 +57,52 @@ def probe_scores(features: np.ndarray, labels: np.ndarray, index: np.ndarray, *,
     return {"eval/knn_map": knn["map"], "eval/linear_map": lin["map"]}
 
 
-def evaluate_online(backbone, cfg: ExperimentConfig, *, device, rank: int, world_size: int) -> dict[str, float]:
-    """{"eval/knn_map", "eval/linear_map"} in percent, identical on every rank. Collective: every rank
-    must call it. The backbone's train/eval mode is restored."""
-    if not cfg.data.holdout_list:
-        raise ConfigError("run.eval_every > 0 needs data.holdout_list (a labelled held-out list file; "
-                          "`hvpmtl data make-synthetic --holdout N` writes one)")
-    from hvpmtl.data.pipeline import build_eval_loader
+class OnlineEvaluator:
+    """kNN and linear-probe mAP of a backbone on data.holdout_list, for one rank of a run. The held-out list is
+    read and checked once, when the evaluator is made; each call is collective (every rank calls it)."""
 
-    local_rank = device.index if getattr(device, "type", "cpu") == "cuda" and device.index is not None else 0
-    d = cfg.data
-    key = (d.holdout_list, d.root, d.img_size, d.num_classes, d.device, rank, world_size, local_rank)
-    if key not in _LOADERS:  # the list is read and checked once per run, not at every evaluation
-        _LOADERS[key] = build_eval_loader(d, batch_size=EVAL_BATCH_SIZE, rank=rank, world_size=world_size,
-                                          local_rank=local_rank, dtype=torch.float32)
-    loader = _LOADERS[key]
-    if len(loader):
-        out = extract_features(backbone, loader, device=device)
-    else:  # fewer held-out images than ranks: this rank still joins the gathers
-        out = {"features": np.zeros((0, backbone.embed_dim), np.float32),
-               "labels": np.zeros((0, d.num_classes), np.float32), "index": np.zeros(0, np.int64)}
-    feats = _all_gather_rows(torch.from_numpy(out["features"]).to(device), world_size)
-    labels = _all_gather_rows(torch.from_numpy(out["labels"].astype(np.float32)).to(device), world_size)
-    index = _all_gather_rows(torch.from_numpy(out["index"]).to(device), world_size)
-    result = torch.zeros(3, dtype=torch.float64, device=device)  # knn, linear, ok
-    error = None
-    if rank == 0:
-        try:
-            r = probe_scores(feats.cpu().numpy(), labels.cpu().numpy(), index.cpu().numpy(),
-                             num_classes=cfg.data.num_classes, device=device)
-            result = torch.tensor([r["eval/knn_map"], r["eval/linear_map"], 1.0], dtype=torch.float64, device=device)
-        except Exception as e:  # noqa: BLE001 — the other ranks must hear of it, not wait for ever
-            error = e
-    if _distributed(world_size):
-        dist.broadcast(result, src=0)
-    if error is not None:
-        raise error
-    if result[2] == 0:
-        raise RuntimeError("online evaluation failed on rank 0 (see its log)")
-    return {"eval/knn_map": float(result[0]), "eval/linear_map": float(result[1])}
+    def __init__(self, cfg: ExperimentConfig, *, device, rank: int, world_size: int):
+        if not cfg.data.holdout_list:
+            raise ConfigError("run.eval_every > 0 needs data.holdout_list (a labelled held-out list file; "
+                              "`hvpmtl data make-synthetic --holdout N` writes one)")
+        from hvpmtl.data.pipeline import build_eval_loader
+
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world_size
+        local_rank = device.index if getattr(device, "type", "cpu") == "cuda" and device.index is not None else 0
+        self.loader = build_eval_loader(cfg.data, batch_size=EVAL_BATCH_SIZE, rank=rank, world_size=world_size,
+                                        local_rank=local_rank, dtype=torch.float32)
+
+    def __call__(self, backbone) -> dict[str, float]:
+        """{"eval/knn_map", "eval/linear_map"} in percent, identical on every rank. The backbone's train/eval
+        mode is restored."""
+        d, device, world_size = self.cfg.data, self.device, self.world
+        if len(self.loader):
+            out = extract_features(backbone, self.loader, device=device)
+        else:  # fewer held-out images than ranks: this rank still joins the gathers
+            out = {"features": np.zeros((0, backbone.embed_dim), np.float32),
+                   "labels": np.zeros((0, d.num_classes), np.float32), "index": np.zeros(0, np.int64)}
+        feats = _all_gather_rows(torch.from_numpy(out["features"]).to(device), world_size)
+        labels = _all_gather_rows(torch.from_numpy(out["labels"].astype(np.float32)).to(device), world_size)
+        index = _all_gather_rows(torch.from_numpy(out["index"]).to(device), world_size)
+        result = torch.zeros(3, dtype=torch.float64, device=device)  # knn, linear, ok
+        error = None
+        if self.rank == 0:
+            try:
+                r = probe_scores(feats.cpu().numpy(), labels.cpu().numpy(), index.cpu().numpy(),
+                                 num_classes=d.num_classes, device=device)
+                result = torch.tensor([r["eval/knn_map"], r["eval/linear_map"], 1.0], dtype=torch.float64,
+                                      device=device)
+            except Exception as e:  # noqa: BLE001 — the other ranks must hear of it, not wait for ever
+                error = e
+        if _distributed(world_size):
+            dist.broadcast(result, src=0)
+        if error is not None:
+            raise error
+        if result[2] == 0:
+            raise RuntimeError("online evaluation failed on rank 0 (see its log)")
+        return {"eval/knn_map": float(result[0]), "eval/linear_map": float(result[1])}
+
+
+def evaluate_online(backbone, cfg: ExperimentConfig, *, device, rank: int, world_size: int) -> dict[str, float]:
+    """One evaluation with a fresh evaluator (collective: every rank must call it)."""
+    return OnlineEvaluator(cfg, device=device, rank=rank, world_size=world_size)(backbone)

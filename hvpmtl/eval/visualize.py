@@ -1,4 +1,4 @@
-"""MLflow image panels of what the student does, logged by rank 0 every `run.image_log_every` steps.
+"""MLflow image panels of what the student does, every `run.image_log_every` steps (the `ImagePanels` step hook).
 
   panels/mim_step_XXXXXX.png        input, masked input, reconstruction, reconstruction in the masked area
   panels/labels_step_XXXXXX.png     top-k predicted labels (class names from data.dictionary) vs the truth
@@ -7,9 +7,10 @@
                                     score per view: one tall bar of scores = collapse
   panels/losses_step_XXXXXX.png     loss curves per objective from <run.output_dir>/metrics.jsonl
 
-A panel whose head is off (objective disabled) is skipped. The student runs without gradients
-in eval mode; its training mode is restored. A panel that fails is reported as a warning: a
-picture must not stop a training run.
+A panel whose head is off (objective disabled) is skipped. The student's own `inspect` gives what
+the heads make of a few fixed training images, without gradients in eval mode (its training mode is
+restored); every rank takes part (the Sinkhorn codes span the ranks), rank 0 draws and logs. A panel
+that fails is reported as a warning: a picture must not stop a training run.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 
 from hvpmtl.config import ExperimentConfig
@@ -31,7 +31,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TOP_K = 5
 MIN_TILE = 128  # small training crops are enlarged to at least this many pixels
 LOSS_KEYS = ("loss", "asl", "swav", "mim", "distill")
-_SOLO_GROUP = None
 
 
 # ----------------------------------------------------------------------------- image helpers
@@ -84,16 +83,15 @@ def _pyplot():
 # ----------------------------------------------------------------------------- panels
 
 
-@torch.no_grad()
-def mim_panel(student, view1: torch.Tensor, mask: torch.Tensor) -> Image.Image:
+def mim_panel(view1: torch.Tensor, mask: torch.Tensor, rec: torch.Tensor) -> Image.Image:
     """Rows: input, masked input (grey), reconstruction, reconstruction pasted into the masked area."""
-    rec = student.mim_decoder(student.backbone(view1, mask)).float()
+    rec = rec.float().cpu()
     patch = view1.shape[-1] // mask.shape[-1]
     m = mask.float().repeat_interleave(patch, 1).repeat_interleave(patch, 2).unsqueeze(1).cpu()
     x = view1.float().cpu()
     grey = torch.zeros_like(x)  # 0 in normalised space = the ImageNet mean colour
     masked = x * (1 - m) + grey * m
-    pasted = x * (1 - m) + rec.cpu() * m
+    pasted = x * (1 - m) + rec * m
     return _grid([to_uint8(x), to_uint8(masked), to_uint8(rec), to_uint8(pasted)],
                  ["input", "masked", "reconstruction", "rec. in mask"])
 
@@ -107,10 +105,8 @@ def class_names(cfg: ExperimentConfig) -> list[str]:
     return [str(i) for i in range(cfg.data.num_classes)]
 
 
-@torch.no_grad()
-def label_predictions(student, view1: torch.Tensor, labels: torch.Tensor, names: list[str], k: int = TOP_K):
+def label_predictions(logits: torch.Tensor, labels: torch.Tensor, names: list[str], k: int = TOP_K):
     """Per sample: top-k predicted (name, probability) and the true (name, confidence) labels."""
-    logits, _ = student.label_decoder(student.backbone(view1))
     probs = torch.sigmoid(logits.float()).cpu()
     k = min(k, probs.shape[1])
     top_p, top_i = probs.topk(k, dim=1)
@@ -145,36 +141,22 @@ def labels_panel(view1: torch.Tensor, preds: list[dict]) -> Image.Image:
     return canvas
 
 
-def _single_process_group():
-    """A process group of this rank alone: Sinkhorn on rank 0's panel batch must not wait for the
-    other ranks (they are training). None outside torch.distributed."""
-    global _SOLO_GROUP
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return None
-    if _SOLO_GROUP is None:
-        # built directly (not by dist.new_group, which every rank would have to call)
-        from torch.distributed.distributed_c10d import ProcessGroupGloo
-        _SOLO_GROUP = ProcessGroupGloo(dist.HashStore(), 0, 1)
-    return _SOLO_GROUP
-
-
-@torch.no_grad()
-def code_assignments(student, view1: torch.Tensor, view2: torch.Tensor, cfg: ExperimentConfig) -> dict[str, np.ndarray]:
-    """Per prototype, how many views (both views of the batch) pick it: {"codes": argmax of the
-    Sinkhorn codes (the targets), "scores": argmax of the raw prototype scores (the predictions)}.
+def code_counts(scores: torch.Tensor, codes: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per prototype, how many views pick it: {"codes": argmax of the Sinkhorn codes (the targets), "scores":
+    argmax of the raw prototype scores (the predictions)}.
 
     With collapsed embeddings every score row is the same, so "scores" is one bar; the Sinkhorn
     rows are then uniform and their argmax only follows rounding noise, so "codes" shows the
     equipartition Sinkhorn imposes rather than the collapse. The two together tell them apart."""
-    from hvpmtl.losses.swav import sinkhorn_codes
-
-    sw = cfg.objectives.swav
-    head = student.prototype_head
-    scores = torch.cat([head(student.backbone(view1))[1], head(student.backbone(view2))[1]]).float()
-    codes = sinkhorn_codes(scores, sw.epsilon, sw.sinkhorn_iters, sw.t_max, group=_single_process_group())
     k = scores.shape[1]
     return {"codes": np.bincount(codes.argmax(dim=1).cpu().numpy(), minlength=k),
             "scores": np.bincount(scores.argmax(dim=1).cpu().numpy(), minlength=k)}
+
+
+def code_assignments(student, view1: torch.Tensor, view2: torch.Tensor, world_size: int = 1) -> dict[str, np.ndarray]:
+    """`code_counts` of both views of a batch through the student (eval mode is the caller's)."""
+    out = student.inspect(view1, view2, None, world_size=world_size)
+    return code_counts(out["scores"], out["codes"])
 
 
 def codes_panel(counts: dict[str, np.ndarray], step: int) -> Image.Image:
@@ -230,16 +212,28 @@ def losses_panel(series: dict, step: int) -> Image.Image:
 # ----------------------------------------------------------------------------- entry point
 
 
-def log_panels(tracker, student, batch: dict, cfg: ExperimentConfig, step: int) -> list[str]:
+def log_panels(tracker, student, batch: dict, cfg: ExperimentConfig, step: int, *, world_size: int = 1,
+               is_main: bool = True) -> list[str]:
     """Log every panel the student's enabled heads allow; returns the artifact names logged.
 
-    batch: {"view1", "view2", "mask", "labels", "index"}, a few fixed training samples."""
+    batch: {"view1", "view2", "mask", "labels", "index"}, a few fixed training samples. Collective when
+    world_size > 1 (every rank runs the student); only `is_main` draws and logs."""
     p = next(student.parameters())
     dev, dtype = p.device, p.dtype
     v1 = batch["view1"].to(dev, dtype)
-    v2 = batch["view2"].to(dev, dtype)
-    mask = batch["mask"].to(dev)
+    was_training = student.training
+    student.eval()
+    try:
+        out = student.inspect(v1, batch["view2"].to(dev, dtype), batch["mask"].to(dev), world_size=world_size)
+    except Exception as e:  # noqa: BLE001 — see the module docstring (every rank fails alike: same code, same shapes)
+        warnings.warn(f"image panels at step {step} failed: {type(e).__name__}: {e}")
+        return []
+    finally:
+        student.train(was_training)
+    if not is_main:
+        return []
     labels = batch["labels"].float().cpu()
+    mask = batch["mask"].cpu()
     tag = f"step_{step:06d}"
     logged = []
 
@@ -253,26 +247,21 @@ def log_panels(tracker, student, batch: dict, cfg: ExperimentConfig, step: int) 
             tracker.log_image(img, f"panels/{name}_{tag}.png")
             logged.append(f"panels/{name}_{tag}.png")
 
-    was_training = student.training
-    student.eval()
-    try:
-        if student.mim_decoder is not None:
-            emit("mim", lambda: mim_panel(student, v1, mask))
-        if student.label_decoder is not None:
-            def labels_image():
-                preds = label_predictions(student, v1, labels, class_names(cfg))
-                out = Path(cfg.run.output_dir) / "panels" / f"labels_{tag}.json"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps({"step": step, "index": batch["index"].view(-1).tolist(),
-                                           "samples": preds}, indent=1))
-                tracker.log_artifact(out, "panels")
-                logged.append(f"panels/{out.name}")
-                return labels_panel(v1, preds)
-            emit("labels", labels_image)
-        if student.prototype_head is not None:
-            emit("swav_codes", lambda: codes_panel(code_assignments(student, v1, v2, cfg), step))
-    finally:
-        student.train(was_training)
+    if "reconstruction" in out:
+        emit("mim", lambda: mim_panel(v1, mask, out["reconstruction"]))
+    if "logits" in out:
+        def labels_image():
+            preds = label_predictions(out["logits"], labels, class_names(cfg))
+            path = Path(cfg.run.output_dir) / "panels" / f"labels_{tag}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"step": step, "index": batch["index"].view(-1).tolist(),
+                                        "samples": preds}, indent=1))
+            tracker.log_artifact(path, "panels")
+            logged.append(f"panels/{path.name}")
+            return labels_panel(v1, preds)
+        emit("labels", labels_image)
+    if "scores" in out:
+        emit("swav_codes", lambda: codes_panel(code_counts(out["scores"], out["codes"]), step))
     emit("losses", lambda: (lambda s: losses_panel(s, step) if s else None)(
         read_metrics(Path(cfg.run.output_dir) / "metrics.jsonl")))
     return logged

@@ -11,7 +11,8 @@ in [B, K] layout.
 
 Across ranks (torch.distributed initialised, world size > 1) only the column logsumexp needs
 the other ranks: all_reduce MAX of the column max, then all_reduce SUM of sum_b exp(L - max).
-B_global is the all_reduced sum of the local batch sizes, so unequal batches are fine.
+B_global is given by the caller when it knows it (the training step: local rows x world size, a static
+number), else it is the all_reduced sum of the local batch sizes, so unequal batches are fine.
 The Triton twin is `hvpmtl.kernels.sinkhorn.sinkhorn`, same signature.
 """
 import math
@@ -36,8 +37,11 @@ def check_scores(scores: torch.Tensor, epsilon: float, n_iters: int) -> None:
         raise ValueError(f"sinkhorn: epsilon must be > 0, got {epsilon}")
 
 
-def global_batch_size(local: int, device: torch.device, group=None) -> int:
-    """Sum of the batch sizes over the ranks of `group` (just `local` outside torch.distributed)."""
+def global_batch_size(local: int, device: torch.device, group=None, known: Optional[int] = None) -> int:
+    """Sum of the batch sizes over the ranks of `group` (just `local` outside torch.distributed); `known`, when
+    the caller gives it, is taken as is: no collective, no host sync."""
+    if known is not None:
+        return known
     if not distributed(group):
         return local
     n = torch.tensor([local], dtype=torch.int64, device=device)
@@ -67,15 +71,17 @@ def sinkhorn_reference(
     n_iters: int = 3,
     t_max: Optional[float] = 10.0,
     group=None,
+    global_batch: Optional[int] = None,
 ) -> torch.Tensor:
-    """Log-domain clamped Sinkhorn: Q [B, K] fp32 (float64 for float64 scores), rows summing to 1."""
+    """Log-domain clamped Sinkhorn: Q [B, K] fp32 (float64 for float64 scores), rows summing to 1.
+    `global_batch`: rows over all ranks if known (else all-reduced)."""
     check_scores(scores, epsilon, n_iters)
     dtype = torch.promote_types(scores.dtype, torch.float32)
     L = scores.detach().to(dtype) / epsilon
     if t_max is not None:
         L = L.clamp(max=t_max)
     b_local, k = L.shape
-    log_b = math.log(max(global_batch_size(b_local, L.device, group), 1))
+    log_b = math.log(max(global_batch_size(b_local, L.device, group, global_batch), 1))
     log_k = math.log(k)
     for _ in range(n_iters):
         if b_local > 0:
@@ -90,7 +96,8 @@ def sinkhorn_reference(
 
 
 @torch.no_grad()
-def swav_sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, group=None) -> torch.Tensor:
+def swav_sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, group=None,
+                  global_batch: Optional[int] = None) -> torch.Tensor:
     """SwAV's `distributed_sinkhorn`, exp domain and in the scores' dtype (overflows for large scores / eps).
 
     Written from its formula: Q = exp(scores / eps).t(), divided by its global sum, then n_iters of
@@ -100,7 +107,7 @@ def swav_sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3,
     check_scores(scores, epsilon, n_iters)
     Q = torch.exp(scores.detach() / epsilon).t()  # [K, B]
     k = Q.shape[0]
-    b = global_batch_size(Q.shape[1], Q.device, group)
+    b = global_batch_size(Q.shape[1], Q.device, group, global_batch)
     sum_q = torch.sum(Q)
     if distributed(group):
         dist.all_reduce(sum_q, group=group)

@@ -10,16 +10,18 @@ from hvpmtl.kernels import use_triton
 
 
 def sinkhorn_codes(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, t_max: float | None = 10.0,
-                   group=None) -> torch.Tensor:
-    """Codes Q [B, K] (rows sum to 1) by the log-domain clamped Sinkhorn, over all ranks.
+                   group=None, global_batch: int | None = None) -> torch.Tensor:
+    """Codes Q [B, K] (rows sum to 1) by the log-domain clamped Sinkhorn, over all ranks; `global_batch` is the
+    number of rows over all ranks when the caller knows it (else it is all-reduced).
 
     The Triton kernel on CUDA (or under TRITON_INTERPRET=1), the fp32 reference otherwise.
     """
     if use_triton(scores):
         from hvpmtl.kernels.sinkhorn import sinkhorn
-        return sinkhorn(scores, epsilon=epsilon, n_iters=n_iters, t_max=t_max, group=group)
+        return sinkhorn(scores, epsilon=epsilon, n_iters=n_iters, t_max=t_max, group=group, global_batch=global_batch)
     from hvpmtl.losses.sinkhorn import sinkhorn_reference
-    return sinkhorn_reference(scores, epsilon=epsilon, n_iters=n_iters, t_max=t_max, group=group)
+    return sinkhorn_reference(scores, epsilon=epsilon, n_iters=n_iters, t_max=t_max, group=group,
+                              global_batch=global_batch)
 
 
 def swapped_prediction_loss(scores1: torch.Tensor, scores2: torch.Tensor, codes1: torch.Tensor,

@@ -16,20 +16,20 @@ that visible while training:
   distill/student_entropy, distill/teacher_entropy
                        mean over images of H(softmax(S / tau)) / ln C of the label similarities
 
-Every function returns tensors and never reads a value on the host, so the figures ride with the losses.
-The per-rank results are *sums* (counts, entropy sums, per-prototype win counts, per-dimension sums and
-sums of squares, all float64): the global figures need only a SUM all-reduce of their concatenation
-(`all_reduce_sums`), and micro-batches of one optimizer step add up the same way (`add_sums`).
-`collapse_figures` turns reduced sums into the figures above. `CollapseMonitor` (host side, once per logged step) warns when a figure stays
-at its collapsed value for a configurable number of steps.
+The per-rank results are *sums* (counts, entropy sums, per-prototype win counts, the embeddings' sum and
+z^T z, all float64) computed on the device without a host read: the student returns them as out["sums"],
+HVPMetaArch packs them into the step's one SUM all-reduce with the losses, and the trainer adds the sums of
+an optimizer step's micro-batches. `collapse_figures` turns such global sums (on the host) into the figures
+above. `CollapseMonitor` (host side, every optimizer step) warns when a figure stays at its collapsed value for
+`run.collapse_warn_steps` steps.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -94,68 +94,35 @@ def distill_sums(student_sim: torch.Tensor, teacher_sim: torch.Tensor, temperatu
     }
 
 
-def add_sums(acc: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Accumulate the sums of another micro-batch (of the same optimizer step)."""
-    out = dict(acc or {})
-    for k, v in new.items():
-        out[k] = out[k] + v if k in out else v
-    return out
-
-
-def all_reduce_sums(sums: dict[str, torch.Tensor], group=None) -> dict[str, torch.Tensor]:
-    """Global sums over the ranks of `group`: ONE all-reduce of the flattened concatenation (same key order on
-    every rank: sorted). A no-op outside torch.distributed. Callers that reduce their losses in the same
-    collective can concatenate `flatten_sums(...)` with them instead."""
-    if not (sums and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
-        return dict(sums)
-    flat, unflatten = flatten_sums(sums)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    return unflatten(flat)
-
-
-def flatten_sums(sums: dict[str, torch.Tensor]):
-    """(one 1-D tensor of every value in sorted key order, a function that splits such a tensor back)."""
-    keys = sorted(sums)
-    dt = SUM_DTYPE
-    shapes = [sums[k].shape for k in keys]
-    flat = torch.cat([sums[k].reshape(-1).to(dt) for k in keys])
-
-    def unflatten(t: torch.Tensor) -> dict[str, torch.Tensor]:
-        out, i = {}, 0
-        for k, shape in zip(keys, shapes):
-            n = math.prod(shape)
-            out[k] = t[i:i + n].reshape(shape)
-            i += n
-        return out
-    return flat, unflatten
-
-
-def collapse_figures(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Global (already reduced) sums -> the figures of the module docstring, as 0-d tensors."""
-    out: dict[str, torch.Tensor] = {}
-    if "swav/n" in sums:
-        n = sums["swav/n"].clamp_min(1)
-        out["swav/code_entropy"] = sums["swav/code_entropy"] / n
-        out["swav/pred_entropy"] = sums["swav/pred_entropy"] / n
-        out["swav/protos_used"] = (sums["swav/wins"] > 0).sum().to(n.dtype)
-        mean = sums["swav/z_sum"] / n
-        cov = sums["swav/z_outer"] / n - torch.outer(mean, mean)  # population covariance over the global batch
-        out["swav/z_std"] = torch.diagonal(cov).clamp_min(0).sqrt().mean()
+def collapse_figures(sums) -> dict[str, float]:
+    """Global (already reduced) sums -> the figures of the module docstring. Host arithmetic in numpy on the
+    values of the step's one host read (HVPMetaArch hands them over as numpy arrays), so it reads no device."""
+    s = {k: np.asarray(v, dtype=np.float64) for k, v in sums.items()}
+    out: dict[str, float] = {}
+    if "swav/n" in s:
+        n = max(float(s["swav/n"]), 1.0)
+        out["swav/code_entropy"] = float(s["swav/code_entropy"]) / n
+        out["swav/pred_entropy"] = float(s["swav/pred_entropy"]) / n
+        out["swav/protos_used"] = float(np.count_nonzero(s["swav/wins"] > 0))
+        mean = s["swav/z_sum"] / n
+        cov = s["swav/z_outer"] / n - np.outer(mean, mean)  # population covariance over the global batch
+        out["swav/z_std"] = float(np.sqrt(np.clip(np.diagonal(cov), 0, None)).mean())
         out["swav/z_rank"] = effective_rank(cov)
-    if "distill/n" in sums:
-        n = sums["distill/n"].clamp_min(1)
-        out["distill/student_entropy"] = sums["distill/student_entropy"] / n
-        out["distill/teacher_entropy"] = sums["distill/teacher_entropy"] / n
+    if "distill/n" in s:
+        n = max(float(s["distill/n"]), 1.0)
+        out["distill/student_entropy"] = float(s["distill/student_entropy"]) / n
+        out["distill/teacher_entropy"] = float(s["distill/teacher_entropy"]) / n
     return out
 
 
-def effective_rank(cov: torch.Tensor) -> torch.Tensor:
+def effective_rank(cov: np.ndarray) -> float:
     """exp of the entropy of the normalised eigenvalues of a covariance matrix; 0 for a zero matrix."""
-    eig = torch.linalg.eigvalsh(cov).clamp_min(0)
-    total = eig.sum()
-    p = eig / total.clamp_min(torch.finfo(eig.dtype).tiny)
-    rank = torch.exp(torch.special.entr(p).sum())
-    return torch.where(total > 1e-12, rank, torch.zeros_like(rank))
+    eig = np.clip(np.linalg.eigvalsh(cov), 0, None)
+    total = float(eig.sum())
+    if total <= 1e-12:
+        return 0.0
+    p = eig[eig > 0] / total
+    return float(np.exp(-(p * np.log(p)).sum()))
 
 
 @dataclass

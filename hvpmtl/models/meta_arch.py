@@ -1,29 +1,42 @@
-"""HVP-MTL meta-architecture: the student (trained by DeepSpeed) and its momentum teacher side by side.
+"""HVP-MTL meta-architecture: the student (trained by DeepSpeed), its momentum teacher, the SwAV queue and
+the step's precision, owned together by `HVPMetaArch` (dinov2's SSLMetaArch).
 
-The student is the nn.Module that DeepSpeed wraps: its forward takes a batch plus the teacher's
-targets and returns every objective. The teacher (EMA of backbone + label decoder) is kept in
-fp32 outside the engine: no gradients, no optimizer state, no ZeRO partitioning, and it is
-updated only at gradient-accumulation boundaries.
+The student is the nn.Module that DeepSpeed wraps: its forward takes a batch plus the teacher's targets and
+returns every objective. The teacher (EMA of backbone + label decoder) is kept in fp32 outside the engine:
+no gradients, no optimizer state, no ZeRO partitioning, updated only at gradient-accumulation boundaries.
+
+`HVPMetaArch.forward_backward(batch, step)` runs one micro-batch and returns a `StepResult`; the losses,
+the non-finite flags, the preemption flag and the heads' diagnostic sums travel in ONE all-reduce, read
+on the host once (the step cannot decide to back-propagate without it). Nothing else in the step reads
+a device value.
 """
 from __future__ import annotations
 
 import copy
-import math
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from hvpmtl.config import ExperimentConfig
+from hvpmtl.dist import sum_to_host
 from hvpmtl.losses.distillation import symmetric_kl_loss
 from hvpmtl.losses.simmim import simmim_loss
 from hvpmtl.losses.swav import sinkhorn_codes, swapped_prediction_loss
 from hvpmtl.losses.weighted_asl import WeightedASLLoss
 from hvpmtl.models.backbone import MaskableBackbone
-from hvpmtl.models.collapse import distill_sums, swav_sums
+from hvpmtl.models.collapse import collapse_figures, distill_sums, swav_sums
 from hvpmtl.models.heads import MIMDecoder, PrototypeHead
 from hvpmtl.models.label_decoder import LabelDecoder
 
 OBJECTIVES = ("asl", "swav", "mim", "distill")
+
+
+def autocast(device_type: str, dtype: torch.dtype):
+    """The one precision policy: autocast to bf16/fp16, nothing for fp32. Used by the student's forward (inside
+    the engine, which turns an outer autocast off) and the teacher's."""
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16))
 
 
 class Student(nn.Module):
@@ -58,17 +71,21 @@ class Student(nn.Module):
         # sum over classes, mean over the batch: the step does not depend on the split of the global batch
         return self.asl(logits, labels) / logits.shape[0]
 
-    def forward(self, view1, view2, mask, labels, teacher_sim=None, queue=None, freeze_prototypes: bool = False):
-        """Returns a dict: 'loss' (weighted total) and each enabled objective's unweighted value, plus
-        'z1', 'z2' (detached SwAV embeddings for the queue) and 'collapse' (hvpmtl.models.collapse sums)."""
-        # With half-precision weights (DeepSpeed bf16), autocast inside the module: the engine's forward
-        # runs with autocast off, and fp32 tensors made on the fly (timm Swin's shifted-window attention
-        # mask on H100, seen 2026-11-26) would otherwise meet bf16 activations in a matmul.
-        dtype = self.backbone.mask_token.dtype
-        with torch.autocast(view1.device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16)):
-            return self._forward(view1, view2, mask, labels, teacher_sim, queue, freeze_prototypes)
+    def _autocast(self, x: torch.Tensor):
+        # With half-precision weights (DeepSpeed bf16) fp32 tensors made on the fly (timm Swin's shifted-window
+        # attention mask on H100, seen 2026-11-26) would otherwise meet bf16 activations in a matmul.
+        return autocast(x.device.type, self.backbone.mask_token.dtype)
 
-    def _forward(self, view1, view2, mask, labels, teacher_sim, queue, freeze_prototypes):
+    def forward(self, view1, view2, mask, labels, teacher_sim=None, queue=None, freeze_prototypes: bool = False,
+                world_size: int = 1):
+        """Returns a dict: 'loss' (weighted total) and each enabled objective's unweighted value, plus
+        'z1', 'z2' (detached SwAV embeddings for the queue) and 'sums' (the heads' collapse statistics,
+        hvpmtl.models.collapse, summed over ranks by HVPMetaArch). Every rank has the same number of rows:
+        the Sinkhorn codes span `world_size` times the local rows."""
+        with self._autocast(view1):
+            return self._forward(view1, view2, mask, labels, teacher_sim, queue, freeze_prototypes, world_size)
+
+    def _forward(self, view1, view2, mask, labels, teacher_sim, queue, freeze_prototypes, world_size):
         ob = self.cfg.objectives
         w = self.weights
         out: dict[str, torch.Tensor] = {}
@@ -92,14 +109,15 @@ class Student(nn.Module):
             head = self.prototype_head
             # view1 "unmasked": one more forward, so SwAV's codes and predictions come from whole images
             swav_feat1 = self.backbone(view1) if ob.swav.view1 == "unmasked" and w["mim"] > 0 else feat1
-            z1, s1 = head(swav_feat1)
-            z2, s2 = head(feat2)
+            # both views in one head forward, as SwAV: BatchNorm statistics over both views, one collective
+            z, s = head(torch.cat([swav_feat1, feat2]))
+            (z1, z2), (s1, s2) = z.chunk(2), s.chunk(2)
             if freeze_prototypes:  # SwAV keeps prototypes fixed for the first iterations
                 p = head.unit_prototypes().detach()
                 s1, s2 = z1 @ p.t(), z2 @ p.t()
             with torch.no_grad():
-                q1 = self._codes(s1, queue[0] if queue is not None else None)
-                q2 = self._codes(s2, queue[1] if queue is not None else None)
+                q1 = self._codes(s1, queue[0] if queue is not None else None, world_size)
+                q2 = self._codes(s2, queue[1] if queue is not None else None, world_size)
             out["swav"] = swapped_prediction_loss(s1, s2, q1, q2, ob.swav.temperature)
             out["z1"], out["z2"] = z1.detach(), z2.detach()
             collapse.update(swav_sums(torch.cat([s1, s2]), torch.cat([q1, q2]), torch.cat([z1, z2]),
@@ -111,16 +129,35 @@ class Student(nn.Module):
             if k in out:
                 total = total + w[k] * out[k]
         out["loss"] = total
-        out["collapse"] = collapse
+        out["sums"] = collapse
         return out
 
-    def _codes(self, scores, queue_z):
+    def _codes(self, scores, queue_z, world_size: int):
         sw = self.cfg.objectives.swav
         n = scores.shape[0]
         if queue_z is not None and queue_z.numel():
             p = self.prototype_head.unit_prototypes()
             scores = torch.cat([queue_z.to(p.dtype) @ p.t(), scores])
-        return sinkhorn_codes(scores.float(), sw.epsilon, sw.sinkhorn_iters, sw.t_max)[-n:]
+        return sinkhorn_codes(scores.float(), sw.epsilon, sw.sinkhorn_iters, sw.t_max,
+                              global_batch=scores.shape[0] * world_size)[-n:]
+
+    @torch.no_grad()
+    def inspect(self, view1, view2, mask, world_size: int = 1) -> dict[str, torch.Tensor]:
+        """What the heads make of a few images, for the image panels (eval mode is the caller's): 'reconstruction'
+        of the masked view 1, label 'logits' of view 1, and the prototype 'scores' of both views (view 1 rows
+        first) with their Sinkhorn 'codes'. Collective when `world_size` > 1: every rank calls it."""
+        out = {}
+        with self._autocast(view1):
+            if self.mim_decoder is not None:
+                out["reconstruction"] = self.mim_decoder(self.backbone(view1, mask)).float()
+            feat1 = self.backbone(view1)
+            if self.label_decoder is not None:
+                out["logits"] = self.label_decoder(feat1)[0].float()
+            if self.prototype_head is not None:
+                scores = torch.cat([self.prototype_head(feat1)[1], self.prototype_head(self.backbone(view2))[1]])
+                out["scores"] = scores.float()
+                out["codes"] = self._codes(out["scores"], None, world_size)
+        return out
 
 
 class Teacher(nn.Module):
@@ -156,9 +193,112 @@ class Teacher(nn.Module):
         torch._foreach_add_(t, s32, alpha=1.0 - momentum)
 
 
-def teacher_momentum(cfg: ExperimentConfig, step: int, total_steps: int) -> float:
-    d = cfg.objectives.distill
-    if d.momentum_schedule == "constant" or total_steps <= 0:
-        return d.momentum
-    # BYOL/DINO cosine: m goes from momentum to momentum_end over the run
-    return d.momentum_end - (d.momentum_end - d.momentum) * (math.cos(math.pi * step / total_steps) + 1) / 2
+@dataclass
+class StepResult:
+    """One micro-batch. Values are on the host, reduced over ranks."""
+
+    losses: dict[str, float]  # each enabled objective (unweighted) and 'loss', mean over ranks
+    nonfinite: tuple[str, ...] = ()  # objectives not finite on some rank: then no rank stepped
+    preempt: bool = False  # some rank was asked to stop (SIGUSR1/SIGTERM)
+    sums: dict[str, np.ndarray] = field(default_factory=dict)  # heads' diagnostic sums, summed over ranks (host)
+    boundary: bool = True  # this micro-batch ended an optimizer step
+
+
+class HVPMetaArch:
+    """Owns the student, the teacher, the SwAV queue (per rank), the prototype freeze and the precision.
+
+    `attach(engine)` hands it the DeepSpeed engine that wraps `student`; then `forward_backward` trains one
+    micro-batch and `update_teacher` moves the EMA teacher once per optimizer step."""
+
+    def __init__(self, cfg: ExperimentConfig, device: torch.device, dtype: torch.dtype, world_size: int):
+        self.cfg, self.device, self.dtype, self.world = cfg, device, dtype, world_size
+        self.student = Student(cfg)
+        self.teacher = Teacher(self.student).to(device) if self.student.weights["distill"] > 0 else None
+        if cfg.run.compile:  # in place: parameter names (and so checkpoints, exports) are unchanged
+            for m in (self.student.backbone, self.student.label_decoder,
+                      *((self.teacher.backbone, self.teacher.label_decoder) if self.teacher else ())):
+                if m is not None:
+                    m.compile()
+        self.queue = None  # [2, L, d] embeddings of earlier batches (this rank's)
+        self.engine = None
+
+    def attach(self, engine) -> None:
+        self.engine = engine
+
+    def eval_backbone(self, which: str = "student") -> MaskableBackbone:
+        """The backbone of the EMA 'teacher' or of the 'student'. Which one is evaluated and exported is
+        hvpmtl.train.checkpoint.default_weights's choice for the run's length (the eval hooks ask it)."""
+        return self.teacher.backbone if which == "teacher" else self.engine.module.backbone
+
+    # ------------------------------------------------------------------ the step
+    def forward_backward(self, batch: dict, step: int, preempt: bool = False) -> StepResult:
+        """Forward + backward + optimizer step (at a boundary) of one micro-batch; `step` is the number of
+        optimizer steps done. The batch comes from the loader already in the step's dtype."""
+        sw = self.cfg.objectives.swav
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        v1, v2, mask, labels = (batch[k].to(self.device, non_blocking=True)
+                                for k in ("view1", "view2", "mask", "labels"))
+        teacher_sim = None
+        if self.teacher is not None:
+            with autocast(self.device.type, self.dtype):
+                teacher_sim = self.teacher(v1).float()
+        queue = self.queue if sw.queue_length and step >= sw.queue_start_step else None
+        out = self.engine(v1, v2, mask, labels, teacher_sim=teacher_sim, queue=queue,
+                          freeze_prototypes=step < sw.freeze_prototypes_steps, world_size=self.world)
+        result = self._reduce({k: out[k].detach() for k in (*OBJECTIVES, "loss") if k in out},
+                              out.get("sums", {}), preempt)
+        result.boundary = boundary
+        if result.nonfinite:
+            return result
+        self.engine.backward(out["loss"])
+        self.engine.step()
+        if "z1" in out and sw.queue_length:
+            self._push_queue(out["z1"], out["z2"])
+        return result
+
+    def _reduce(self, losses: dict, sums: dict, preempt: bool) -> StepResult:
+        """The one collective and the one host read of the step: SUM over ranks of [losses, their non-finite
+        flags, the preemption flag, the diagnostic sums] (float64)."""
+        names, sum_keys = list(losses), sorted(sums)
+        values = torch.stack([losses[k].double() for k in names])
+        parts = [values, (~torch.isfinite(values)).double(), values.new_tensor([1.0 if preempt else 0.0])]
+        parts += [sums[k].double().reshape(-1) for k in sum_keys]
+        host = sum_to_host(torch.cat(parts))  # the step's one collective and host sync; plain Python below
+        n = len(names)
+        nonfinite = tuple(k for k, bad in zip(names, host[n:2 * n]) if bad > 0)
+        out_sums, i = {}, 2 * n + 1
+        for k in sum_keys:
+            size = sums[k].numel()
+            out_sums[k] = np.asarray(host[i:i + size], dtype=np.float64).reshape(sums[k].shape)
+            i += size
+        return StepResult(losses={k: v / self.world for k, v in zip(names, host[:n])}, nonfinite=nonfinite,
+                          preempt=host[2 * n] > 0, sums=out_sums)
+
+    def _push_queue(self, z1, z2) -> None:
+        per_rank = max(1, self.cfg.objectives.swav.queue_length // self.world)
+        new = torch.stack([z1.float(), z2.float()])
+        self.queue = new if self.queue is None else torch.cat([new, self.queue], dim=1)[:, :per_rank]
+
+    def figures(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
+        """Logged figures from one optimizer step's diagnostic sums (host arrays, summed over micro-batches and
+        ranks): the collapse figures of the global batch (hvpmtl.models.collapse), numpy on the host."""
+        return collapse_figures(sums)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        if self.teacher is not None:
+            self.teacher.update(self.engine.module, momentum)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def client_state(self) -> dict:
+        """Saved once (rank 0's copy): the teacher."""
+        return {"teacher": self.teacher.state_dict() if self.teacher is not None else None}
+
+    def rank_state(self) -> dict:
+        """Saved per rank: the SwAV queue holds this rank's embeddings."""
+        return {"queue": self.queue}
+
+    def load_state(self, client: dict, rank_state: dict) -> None:
+        if self.teacher is not None and client.get("teacher") is not None:
+            self.teacher.load_state_dict(client["teacher"])
+        self.queue = rank_state.get("queue")

@@ -23,3 +23,63 @@ def metric_steps(uri: str, run_id: str, key: str = "loss") -> list[int]:
     from mlflow.tracking import MlflowClient
 
     return sorted({m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)})
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend, one worker) that a test can stop and start again on
+    the same port and database, to play a tracking-server outage."""
+
+    def __init__(self, directory, port: int | None = None):
+        from pathlib import Path
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, timeout: float = 120.0) -> "MlflowServer":
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+        from pathlib import Path
+        mlflow_bin = Path(sys.executable).parent / "mlflow"
+        log = open(self.dir / "server.log", "a")
+        env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+        self.proc = subprocess.Popen(
+            [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{self.dir}/mlflow.db",
+             "--artifacts-destination", str(self.dir / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.time() + timeout
+        while True:
+            try:
+                if urllib.request.urlopen(f"{self.url}/health", timeout=2).status == 200:
+                    return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server did not come up: {(self.dir / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(15)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        self.proc = None

@@ -47,14 +47,15 @@ def deepspeed_local_cmd(*args: str, ranks: int = 2) -> list[str]:
     return [f"{VENV_BIN}/deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ENTRY), *args]
 
 
-# Slurm jobs on the test node (2 CPUs, no GPUs): 2 tasks of 1 CPU, GPUS_PER_NODE=0 (no --gres, CPU mode).
-ONE_NODE_SBATCH = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"]
+# Slurm jobs on the test node (2 CPUs, no GPUs): 2 tasks of 1 CPU; --gres=gpu:0 replaces the scripts'
+# `#SBATCH --gres=gpu:8` (the ranks then run on the CPU with gloo).
+ONE_NODE_SBATCH = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gres=gpu:0"]
 
 
 def slurm_job_env(slurm_conf: Path, output_dir: Path, **kw) -> dict:
-    """Settings for launchers/slurm/*.sbatch, passed as environment variables."""
-    return launch_env(SLURM_CONF=str(slurm_conf), GPUS_PER_NODE="0", TIME="20", CONFIG=str(CONFIG),
-                      EXTRA_ARGS=" ".join(overrides(output_dir, **kw)))
+    """Settings for launchers/slurm/*.sbatch as environment variables (CONFIG, EXTRA_ARGS); the documented way
+    is arguments after the script name: `pretrain_args(output_dir)`."""
+    return launch_env(SLURM_CONF=str(slurm_conf), CONFIG=str(CONFIG), EXTRA_ARGS=" ".join(overrides(output_dir, **kw)))
 
 
 def read_metrics(output_dir: Path, skip_lines: int = 0) -> list[dict]:

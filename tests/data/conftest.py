@@ -24,3 +24,4 @@ def _tiny_cfg(syn, **kw) -> DataConfig:
 def tiny_cfg():
     """tiny_cfg(syn, **overrides) -> a CPU DataConfig for 64 px images with a 2x2 mask grid."""
     return _tiny_cfg
+

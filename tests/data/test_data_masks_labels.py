@@ -36,6 +36,45 @@ def test_masks_depend_on_sample_seed_epoch_only():
     assert freq.min() > 0.5 and freq.max() < 0.7
 
 
+def _reference_masks(ids, seed, epoch, side, scale, num_masked):
+    """SplitMix64 in Python integers (mod 2**64), then the smallest scores: an independent implementation."""
+    mask64 = 2**64 - 1
+
+    def mix(x):
+        x = (x + 0x9E3779B97F4A7C15) & mask64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask64
+        return x ^ (x >> 31)
+    key = mix(mix(seed) ^ epoch)
+    out = []
+    for i in ids:
+        scores = [(mix(key ^ mix((i * side * side + b) & mask64)) >> 1, b) for b in range(side * side)]
+        chosen = {b for _, b in sorted(scores)[:num_masked]}
+        m = np.array([[(r // scale) * side + (c // scale) in chosen for c in range(side * scale)]
+                      for r in range(side * scale)])
+        out.append(m)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("seed,epoch", [(0, 0), (7, 3), (2**40 + 5, 11)])
+def test_masks_match_an_independent_reference(seed, epoch):
+    g = SimMIMMaskGenerator(192, 32, 16, 0.6)  # 6x6 blocks, 2x2 patches each
+    ids = [0, 1, 5, 12345, 2**33 + 7]
+    got = g(torch.tensor(ids), seed=seed, epoch=epoch)
+    assert np.array_equal(got.numpy(), _reference_masks(ids, seed, epoch, 6, 2, math.ceil(36 * 0.6)))
+    # made where the ids are (the GPU when the loader runs there); numpy ids give the same masks
+    assert torch.equal(g(np.asarray(ids), seed, epoch), got) and got.device == torch.device("cpu")
+
+
+def test_one_mask_generator_everywhere():
+    from hvpmtl.config import DataConfig
+    from hvpmtl.data.tensor_source import TensorSource
+    cfg = DataConfig(format="tensors", img_size=64, mask_patch_size=32, num_classes=5, seed=3)
+    src = TensorSource(cfg, batch_size=2, patch_size=16, rank=1, world_size=2, num_samples=16)
+    b = next(iter(src))
+    assert torch.equal(b["mask"], SimMIMMaskGenerator(64, 32, 16, cfg.mask_ratio)(b["index"], 3, 0))
+
+
 def test_mask_rejects_incompatible_sizes():
     with pytest.raises(ValueError, match="multiple"):
         SimMIMMaskGenerator(224, 32, 12, 0.6)

@@ -108,9 +108,9 @@ def test_vectorised_parse_matches_per_line_parse(tmp_path, monkeypatch, bad_ever
     import hvpmtl.data.tencent as t
     p = tmp_path / "l.txt"
     p.write_text(_random_list(np.random.default_rng(bad_every), 400, bad_every))
-    monkeypatch.setattr(t, "CHUNK", 16)  # chunks of both kinds when some lines are bad
+    monkeypatch.setattr(t, "BLOCK_BYTES", 256)  # many blocks, of both kinds when some lines are bad
     fast, fast_issues = t.read_list_file(p, 30)
-    monkeypatch.setattr(t, "_fast_chunk", lambda lines, c: None)
+    monkeypatch.setattr(t, "_fast_lines", lambda *a: None)  # every line through the per-line parser
     slow, slow_issues = t.read_list_file(p, 30)
     assert fast.path_blob == slow.path_blob and np.array_equal(fast.path_offsets, slow.path_offsets)
     for k in ("lines", "indptr", "classes", "confs"):
@@ -119,3 +119,41 @@ def test_vectorised_parse_matches_per_line_parse(tmp_path, monkeypatch, bad_ever
     assert any(i.code == "duplicate-path" for i in slow_issues)
     if bad_every:
         assert {"malformed", "bad-index", "bad-conf"} <= {i.code for i in slow_issues}
+
+
+ODD_TOKENS = ["1e-1", "+1", "007", ".5", "1.", "0x1", "1_0", "1e2", "1E2", "inf", "nan", "-0", "0.9", "1.0e0",
+              "٣", "1:1", "", "12345678901234567890", "2147483648", "0.25", "1e+3", "1.0e4"]
+
+
+def _odd_list(rng, n) -> bytes:
+    """Lines mixing the released format with every shape the vectorised parser must hand over."""
+    out = []
+    for i in range(n):
+        path = rng.choice([f"d/{i}.jpg", f"d/{i}:x.jpg", f"/abs/{i}.jpg", f"../{i}.jpg", f"a/../{i}.jpg",
+                           f"d/\udcff{i}.jpg", f"d/caf\u00e9{i}.jpg", f"d/{i % 5}.jpg"], p=[.5, .05, .05, .05, .05,
+                                                                                         .1, .1, .1])
+        toks = [f"{rng.integers(0, 12)}:{rng.choice(['1', '0.9', '0.8'])}" for _ in range(rng.integers(0, 4))]
+        if rng.random() < 0.4:
+            a, b = rng.choice(ODD_TOKENS, 2)
+            toks.append(rng.choice([f"{a}:{b}", f"{a}:1", f"3:{b}", f"{a}"]))
+        sep = rng.choice(["\t", " ", "  ", " \t"])
+        line = sep.join([path, *toks]).encode("utf-8", "surrogateescape")
+        out.append(line + rng.choice([b"\n", b"\r\n", b"\t\n", b"\n\n"]))
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vectorised_parse_agrees_on_odd_shapes(tmp_path, monkeypatch, seed):
+    import hvpmtl.data.tencent as t
+    p = tmp_path / "l.txt"
+    p.write_bytes(_odd_list(np.random.default_rng(seed), 300))
+    monkeypatch.setattr(t, "BLOCK_BYTES", 512)
+    fast, fast_issues = t.read_list_file(p, 10)
+    monkeypatch.setattr(t, "_fast_lines", lambda *a: None)
+    slow, slow_issues = t.read_list_file(p, 10)
+    assert fast.path_blob == slow.path_blob and len(fast) > 100
+    for k in ("lines", "indptr", "classes", "confs"):
+        assert np.array_equal(getattr(fast, k), getattr(slow, k)), k
+    assert [(i.code, i.line, i.message) for i in fast_issues] == [(i.code, i.line, i.message) for i in slow_issues]
+    codes = {i.code for i in slow_issues}
+    assert {"bad-path", "non-utf8-path", "malformed", "bad-index", "duplicate-path"} <= codes

@@ -1,13 +1,12 @@
 """Bad inputs: each case reported with file and line; refusal, skip lists and skip_corrupt in the loader."""
-import io
 import shutil
 import tarfile
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from images import jpeg_bytes
 from hvpmtl.cli import main as cli_main
 from hvpmtl.config import DataConfig
 from hvpmtl.data.issues import DataError
@@ -19,12 +18,7 @@ GOOD = 6
 
 
 def _jpeg(rng, mode="RGB", fmt="JPEG") -> bytes:
-    a = np.kron(rng.integers(0, 255, (4, 5, 3), dtype=np.uint8), np.ones((16, 16, 1), np.uint8))
-    im = Image.fromarray(a)
-    im = im.convert(mode) if mode != "RGB" else im
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buf.getvalue()
+    return jpeg_bytes(rng, 80, 64, mode, fmt)
 
 
 # line number -> (list line, expected code, is error)
@@ -71,6 +65,15 @@ def bad(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def validated(bad, tmp_path_factory):
+    """The bad data set after `hvpmtl data validate`: its verdicts are in the data index."""
+    root = tmp_path_factory.mktemp("validated") / "data"
+    shutil.copytree(bad, root, ignore=shutil.ignore_patterns("*.hvpidx*"))
+    validate_list(str(root / "train.txt"), str(root), num_classes=10)
+    return root
+
+
 def _cfg(root, **kw):
     return DataConfig(format="tencent", root=str(root), list_file=str(root / "train.txt"), num_classes=10,
                       img_size=32, mask_patch_size=16, num_threads=1, device="cpu", rand_augment_n=0, **kw)
@@ -104,7 +107,8 @@ def test_cli_validate_exit_code_and_skip_list(bad, tmp_path, capsys):
     assert cli_main(["data", "validate", "--list", str(good), "--root", str(bad), "--num-classes", "10"]) == 0
 
 
-def test_loader_refuses_naming_lines(bad):
+def test_loader_refuses_naming_lines(validated):
+    bad = validated
     with pytest.raises(DataError) as e:
         build_pretrain_loader(_cfg(bad), batch_size=2, patch_size=4, rank=0, world_size=1, local_rank=0, seed=0)
     msg = str(e.value)
@@ -113,7 +117,8 @@ def test_loader_refuses_naming_lines(bad):
     assert "hvpmtl data validate" in msg
 
 
-def test_skip_corrupt_skips_counts_and_decodes_gray_cmyk(bad):
+def test_skip_corrupt_skips_counts_and_decodes_gray_cmyk(validated):
+    bad = validated
     loader = build_pretrain_loader(_cfg(bad, skip_corrupt=True), batch_size=3, patch_size=4, rank=0, world_size=1,
                                    local_rank=0, seed=0)
     n_err = sum(c not in ("grayscale", "cmyk", "empty-line") for c in CASES.values())

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from hvpmtl.cli import main as hvpmtl_main
+from hvpmtl.config import load_config
 from hvpmtl.eval.export import export_run
 
 
@@ -36,7 +37,21 @@ def test_single_label_imagefolder_gives_top1(shapes, capsys):
                     "--img-size", "32", "--train-dir", str(shapes["train"]), "--test-dir", str(shapes["val"]),
                     "--set", "data.device=cpu")
     assert code == 0 and r["metric"] == "top1" and (r["n_train"], r["n_test"]) == (24, 12)
-    assert 0 <= r["value"] <= 100
+    # three shapes in three colours: even random-init features carry the colour; chance is 33%
+    assert r["value"] >= 2 * 100 / 3
+    # and the number is the probe's on the two folders' features, in class-folder order
+    import torch
+
+    from hvpmtl.eval.features import load_backbone, split_features
+    from hvpmtl.eval.linear_probe import linear_probe
+
+    cfg = load_config(None, ["data.device=cpu"])
+    bb = load_backbone(random_init=True, backbone_name="vit_tiny_patch16_224", img_size=32, seed=0)
+    f = split_features(bb, cfg.data, device=torch.device("cpu"), train_dir=str(shapes["train"]),
+                       test_dir=str(shapes["val"]))
+    ref = linear_probe(f["train"]["features"], f["train"]["labels"], f["test"]["features"], f["test"]["labels"],
+                       multilabel=False, num_classes=3)
+    assert r["value"] == pytest.approx(ref["top1"])
 
 
 @pytest.mark.parametrize("argv,msg", [

@@ -26,6 +26,11 @@ def _source_backbone(run_dir, key):
     return bb.eval(), cfg
 
 
+def _sha256(path):
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _timm_features(model, x):
     """timm's own forward: patch tokens after the final norm, as [B, H, W, D]."""
     t = model.forward_features(x)[:, model.num_prefix_tokens:]
@@ -62,7 +67,9 @@ def test_teacher_differs_from_student(pretrain_run):
     t, _, ti = read_run_backbone(pretrain_run["dir"], which="teacher")
     s, _, si = read_run_backbone(pretrain_run["dir"], which="student")
     assert ti["which"] == "teacher" and si["which"] == "student"
-    assert read_run_backbone(pretrain_run["dir"])[2]["which"] == "teacher"  # auto: distillation ran
+    # auto: after 2 steps at m = 0.995, 99% of the teacher is its random start: the student (issue 13)
+    auto = read_run_backbone(pretrain_run["dir"])[2]
+    assert auto["which"] == "student" and "99% of the EMA teacher is still its random start" in auto["reason"]
     assert t.keys() == s.keys()
     assert any(not torch.equal(t[k], s[k]) for k in t)  # EMA lags the student
 
@@ -71,7 +78,7 @@ def test_teacher_differs_from_student(pretrain_run):
                                         ("detectron2", ".pkl")])
 def test_framework_formats_give_the_same_features(pretrain_run, tmp_path, x, fmt, suffix):
     run_dir = pretrain_run["dir"]
-    out = export_run(run_dir, tmp_path / f"bb{suffix}", fmt)
+    out = export_run(run_dir, tmp_path / f"bb{suffix}", fmt, which="teacher")
     src, cfg = _source_backbone(run_dir, "teacher")
     if suffix == ".pkl":
         with open(out, "rb") as f:
@@ -94,12 +101,12 @@ def test_framework_formats_give_the_same_features(pretrain_run, tmp_path, x, fmt
 def test_mmdet_custom_prefix_and_features_only(pretrain_run, tmp_path, x):
     run_dir = pretrain_run["dir"]
     src, cfg = _source_backbone(run_dir, "teacher")
-    out = export_run(run_dir, tmp_path / "p.pth", "mmdet", prefix="backbone.")
+    out = export_run(run_dir, tmp_path / "p.pth", "mmdet", which="teacher", prefix="backbone.")
     assert all(k.startswith("backbone.") and not k.startswith("backbone.timm_model.")
                for k in torch.load(out, weights_only=False)["state_dict"])
     # features_only: the keys of timm's features_only wrapper, loaded strictly; its last map is the
     # last block's output (before the final norm) of the plain model
-    out = export_run(run_dir, tmp_path / "f.pth", "mmdet", features_only=True)
+    out = export_run(run_dir, tmp_path / "f.pth", "mmdet", which="teacher", features_only=True)
     sd = torch.load(out, weights_only=False)["state_dict"]
     fo = timm.create_model(cfg.model.backbone, pretrained=False, features_only=True, img_size=cfg.model.img_size)
     fo.load_state_dict({k[len("backbone.timm_model."):]: v for k, v in sd.items()}, strict=True)
@@ -129,7 +136,8 @@ def test_export_cli_and_errors(pretrain_run, tmp_path, capsys):
     ckpt["teacher"] = None
     torch.save(ckpt, f)
     manifest = json.loads((tag / "COMPLETE").read_text())
-    manifest["files"] = {k: (tag / k).stat().st_size for k in manifest["files"] if (tag / k).exists()}
+    manifest["files"] = {k: dict(e, size=(tag / k).stat().st_size, sha256=_sha256(tag / k))
+                         for k, e in manifest["files"].items() if (tag / k).exists()}
     (tag / "COMPLETE").write_text(json.dumps(manifest))
     assert read_run_backbone(copy)[2]["which"] == "student"
     assert hvpmtl_main(["export", "--run-dir", str(copy), "--which", "teacher", "--format", "timm",
@@ -145,3 +153,50 @@ def test_export_cli_and_errors(pretrain_run, tmp_path, capsys):
         read_run_backbone(tmp_path)
     with pytest.raises(ExportError, match="takes no --prefix"):
         export_run(run_dir, tmp_path / "x.safetensors", "timm", prefix="a.")
+
+
+def test_checkpoint_by_tag_name_and_the_weights_are_named(pretrain_run, tmp_path, capsys):
+    run_dir = pretrain_run["dir"]
+    tag = find_checkpoint(run_dir)
+    out = tmp_path / "bb.safetensors"
+    assert hvpmtl_main(["export", "--run-dir", str(run_dir), "--checkpoint", tag.name, "--out", str(out)]) == 0
+    io = capsys.readouterr()
+    result = json.loads(io.out.strip().splitlines()[-1])
+    assert result == {"out": str(out), "format": "timm", "which": "student", "checkpoint": tag.name, "step": 2}
+    assert f"using the student of {run_dir.resolve()} at {tag.name} (step 2): after 2 steps" in io.err
+    assert find_checkpoint(run_dir, tag.name) == find_checkpoint(run_dir, tag) == tag
+    assert hvpmtl_main(["export", "--run-dir", str(run_dir), "--checkpoint", "step_00000099",
+                        "--out", str(tmp_path / "y.safetensors")]) == 2
+    assert f"neither a folder nor a tag under {run_dir / 'checkpoints'} (tags there: {tag.name}" in capsys.readouterr().err
+    # eval says which weights it probes, and reports them with the result
+    code = hvpmtl_main(["eval", "knn", "--run-dir", str(run_dir), "--checkpoint", tag.name, "--which", "teacher"])
+    io = capsys.readouterr()
+    assert code == 0 and f"using the teacher of {run_dir.resolve()} at {tag.name} (step 2): --which teacher" in io.err
+    r = json.loads(io.out.strip().splitlines()[-1])
+    assert (r["which"], r["checkpoint"], r["step"]) == ("teacher", tag.name, 2)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--format", "timm", "--out", "x.pth"], "--format timm writes .safetensors, not '.pth'"),
+    (["--format", "mmdet", "--out", "x.safetensors"], "--format mmdet writes .pth"),
+    (["--out", "x.pth"], "give --format (mmdet or mmseg or detectron2)"),
+    (["--out", "x.bin"], "give --format"),
+])
+def test_format_follows_the_suffix_or_a_mismatch_is_refused(pretrain_run, tmp_path, capsys, argv, msg):
+    argv = [a if not a.startswith("x.") else str(tmp_path / a) for a in argv]
+    assert hvpmtl_main(["export", "--run-dir", str(pretrain_run["dir"]), *argv]) == 2
+    assert msg in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before anything was read or written
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_exported_files_follow_the_umask(pretrain_run, tmp_path, umask, mode):
+    import os
+    old = os.umask(umask)
+    try:
+        for name, fmt in (("a.safetensors", None), ("b.pth", "mmdet"), ("c.pkl", None)):
+            out = export_run(pretrain_run["dir"], tmp_path / name, fmt)
+            assert out.stat().st_mode & 0o777 == mode, (name, oct(out.stat().st_mode))
+        assert read_backbone_file(tmp_path / "c.pkl")[1]["which"] == "student"  # .pkl: detectron2 from the suffix
+    finally:
+        os.umask(old)

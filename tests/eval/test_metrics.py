@@ -36,6 +36,24 @@ def test_average_precision_matches_sklearn_random():
         assert average_precision(s, t) == pytest.approx(average_precision_score(t, s), abs=1e-12)
 
 
+def test_mean_average_precision_matches_sklearn():
+    """mAP = scikit-learn's macro average of per-class AP, classes without a positive left out (sklearn would
+    count them as 0 with a warning, so they are dropped before asking it)."""
+    rng = np.random.default_rng(4)
+    for trial in range(10):
+        n, c = 40, 7
+        targets = rng.random((n, c)) < 0.25
+        targets[trial % n, :] = True  # every class has a positive...
+        if trial % 2:
+            targets[:, 3] = False  # ...except class 3 in odd trials
+        scores = np.round(rng.normal(size=(n, c)), 1)  # ties
+        has_pos = targets.any(axis=0)
+        ref = average_precision_score(targets[:, has_pos], scores[:, has_pos], average="macro")
+        assert mean_average_precision(scores, targets) == pytest.approx(ref, abs=1e-12)
+        assert mean_average_precision(scores, targets) != pytest.approx(
+            average_precision_score(targets[:, has_pos], scores[:, has_pos], average="micro"), abs=1e-6)
+
+
 def test_map_skips_classes_without_positives_and_top1():
     scores = np.array([[0.9, 0.1, 0.3], [0.2, 0.8, 0.1], [0.4, 0.3, 0.2]])
     targets = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0]])

@@ -2,6 +2,7 @@
 backbone's mode, and refuses a config without a held-out list."""
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,13 +11,14 @@ import torch.multiprocessing as mp
 
 from hvpmtl.config import ConfigError, load_config
 from hvpmtl.data.pipeline import build_eval_loader
-from hvpmtl.eval.features import extract_features
+from hvpmtl.eval.features import extract_features, load_backbone
 from hvpmtl.eval.knn import knn_eval
 from hvpmtl.eval.linear_probe import linear_probe
 from hvpmtl.eval.online import evaluate_online, split_halves
 from hvpmtl.models.backbone import MaskableBackbone
 
-from .conftest import NUM_CLASSES, ROOT
+ROOT = Path(__file__).resolve().parents[2]
+NUM_CLASSES = 24  # the synthetic dictionary's
 
 
 def _cfg(syn):
@@ -33,8 +35,16 @@ def _backbone():
 def test_engine_logs_online_metrics(pretrain_run):
     evals = [m for m in pretrain_run["metrics"] if "eval/knn_map" in m]
     assert [m["step"] for m in evals] == [2]
+    # the numbers are those of the evaluated backbone, recomputed here from the step-2 checkpoint with the run's
+    # own saved config: the default weights (at step 2 the student: 99% of the EMA teacher is its random start)
+    run_dir = pretrain_run["dir"]
+    evaluated = load_backbone(run_dir=run_dir)
+    assert evaluated.weights_info["which"] == "student"
+    ref = evaluate_online(evaluated, load_config(run_dir / "config.yaml"), device=torch.device("cpu"), rank=0,
+                          world_size=1)
     for k in ("eval/knn_map", "eval/linear_map"):
         assert 0 < evals[0][k] <= 100
+        assert evals[0][k] == pytest.approx(ref[k], abs=1e-3), k
     from mlflow import MlflowClient
     client = MlflowClient(pretrain_run["tracking_uri"])
     exp = client.get_experiment_by_name("hvpmtl")
@@ -70,6 +80,7 @@ def _worker(rank, world, port, syn, queue):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_single_rank_numbers(syn):
     ref = evaluate_online(_backbone(), _cfg(syn), device=torch.device("cpu"), rank=0, world_size=1)
     with socket.socket() as s:

@@ -1,6 +1,7 @@
 """MLflow image panels: logged by the engine as artifacts of its run; heads that are off are skipped;
 un-normalisation and the metrics reader checked on hand-made inputs."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from hvpmtl.eval.visualize import (IMAGENET_MEAN, IMAGENET_STD, code_assignments
 from hvpmtl.models.meta_arch import Student
 from hvpmtl.train.tracking import Tracker
 
-from .conftest import ROOT
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _artifacts(uri, run_id, path="panels"):
@@ -77,10 +78,10 @@ def test_collapsed_prototype_scores_give_one_bar():
     torch.manual_seed(0)
     student = Student(cfg).eval()
     v = torch.randn(1, 3, 64, 64).expand(6, -1, -1, -1)  # every view the same image: collapsed embeddings
-    counts = code_assignments(student, v, v, cfg)
+    counts = code_assignments(student, v, v)
     assert counts["scores"].sum() == 12 and counts["scores"].max() == 12
     assert counts["codes"].sum() == 12
-    varied = code_assignments(student, torch.randn(6, 3, 64, 64) * 3, torch.randn(6, 3, 64, 64) * 3, cfg)
+    varied = code_assignments(student, torch.randn(6, 3, 64, 64) * 3, torch.randn(6, 3, 64, 64) * 3)
     assert varied["scores"].sum() == 12 and varied["scores"].max() < 12
     # Sinkhorn spreads distinct views over the prototypes
     assert (varied["codes"] > 0).sum() >= 4

@@ -118,6 +118,7 @@ def _dist_worker(rank, world, init_file, scores, out_dir):
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_the_joined_batch(tmp_path):
     scores = cosine_scores(8, 40, seed=1)
     mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), scores, str(tmp_path)), nprocs=2, join=True)

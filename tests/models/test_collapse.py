@@ -9,8 +9,9 @@ import torch.multiprocessing as mp
 
 from hvpmtl.config import load_config
 from hvpmtl.losses.swav import sinkhorn_codes
-from hvpmtl.models.collapse import (CollapseMonitor, add_sums, all_reduce_sums, collapse_figures, distill_sums,
-                                    entropy_of_logits, entropy_of_probs, flatten_sums, swav_sums)
+from hvpmtl.dist import sum_to_host
+from hvpmtl.models.collapse import (CollapseMonitor, collapse_figures, distill_sums, entropy_of_logits,
+                                    entropy_of_probs, swav_sums)
 from hvpmtl.models.meta_arch import Student, Teacher
 
 D = torch.float64
@@ -54,21 +55,21 @@ def _hand_case():
 def test_swav_figures_hand_derived():
     scores, codes, z = _hand_case()
     f = collapse_figures(swav_sums(scores, codes, z, 0.1))
-    assert abs(f["swav/code_entropy"].item() - sum(_h(r) for r in codes.tolist()) / (4 * math.log(3))) < 1e-12
+    assert abs(f["swav/code_entropy"] - sum(_h(r) for r in codes.tolist()) / (4 * math.log(3))) < 1e-12
     pred = sum(_h(_softmax(r, 0.1)) for r in scores.tolist()) / (4 * math.log(3))
-    assert abs(f["swav/pred_entropy"].item() - pred) < 1e-12
-    assert f["swav/protos_used"].item() == 2  # argmaxes 0, 2, 0, 0
+    assert abs(f["swav/pred_entropy"] - pred) < 1e-12
+    assert f["swav/protos_used"] == 2  # argmaxes 0, 2, 0, 0
     # population std per dimension: dim 0 of (1, 0, 1, .6), dim 1 of (0, 1, 0, .8)
     xs, ys = [1, 0, 1, .6], [0, 1, 0, .8]
     mx, my = sum(xs) / 4, sum(ys) / 4
     a = sum((x - mx) ** 2 for x in xs) / 4
     c = sum((y - my) ** 2 for y in ys) / 4
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / 4
-    assert abs(f["swav/z_std"].item() - (math.sqrt(a) + math.sqrt(c)) / 2) < 1e-12
+    assert abs(f["swav/z_std"] - (math.sqrt(a) + math.sqrt(c)) / 2) < 1e-12
     # eigenvalues of the 2x2 covariance [[a, b], [b, c]], then exp of the entropy of their shares
     root = math.sqrt(((a - c) / 2) ** 2 + b * b)
     lam = [(a + c) / 2 + root, (a + c) / 2 - root]
-    assert abs(f["swav/z_rank"].item() - math.exp(_h([v / sum(lam) for v in lam]))) < 1e-12
+    assert abs(f["swav/z_rank"] - math.exp(_h([v / sum(lam) for v in lam]))) < 1e-12
 
 
 @pytest.mark.parametrize("case,rank,std_sqrt_d", [
@@ -83,19 +84,19 @@ def test_embedding_figures_of_known_geometries(case, rank, std_sqrt_d):
          "isotropic": torch.cat([torch.eye(d, dtype=D), -torch.eye(d, dtype=D)])}[case]
     scores = z @ torch.eye(d, 3, dtype=D)
     f = collapse_figures(swav_sums(scores, torch.full_like(scores, 1 / 3), z, 0.1))
-    assert abs(f["swav/z_rank"].item() - rank) < 1e-9
+    assert abs(f["swav/z_rank"] - rank) < 1e-9
     if std_sqrt_d is not None:
-        assert abs(f["swav/z_std"].item() * math.sqrt(d) - std_sqrt_d) < 1e-8  # sqrt of a ~1e-18 residual
+        assert abs(f["swav/z_std"] * math.sqrt(d) - std_sqrt_d) < 1e-8  # sqrt of a ~1e-18 residual
     else:  # the line: per-dimension std |v_i|, mean of |v| ~ 0.8 / sqrt(d) here
-        assert abs(f["swav/z_std"].item() - v.abs().mean().item()) < 1e-12
+        assert abs(f["swav/z_std"] - v.abs().mean().item()) < 1e-12
 
 
 def test_distill_figures_hand_derived():
     s = torch.tensor([[0.2, 0.9, -0.1], [0.0, 0.0, 0.0]], dtype=D)
     t = torch.tensor([[0.5, 0.5, 0.4], [1.0, -1.0, 0.0]], dtype=D)
     f = collapse_figures(distill_sums(s, t, 0.1))
-    assert abs(f["distill/student_entropy"].item() - sum(_h(_softmax(r, .1)) for r in s.tolist()) / (2 * math.log(3))) < 1e-12
-    assert abs(f["distill/teacher_entropy"].item() - sum(_h(_softmax(r, .1)) for r in t.tolist()) / (2 * math.log(3))) < 1e-12
+    assert abs(f["distill/student_entropy"] - sum(_h(_softmax(r, .1)) for r in s.tolist()) / (2 * math.log(3))) < 1e-12
+    assert abs(f["distill/teacher_entropy"] - sum(_h(_softmax(r, .1)) for r in t.tolist()) / (2 * math.log(3))) < 1e-12
 
 
 def _random_case(n=10, k=7, d=5, seed=0):
@@ -107,26 +108,30 @@ def _random_case(n=10, k=7, d=5, seed=0):
 
 
 def test_sums_of_parts_give_the_figures_of_the_whole():
-    """What the one SUM all-reduce (over ranks) and add_sums (over micro-batches) rely on."""
+    """What the step's one SUM all-reduce (over ranks) and the trainer's sum over micro-batches rely on."""
     scores, codes, z = _random_case()
     whole = collapse_figures(swav_sums(scores, codes, z, 0.1) | distill_sums(scores, z @ z.t()[:, :7], 0.1))
-    acc = None
+    acc = {}
     for part in (slice(0, 6), slice(6, 9), slice(9, 10)):
-        acc = add_sums(acc, swav_sums(scores[part], codes[part], z[part], 0.1)
-                       | distill_sums(scores[part], (z @ z.t()[:, :7])[part], 0.1))
+        new = swav_sums(scores[part], codes[part], z[part], 0.1) | distill_sums(scores[part], (z @ z.t()[:, :7])[part], 0.1)
+        acc = {k: acc[k] + v if k in acc else v for k, v in new.items()}
     parts = collapse_figures(acc)
     assert set(parts) == set(whole)
     for k in whole:
-        assert abs(parts[k].item() - whole[k].item()) < 1e-12, k
-    flat, unflatten = flatten_sums(acc)
-    assert flat.dim() == 1 and all(torch.equal(unflatten(flat)[k], acc[k]) for k in acc)
+        assert abs(parts[k] - whole[k]) < 1e-12, k
 
 
 def _reduce_worker(rank, world, init_file, scores, codes, z, out_dir):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     part = slice(0, 7) if rank == 0 else slice(7, 10)  # unequal local batches
-    reduced = all_reduce_sums(swav_sums(scores[part], codes[part], z[part], 0.1))
+    sums = swav_sums(scores[part], codes[part], z[part], 0.1)
+    keys = sorted(sums)  # packed as HVPMetaArch._reduce packs them: one flat float64 tensor, one SUM
+    host = sum_to_host(torch.cat([sums[k].double().reshape(-1) for k in keys]))
+    reduced, i = {}, 0
+    for k in keys:
+        reduced[k] = torch.tensor(host[i:i + sums[k].numel()], dtype=D).reshape(sums[k].shape)
+        i += sums[k].numel()
     dist.barrier()
     dist.destroy_process_group()
     torch.save(collapse_figures(reduced), os.path.join(out_dir, f"rank{rank}.pt"))
@@ -139,7 +144,7 @@ def test_two_gloo_ranks_reduce_to_the_global_figures(tmp_path):
     for r in range(2):
         got = torch.load(tmp_path / f"rank{r}.pt")
         for k in whole:
-            assert abs(got[k].item() - whole[k].item()) < 1e-12, (r, k)
+            assert abs(got[k] - whole[k]) < 1e-12, (r, k)
 
 
 HEALTHY = {"swav/code_entropy": 0.7, "swav/pred_entropy": 0.8, "swav/protos_used": 12.0, "swav/z_std": 0.12,
@@ -188,7 +193,7 @@ def _student_figures(collapse_head: bool, norm: str):
     mask[:, ::2] = True
     y = (torch.rand(b, cfg.data.num_classes, generator=g) < 0.3).float()
     out = st(v1, v2, mask, y, teacher_sim=te(v1))
-    return cfg, {k: v.item() for k, v in collapse_figures(out["collapse"]).items()}
+    return cfg, collapse_figures(out["sums"])
 
 
 @pytest.mark.parametrize("norm", ["layernorm", "batchnorm"])

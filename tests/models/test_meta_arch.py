@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hvpmtl.config import load_config
-from hvpmtl.models.meta_arch import Student, Teacher, teacher_momentum
+from hvpmtl.models.meta_arch import Student, Teacher
 
 
 def _batch(cfg, b=2):
@@ -66,15 +66,6 @@ def test_teacher_ema_update_formula_and_fp32():
     te.update(st, 0.5)
     assert all(p.dtype == torch.float32 for p in te.parameters())
     assert not te.training
-
-
-def test_teacher_momentum_schedule():
-    cfg = load_config("configs/test_tiny.yaml", ["objectives.distill.momentum_schedule=cosine",
-                                                  "objectives.distill.momentum=0.99"])
-    assert teacher_momentum(cfg, 0, 100) == pytest.approx(0.99)
-    assert teacher_momentum(cfg, 50, 100) == pytest.approx(0.995)
-    assert teacher_momentum(cfg, 100, 100) == pytest.approx(1.0)
-    assert teacher_momentum(load_config("configs/test_tiny.yaml"), 50, 100) == 0.995
 
 
 def test_half_precision_student_runs_with_fp32_tensors_inside():

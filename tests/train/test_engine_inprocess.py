@@ -1,6 +1,8 @@
 """The engine in this process (1 rank, real DeepSpeed ZeRO-2 on gloo): non-finite losses and checkpoints."""
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,29 +11,8 @@ from hvpmtl.config import load_config
 from hvpmtl.train import checkpoint
 from hvpmtl.train.pretrain import EXIT_NONFINITE, Pretrainer
 
-
-class ListLoader:
-    """A loader over fixed batches, with the engine's loader interface."""
-
-    def __init__(self, batches):
-        self.batches, self.position, self.epoch = batches, 0, 0
-
-    def __iter__(self):
-        while self.position < len(self.batches):
-            self.position += 1
-            yield self.batches[self.position - 1]
-
-    def __len__(self):
-        return len(self.batches)
-
-    def set_epoch(self, e):
-        self.epoch = e
-
-    def state_dict(self):
-        return {"position": self.position, "epoch": self.epoch}
-
-    def load_state_dict(self, sd):
-        self.position, self.epoch = sd["position"], sd["epoch"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from host_syncs import ListLoader  # noqa: E402  (a loader over fixed batches, with the engine's loader interface)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +75,8 @@ def test_checkpoints_keep_last_n_and_fall_back_past_damaged_ones(trainer):
     broken.write_bytes(b"\0" * broken.stat().st_size)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        found = checkpoint.resume_latest(trainer.engine, trainer.ckpt_dir, log=lambda m: None)
+        run = checkpoint.open_run(trainer.out_dir, "auto", lock=False)  # this process holds the lock already
+        found = checkpoint.resume(trainer.engine, run, log=lambda m: None)
     assert found is not None and found[0].name == checkpoint.tag_for(11) and found[1]["step"] == 11
     assert any("step_00000013 could not be loaded" in str(x.message) for x in w)
 

@@ -1,0 +1,57 @@
+"""The per-step schedules (hand-derived values): LR warm-up + cosine of both trainers, EMA momentum."""
+import math
+
+import pytest
+
+from hvpmtl.config import FinetuneConfig, load_config
+from hvpmtl.train.schedules import CosineSchedule, lr_schedule, momentum_schedule
+
+
+def test_warmup_then_cosine_hand_values():
+    lr, min_lr = 1e-4, 1e-7
+    schedule = CosineSchedule(lr, min_lr, total_steps=110, warmup_steps=10)
+
+    def lr_factor(step, *_):
+        return schedule[step] / lr
+
+    # 10 warm-up steps: step 0 -> 1/10, step 9 -> 1
+    assert lr_factor(0, 10, 110, lr, min_lr) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 110, lr, min_lr) == pytest.approx(1.0)
+    # right after warm-up: the peak
+    assert lr_factor(10, 10, 110, lr, min_lr) * lr == pytest.approx(lr)
+    # half-way through the cosine: (lr + min_lr) / 2
+    assert lr_factor(60, 10, 110, lr, min_lr) * lr == pytest.approx((lr + min_lr) / 2)
+    # a quarter: min + (lr - min) * (1 + cos(pi/4)) / 2
+    assert lr_factor(35, 10, 110, lr, min_lr) * lr == pytest.approx(min_lr + (lr - min_lr) * (1 + math.cos(math.pi / 4)) / 2)
+    # the end and beyond: min_lr
+    assert lr_factor(110, 10, 110, lr, min_lr) * lr == pytest.approx(min_lr)
+    assert lr_factor(500, 10, 110, lr, min_lr) * lr == pytest.approx(min_lr)
+
+
+
+def test_fine_tuning_warms_up_from_warmup_lr_on_the_same_schedule():
+    """Fine-tuning starts its warm-up at optim.warmup_lr (SimMIM's 2.5e-7), one increment per step as
+    pre-training, then the same cosine to min_lr."""
+    s = CosineSchedule(1.0, 0.01, total_steps=110, warmup_steps=10, start=0.1)
+    assert s[0] == pytest.approx(0.1 + 0.9 * 1 / 10)
+    assert s[5] == pytest.approx(0.1 + 0.9 * 6 / 10)
+    assert s[9] == pytest.approx(1.0) and s[10] == pytest.approx(1.0)
+    assert s[60] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert s[110] == pytest.approx(0.01)
+    cfg = load_config("configs/finetune_tiny.yaml", ["model.random_init=true", "data.train_dir=a", "data.val_dir=b"],
+                      schema=FinetuneConfig)
+    ft = lr_schedule(cfg.optim, 1.0, steps_per_epoch=6, start=cfg.optim.warmup_lr)
+    assert len(ft) == cfg.optim.epochs * 6 + 1 and ft[0] == pytest.approx(2.5e-7 + (1 - 2.5e-7) / 3)
+
+
+def test_teacher_momentum_schedule():
+    cfg = load_config("configs/test_tiny.yaml", ["objectives.distill.momentum_schedule=cosine",
+                                                  "objectives.distill.momentum=0.99"])
+
+    def teacher_momentum(cfg, step, total):
+        return momentum_schedule(cfg.objectives.distill, total)[step]
+
+    assert teacher_momentum(cfg, 0, 100) == pytest.approx(0.99)
+    assert teacher_momentum(cfg, 50, 100) == pytest.approx(0.995)
+    assert teacher_momentum(cfg, 100, 100) == pytest.approx(1.0)
+    assert teacher_momentum(load_config("configs/test_tiny.yaml"), 50, 100) == 0.995
