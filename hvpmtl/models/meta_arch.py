@@ -145,7 +145,7 @@ class Student(nn.Module):
     def inspect(self, view1, view2, mask, world_size: int = 1) -> dict[str, torch.Tensor]:
         """What the heads make of a few images, for the image panels (eval mode is the caller's): 'reconstruction'
         of the masked view 1, label 'logits' of view 1, and the prototype 'scores' of both views (view 1 rows
-        first) with their Sinkhorn 'codes'. Collective when `world_size` > 1: every rank calls it."""
+        first) with their Sinkhorn 'codes' and embeddings 'z'. Collective when `world_size` > 1: every rank calls it."""
         out = {}
         with self._autocast(view1):
             if self.mim_decoder is not None:
@@ -154,8 +154,8 @@ class Student(nn.Module):
             if self.label_decoder is not None:
                 out["logits"] = self.label_decoder(feat1)[0].float()
             if self.prototype_head is not None:
-                scores = torch.cat([self.prototype_head(feat1)[1], self.prototype_head(self.backbone(view2))[1]])
-                out["scores"] = scores.float()
+                z, scores = self.prototype_head(torch.cat([feat1, self.backbone(view2)]))
+                out["scores"], out["z"] = scores.float(), z.float()
                 out["codes"] = self._codes(out["scores"], None, world_size)
         return out
 
