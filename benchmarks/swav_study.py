@@ -30,6 +30,9 @@ from results_table import ROOT, data_overrides, env, make_data
 
 LN = ["model.proto_head_norm=layernorm"]
 BN = ["model.proto_head_norm=batchnorm"]
+# the demo's settings (configs/demo_cpu.yaml) chosen by this study
+BEST = BN + ["data.color_jitter=0.0", "data.rand_augment_n=0", "objectives.swav.view1=unmasked",
+             "objectives.swav.epsilon=0.03"]
 # name -> (what it changes, --set overrides on top of the demo config as it was before the study)
 VARIANTS = {
     "baseline": ("the demo before the study: LayerNorm head, masked view 1, eps 0.05, no freeze, no queue", LN),
@@ -113,11 +116,20 @@ VARIANTS = {
                                              BN + ["data.color_jitter=0.0", "data.rand_augment_n=0",
                                                    "objectives.swav.view1=unmasked", "objectives.swav.epsilon=0.03",
                                                    "objectives.swav.freeze_prototypes_steps=93"]),
+    # on top of the demo's chosen settings (BEST, configs/demo_cpu.yaml): the clamp, the queue, SwAV's weight
+    "best_tmax_none": ("the demo's settings with SwAV's unclamped Sinkhorn (t_max null: at eps 0.03 the clamp "
+                       "T_max = 10 makes every cosine above 0.3 score alike)", BEST + ["objectives.swav.t_max=null"]),
+    "best_queue": ("the demo's settings + a queue of 96 rows from step 20 (128 rows per Sinkhorn for 64 prototypes)",
+                   BEST + ["objectives.swav.queue_length=96", "objectives.swav.queue_start_step=20"]),
+    "best_w01": ("the demo's settings with SwAV weight 0.1 instead of 0.02", BEST + ["objectives.swav.weight=0.1"]),
+    "best_tmax_none_eps005": ("the demo's settings, unclamped, eps 0.05",
+                              BEST[:-1] + ["objectives.swav.epsilon=0.05", "objectives.swav.t_max=null"]),
     "asl05": ("ASL weight 0.5 (the paper's 0.001 is per sum over 11,166 classes; 24 here: docs/RESULTS.md)",
               LN + ["objectives.asl.weight=0.5"]),
 }
 # settings the demo config had before the study, pinned so the variants stay comparable when it changes
-BEFORE = ["data.color_jitter=0.4", "data.rand_augment_n=1", "objectives.swav.epsilon=0.05", "objectives.swav.queue_length=0",
+BEFORE = ["data.color_jitter=0.4", "data.rand_augment_n=1", "objectives.swav.epsilon=0.05", "objectives.swav.t_max=10.0",
+          "objectives.swav.weight=0.02", "objectives.swav.queue_length=0",
           "objectives.swav.queue_start_step=0", "objectives.swav.freeze_prototypes_steps=0",
           "objectives.swav.view1=masked", "model.num_prototypes=64", "model.proto_out_dim=64"]
 FIGURES = ("swav/code_entropy", "swav/pred_entropy", "swav/protos_used", "swav/z_std", "swav/z_rank")

@@ -58,7 +58,15 @@ def test_paper_configs_keep_swav_off_the_uniform_point(name):
     assert cfg.model.proto_head_norm == "batchnorm" and cfg.model.num_prototypes == 3000
     assert sw.queue_length == 3 * cfg.optim.global_batch_size and sw.queue_length + 1024 >= 4096
     assert check_batch_sizes(cfg, 64) == 1024 and cfg.model.proto_out_dim < cfg.model.num_prototypes
-    assert 0 < sw.freeze_prototypes_steps <= sw.queue_start_step
+    assert 0 < sw.freeze_prototypes_steps <= sw.queue_start_step and sw.view1 == "unmasked"
+
+
+def test_demo_config_keeps_swav_off_the_uniform_point():
+    """The settings docs/DESIGN.md measured to bring the demo's SwAV below 0.9 ln K (benchmarks/swav_study.py)."""
+    cfg = load_config(ROOT / "configs/demo_cpu.yaml")
+    sw, d = cfg.objectives.swav, cfg.data
+    assert cfg.model.proto_head_norm == "batchnorm" and sw.view1 == "unmasked" and sw.epsilon == 0.03
+    assert d.color_jitter == 0 and d.rand_augment_n == 0
 
 
 def _write(tmp_path, text):
