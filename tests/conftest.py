@@ -47,8 +47,8 @@ def python() -> str:
     return sys.executable
 
 
-
-def _env(**extra) -> dict:
+def subprocess_env(**extra) -> dict:
+    """The environment of a process a test starts."""
     # not the rendezvous of this process's own (in-process test) process group
     e = {k: v for k, v in os.environ.items()
          if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -59,7 +59,7 @@ def _env(**extra) -> dict:
 
 
 def run_cmd(cmd, cwd, timeout=400, **extra):
-    p = subprocess.run(cmd, cwd=cwd, env=_env(**extra), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=cwd, env=subprocess_env(**extra), capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout + p.stderr
 
 
