@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cmd
+from subprocs import run_cmd
 
 from hvpmtl.config import load_config
 from hvpmtl.train.pretrain import Pretrainer
