@@ -7,6 +7,8 @@ import json
 import warnings
 from pathlib import Path
 
+import torch.distributed as dist
+
 from hvpmtl.dist import init_distributed
 from hvpmtl.train import checkpoint
 
@@ -33,6 +35,10 @@ def main() -> None:
             except checkpoint.CheckpointError as e:
                 out[folder] = {"error": str(e)}
     Path(f"{args.result}.rank{rank}.json").write_text(json.dumps({"world": world, "folders": out}))
+    # leave together, with the process group torn down: a rank exiting while gloo's threads still run was
+    # seen to abort ("terminate called without an active exception", exit -6) on a loaded machine
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
