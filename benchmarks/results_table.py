@@ -11,7 +11,7 @@ the full model's student and a random init with the same recipe and budget on th
 collapse figures (SwAV loss / ln K and whatever swav/* and distill/* figures the run logs) come from its
 metrics.jsonl. Every number is reported as mean ± std over the seeds:
 
-    .venv/bin/python benchmarks/results_table.py --seeds 0 1 2     # 64 px, 2000 images: ~1 h on 2 CPU cores
+    .venv/bin/python benchmarks/results_table.py --seeds 0 1 2     # 64 px, 1500 images, 188 steps: ~1 h on 2 shared cores
 
 Resumable: a finished pre-training (backbone exported) or fine-tuning (model exported) is not run again, a
 run killed half-way restarts, and every finished evaluation is kept in <out>/results.json with the budget it
@@ -259,9 +259,9 @@ def main(argv=None) -> int:
                    "augmentation and data order; the data set itself is seed 0 for all)")
     p.add_argument("--config", default="configs/demo_cpu.yaml")
     p.add_argument("--img-size", type=int, default=64, help="image size of pre-training, probes and fine-tuning")
-    p.add_argument("--num-images", type=int, default=2000, help="training images of the synthetic data")
+    p.add_argument("--num-images", type=int, default=1500, help="training images of the synthetic data")
     p.add_argument("--holdout", type=int, default=500, help="held-out images of the synthetic data")
-    p.add_argument("--epochs", type=int, default=3, help="pre-training epochs (the cosine schedule spans them)")
+    p.add_argument("--epochs", type=int, default=2, help="pre-training epochs (the cosine schedule spans them)")
     p.add_argument("--steps", type=int, default=0, help="> 0: stop each pre-training after this many steps")
     p.add_argument("--warmup-epochs", type=float, default=0.1)
     p.add_argument("--ranks", type=int, default=1)
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every pre-training run (repeatable)")
     p.add_argument("--ft-config", default="configs/finetune_tiny.yaml")
-    p.add_argument("--ft-epochs", type=int, default=4, help="fine-tuning epochs; 0: no fine-tuning")
+    p.add_argument("--ft-epochs", type=int, default=3, help="fine-tuning epochs; 0: no fine-tuning")
     p.add_argument("--ft-batch", type=int, default=16, help="fine-tuning micro batch (lr scales with it)")
     args = p.parse_args(argv)
     args.out = args.out if args.out.is_absolute() else ROOT / args.out

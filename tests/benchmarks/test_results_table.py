@@ -89,13 +89,13 @@ def test_the_table_runs_end_to_end_and_resumes_without_rerunning(tmp_path):
     for r in results["finetune"].values():
         assert 0 <= r["0"]["top1"] <= 100 and r["0"]["epochs"] == 1
     # the pre-trained fine-tuning started from that run's student, not from a random init
-    assert "model.init=" in (tmp_path / "finetune" / "full" / "seed0" / "config.yaml").read_text() or \
-        (tmp_path / "finetune" / "full" / "init_seed0.safetensors").is_file()
+    init = tmp_path / "finetune" / "full" / "init_seed0.safetensors"
+    assert init.is_file() and str(init) in (tmp_path / "finetune" / "full" / "seed0" / "config.yaml").read_text()
     assert f"| {rt.FULL} | 1 |" in p.stdout and "fine-tune top-1" in p.stdout
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
-    assert again.stdout.count("done before") == 3 and "launchers/" not in again.stdout
+    assert "done before" in again.stdout and "launchers/" not in again.stdout  # nothing trained again
     assert json.loads((tmp_path / "results.json").read_text()) == results
 
     other = subprocess.run(cmd[:-2] + ["--ft-epochs", "2", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
