@@ -9,6 +9,18 @@ import argparse
 import importlib
 import sys
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, unless there is none to show (a required option, a flag) or the
+    help already says in words what happens when the option is not given (no "(default: None)" after "default:
+    from the run")."""
+
+    def _get_help_string(self, action):
+        says_it = action.default is None and "default" in (action.help or "").lower()
+        if action.required or action.nargs == 0 or says_it:
+            return action.help
+        return super()._get_help_string(action)
+
+
 # group name -> module that defines add_parser(subparsers) and sets args.func
 COMMAND_GROUPS = {
     "data": "hvpmtl.data.cli",
@@ -18,7 +30,7 @@ COMMAND_GROUPS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hvpmtl", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hvpmtl", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="group", required=True)
     for name, module in COMMAND_GROUPS.items():
         try:

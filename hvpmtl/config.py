@@ -104,6 +104,9 @@ class ModelConfig(Section):
     proto_hidden_dim: int = Field(2048, ge=1)
     proto_out_dim: int = Field(128, ge=1)
     num_prototypes: int = Field(3000, ge=1)
+    # layernorm: Linear-LayerNorm-GELU-Linear | batchnorm: SwAV's Linear-BatchNorm-ReLU-Linear, statistics of the
+    # global batch (docs/DESIGN.md, "SwAV off the uniform point")
+    proto_head_norm: Literal["layernorm", "batchnorm"] = "layernorm"
 
 
 class DataConfig(Section):
@@ -157,6 +160,8 @@ class SwAVConfig(Section):
     queue_length: int = Field(0, ge=0)  # 0 = no queue; else a multiple of the global batch
     queue_start_step: int = Field(0, ge=0)
     freeze_prototypes_steps: int = Field(0, ge=0)
+    # masked: SwAV reads the masked view 1 (no extra forward) | unmasked: one more forward of the whole view 1
+    view1: Literal["masked", "unmasked"] = "masked"
 
 
 class MIMConfig(Section):
@@ -192,6 +197,7 @@ class RunConfig(RunSection):
     eval_every: int = Field(0, ge=0)  # steps between online linear-probe/kNN evaluations; 0 = off
     image_log_every: int = Field(0, ge=0)  # steps between MLflow image panels; 0 = off
     compile: bool = False  # torch.compile the backbones (student and teacher) and the label decoder
+    collapse_warn_steps: int = Field(50, ge=0)  # warn when a collapse figure stays collapsed this many steps; 0 = off
 
 
 class ExperimentConfig(Section):
@@ -335,6 +341,10 @@ def check_batch_sizes(cfg, world_size: int) -> int:
             f"grad_accum_steps ({o.grad_accum_steps}) x world size ({world_size}) = {product}; "
             f"set optim.grad_accum_steps={o.global_batch_size // per_step} "
             f"(or leave it out to derive it) or change the batch sizes")
+    swav = getattr(getattr(cfg, "objectives", None), "swav", None)
+    if swav is not None and swav.enabled and swav.queue_length % product:
+        raise ConfigError(f"objectives.swav.queue_length={swav.queue_length} must be a multiple of the global batch "
+                          f"({product}): each rank keeps queue_length / world size rows, pushed a micro-batch at a time")
     return product
 
 

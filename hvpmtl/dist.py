@@ -37,6 +37,22 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int, int]:
     return rank, local_rank, world
 
 
+def apply_collective_timeout(timeout_s: int) -> int:
+    """Gives every process group this rank belongs to the run's collective timeout; returns how many.
+
+    DeepSpeed builds its own groups (ZeRO's data-parallel clone of the world) with `new_group(ranks)`, which
+    gets torch's 30-minute default, not init_process_group's timeout: a rank that hangs (SIGSTOP, a stuck
+    file system) then held the others in ZeRO's gradient reduction for 30 minutes. Call after the engine
+    is built, when those groups exist."""
+    if not dist.is_initialized():
+        return 0
+    timeout = datetime.timedelta(seconds=timeout_s)
+    groups = [g for g in dist.distributed_c10d._world.pg_map if g is not None and dist.get_rank(g) >= 0]
+    for g in groups:
+        dist.set_timeout(timeout, g)
+    return len(groups)
+
+
 def _free_port() -> int:
     import socket
 

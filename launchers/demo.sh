@@ -51,7 +51,7 @@ echo "== pre-training (2 ranks, DeepSpeed ZeRO-2 on CPU): logs in $out, MLflow i
 deepspeed --num_gpus 2 --master_addr 127.0.0.1 --master_port "$port" \
   launchers/pretrain.py --config "$CONFIG" "$@"
 echo
-echo "== done. Loss curves, parameters, image panels and the exported backbone are in MLflow:"
+echo "== done. Loss curves, online kNN / linear-probe mAP, parameters, image panels and the exported backbone are in MLflow:"
 echo "   . $VENV/bin/activate && mlflow ui --backend-store-uri sqlite:///$PWD/runs/mlflow.db --host 127.0.0.1 --port 5000"
 echo "   then open http://127.0.0.1:5000 (experiment 'hvpmtl', run 'demo-cpu')."
 echo "   Checkpoints: $out/checkpoints   backbone: $out/backbone.safetensors   per-step: $out/metrics.jsonl"

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from subprocs import run_cmd  # noqa: F401  (tests/ is on sys.path through this conftest)
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 NUM_CLASSES = 24  # the synthetic dictionary's
@@ -45,22 +47,6 @@ def root() -> Path:
 @pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
-
-
-
-def _env(**extra) -> dict:
-    # not the rendezvous of this process's own (in-process test) process group
-    e = {k: v for k, v in os.environ.items()
-         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    e.update({"DS_ACCELERATOR": "cpu", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1",
-              "PATH": f"{BIN}:{e.get('PATH', '')}"})
-    e.update(extra)
-    return e
-
-
-def run_cmd(cmd, cwd, timeout=400, **extra):
-    p = subprocess.run(cmd, cwd=cwd, env=_env(**extra), capture_output=True, text=True, timeout=timeout)
-    return p.returncode, p.stdout + p.stderr
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,25 @@ def test_paper_recipe_values():
     assert cfg.data.num_classes == 11166
 
 
+@pytest.mark.parametrize("name", ["pretrain_swin_b.yaml", "pretrain_vit_b.yaml", "ablations/no_mim.yaml"])
+def test_paper_configs_keep_swav_off_the_uniform_point(name):
+    """docs/DESIGN.md: SwAV's head, 1024 + 3072 = 4096 rows per Sinkhorn for 3000 prototypes, as in SwAV's runs."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    sw = cfg.objectives.swav
+    assert cfg.model.proto_head_norm == "batchnorm" and cfg.model.num_prototypes == 3000
+    assert sw.queue_length == 3 * cfg.optim.global_batch_size and sw.queue_length + 1024 >= 4096
+    assert check_batch_sizes(cfg, 64) == 1024 and cfg.model.proto_out_dim < cfg.model.num_prototypes
+    assert 0 < sw.freeze_prototypes_steps <= sw.queue_start_step and sw.view1 == "unmasked"
+
+
+def test_demo_config_keeps_swav_off_the_uniform_point():
+    """The settings docs/DESIGN.md measured to bring the demo's SwAV below 0.9 ln K (benchmarks/swav_study.py)."""
+    cfg = load_config(ROOT / "configs/demo_cpu.yaml")
+    sw, d = cfg.objectives.swav, cfg.data
+    assert cfg.model.proto_head_norm == "batchnorm" and sw.view1 == "unmasked" and sw.epsilon == 0.03
+    assert d.color_jitter == 0 and d.rand_augment_n == 0
+
+
 def _write(tmp_path, text):
     p = tmp_path / "exp.yaml"
     p.write_text(text)
@@ -70,6 +89,9 @@ def _write(tmp_path, text):
      "  distill: {enabled: false}\n", "at least one objective"),
     ("- just\n- a list\n", "top level must be a mapping"),
     ("optim: [1, 2\n", "not valid YAML"),
+    ("objectives:\n  swav: {view1: sideways}\n", "'objectives.swav.view1' must be one of 'masked' or 'unmasked'"),
+    ("model:\n  proto_head_norm: groupnorm\n", "'model.proto_head_norm' must be one of 'layernorm' or 'batchnorm'"),
+    ("run:\n  collapse_warn_steps: -1\n", "'run.collapse_warn_steps' must be >= 0"),
 ])
 def test_errors_name_key_and_file(tmp_path, text, needle):
     p = _write(tmp_path, text)
@@ -234,3 +256,12 @@ def test_pretrain_formats_are_the_ones_the_loaders_serve(tmp_path):
             loader = build_pretrain_loader(cfg.data, local_rank=0, seed=0, **kw)
         batch = next(iter(loader))
         assert batch["view1"].shape == (4, 3, 32, 32) and batch["labels"].dtype == torch.float32, fmt
+
+
+def test_swav_queue_is_a_multiple_of_the_global_batch():
+    cfg = load_config(None, ["optim.micro_batch_size=16", "objectives.swav.queue_length=3072"])
+    assert check_batch_sizes(cfg, 64) == 1024
+    with pytest.raises(ConfigError, match=r"queue_length=3072 must be a multiple of the global batch \(1280\)"):
+        check_batch_sizes(cfg, 80)
+    check_batch_sizes(load_config(None, ["optim.micro_batch_size=16", "objectives.swav.queue_length=3072",
+                                         "objectives.swav.enabled=false"]), 80)  # no SwAV, no queue

@@ -17,7 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from hvpmtl.cli import HelpFormatter as FMT
 from hvpmtl.eval.export import add_weights_arguments, describe
+
+
 
 
 def _say(msg: str) -> None:
@@ -36,28 +39,32 @@ def _add_common(p) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the experiment config, e.g. --set data.root=/data (repeatable)")
     d = p.add_argument_group("data (default: the held-out list split in halves)")
-    d.add_argument("--train-list")
-    d.add_argument("--test-list")
-    d.add_argument("--train-dir")
-    d.add_argument("--test-dir")
-    p.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--train-list", help="Tencent-format list the probe is fitted on (images under data.root; "
+                                        "default: the even positions of data.holdout_list)")
+    d.add_argument("--test-list", help="Tencent-format list the probe is scored on (default: the odd positions of "
+                                       "data.holdout_list)")
+    d.add_argument("--train-dir", help="ImageFolder root the probe is fitted on (single-label: top-1)")
+    d.add_argument("--test-dir", help="ImageFolder root the probe is scored on (with --train-dir)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass of feature extraction")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed of a --random-init backbone")
-    p.add_argument("--out", help="also write the JSON result here")
+    p.add_argument("--out", help="also write the JSON result here (default: stdout only)")
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="linear-probe and kNN evaluation of a pre-trained backbone",
-                              description=__doc__.split("\n\n")[0])
+                              description=__doc__.split("\n\n")[0], formatter_class=FMT)
     sub = p.add_subparsers(dest="eval_command", required=True)
-    lp = sub.add_parser("linear-probe", help="logistic-regression probe on frozen features (mAP or top-1)")
+    lp = sub.add_parser("linear-probe", help="logistic-regression probe on frozen features (mAP or top-1)",
+                        formatter_class=FMT)
     _add_common(lp)
     lp.add_argument("--max-iter", type=int, default=100, help="L-BFGS iterations per fit")
     lp.set_defaults(func=_linear_probe)
-    kn = sub.add_parser("knn", help="weighted cosine k-NN on frozen features (mAP or top-1)")
+    kn = sub.add_parser("knn", help="weighted cosine k-NN on frozen features (mAP or top-1)", formatter_class=FMT)
     _add_common(kn)
-    kn.add_argument("--k", type=int, default=20)
-    kn.add_argument("--temperature", type=float, default=0.07)
+    kn.add_argument("--k", type=int, default=20, help="neighbours that vote (the DINO/solo-learn k-NN protocol)")
+    kn.add_argument("--temperature", type=float, default=0.07,
+                    help="each neighbour votes with weight exp(cosine similarity / temperature)")
     kn.set_defaults(func=_knn)
 
 
@@ -138,7 +145,7 @@ def _linear_probe(args) -> int:
 
     def evaluate(tr, te, f, device):
         r = linear_probe(tr["features"], tr["labels"], te["features"], te["labels"], multilabel=f["multilabel"],
-                         num_classes=f["num_classes"], max_iter=args.max_iter, device=device)
+                         num_classes=f["num_classes"], max_iter=args.max_iter, device=device, progress=_say)
         key = "map" if f["multilabel"] else "top1"
         return {"eval": "linear-probe", "metric": key, "value": r[key], "weight_decay": r["weight_decay"]}
     return _run(args, evaluate)

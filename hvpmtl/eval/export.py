@@ -29,11 +29,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-import torch
-from safetensors.torch import save_file
-
-import hvpmtl.train.checkpoint as ckpt
-from hvpmtl.train.checkpoint import UnsafeFileError
+# torch, safetensors and hvpmtl.train.checkpoint are imported where they are used: `hvpmtl --help` (which builds
+# this command's parser) answers without loading torch.
 
 FORMATS = ("timm", "mmdet", "mmseg", "detectron2")
 DEFAULT_PREFIX = {"timm": "", "mmdet": "backbone.timm_model.", "mmseg": "backbone.timm_model.", "detectron2": ""}
@@ -63,6 +60,8 @@ def save_timm_backbone(backbone, path: str | Path, metadata: Optional[dict] = No
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "timm_model": backbone.name, "img_size": str(backbone.img_size)}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    from safetensors.torch import save_file
+
     save_file(timm_state_dict(backbone), str(path), metadata=meta)
     return _shared_mode(path)
 
@@ -73,6 +72,8 @@ def save_timm_backbone(backbone, path: str | Path, metadata: Optional[dict] = No
 def find_checkpoint(run_dir: str | Path, checkpoint: Optional[str | Path] = None) -> Path:
     """The given checkpoint (a tag folder or a tag name under <run>/checkpoints, checked complete) or the
     newest complete one."""
+    import hvpmtl.train.checkpoint as ckpt
+
     ckpt_dir = Path(run_dir) / "checkpoints"
     try:
         if checkpoint is not None:
@@ -92,18 +93,22 @@ def find_checkpoint(run_dir: str | Path, checkpoint: Optional[str | Path] = None
 def read_run_backbone(run_dir: str | Path, checkpoint: Optional[str | Path] = None, which: str = "auto"):
     """(timm state dict fp32, the run's ExperimentConfig, info dict) from a run's checkpoint: see
     hvpmtl.train.checkpoint.read_backbone. info names the weights (which, reason, checkpoint, step)."""
+    import hvpmtl.train.checkpoint as ckpt
+
     try:
         return ckpt.read_backbone(run_dir, checkpoint, which)
-    except (ckpt.CheckpointError, UnsafeFileError) as e:
+    except (ckpt.CheckpointError, ckpt.UnsafeFileError) as e:
         raise ExportError(str(e)) from None
 
 
 def read_backbone_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(timm state dict, metadata) from any export of this module (hvpmtl.train.checkpoint.read_backbone_file:
     safetensors, weights-only .pth, numpy-only .pkl)."""
+    import hvpmtl.train.checkpoint as ckpt
+
     try:
         return ckpt.read_backbone_file(path)
-    except (ckpt.CheckpointError, UnsafeFileError) as e:
+    except (ckpt.CheckpointError, ckpt.UnsafeFileError) as e:
         raise ExportError(str(e)) from None
 
 
@@ -119,6 +124,7 @@ def describe(info: dict) -> str:
 def _features_only_state(state: dict, name: str, img_size: int) -> dict[str, torch.Tensor]:
     """The keys of timm's features_only wrapper: timm loads the file into the plain model, then wraps it."""
     import timm
+    from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:
         f = Path(tmp) / "backbone.safetensors"
@@ -131,6 +137,9 @@ def _features_only_state(state: dict, name: str, img_size: int) -> dict[str, tor
 def write_export(state: dict[str, torch.Tensor], out: str | Path, fmt: str, info: dict,
                  prefix: Optional[str] = None, features_only: bool = False) -> Path:
     """Write `state` (timm keys) in `fmt`; `info` needs timm_model and img_size."""
+    import torch
+    from safetensors.torch import save_file
+
     out = Path(out)
     fmt = format_for(out, fmt)
     if features_only and fmt not in ("mmdet", "mmseg"):
@@ -191,8 +200,11 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: Optional[str] = None,
 
 
 def add_parser(subparsers) -> None:
+    from hvpmtl.cli import HelpFormatter
+
     p = subparsers.add_parser("export", help="export a run's pre-trained backbone (timm, mmdet, mmseg, detectron2)",
-                              description=__doc__.split("\n\n")[1] if __doc__ else None)
+                              description=__doc__.split("\n\n")[1] if __doc__ else None,
+                              formatter_class=HelpFormatter)
     p.add_argument("--run-dir", required=True, help="the run's output_dir (holds config.yaml and checkpoints/)")
     add_weights_arguments(p)
     p.add_argument("--format", default=None, choices=FORMATS,
@@ -210,7 +222,7 @@ def add_weights_arguments(p) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="a checkpoint of --run-dir: tag name (step_00001000) or folder (default: the newest complete)")
     p.add_argument("--which", default="auto", choices=("auto", "teacher", "student"),
-                   help="auto (default): the EMA teacher once less than 1%% of it is its random start, else the "
+                   help="auto: the EMA teacher once less than 1%% of it is its random start, else the "
                         "student (docs/EVAL.md); the choice is printed")
 
 

@@ -94,11 +94,14 @@ def score(scores: np.ndarray, y, multilabel: bool) -> float:
 
 
 def linear_probe(train_x, train_y, test_x, test_y, *, multilabel: bool, num_classes: int,
-                 weight_decays: Sequence[float] = WEIGHT_DECAYS, max_iter: int = 100, device="cpu") -> dict:
-    """Fit on (train_x, train_y), report on (test_x, test_y).
+                 weight_decays: Sequence[float] = WEIGHT_DECAYS, max_iter: int = 100, device="cpu",
+                 progress=None) -> dict:
+    """Fit on (train_x, train_y), report on (test_x, test_y). `progress(msg)` hears of each fit (minutes each on
+    a large data set).
 
     Returns {"map" or "top1": percent, "weight_decay": the chosen L2, and for multi-label
     "class_ap": per-class AP in percent}."""
+    say = progress or (lambda msg: None)
     train_x, test_x = np.asarray(train_x), np.asarray(test_x)
     train_y = np.asarray(train_y)
     if multilabel:
@@ -110,7 +113,8 @@ def linear_probe(train_x, train_y, test_x, test_y, *, multilabel: bool, num_clas
         # every fifth sample (a fixed, order-based split) is held back to pick the L2 strength
         val = np.arange(n) % 5 == 4
         best = -np.inf
-        for wd in weight_decays:
+        for i, wd in enumerate(weight_decays):
+            say(f"linear probe: weight decay {wd:g} ({i + 1}/{len(weight_decays)}) on four fifths of the fit split")
             p = fit_linear(train_x[~val], train_y[~val], multilabel=multilabel, num_classes=num_classes,
                            weight_decay=wd, max_iter=max_iter, device=device)
             try:
@@ -119,6 +123,7 @@ def linear_probe(train_x, train_y, test_x, test_y, *, multilabel: bool, num_clas
                 s = -np.inf
             if s > best:
                 best, chosen = s, wd
+    say(f"linear probe: final fit with weight decay {chosen:g}")
     probe = fit_linear(train_x, train_y, multilabel=multilabel, num_classes=num_classes, weight_decay=chosen,
                        max_iter=max_iter, device=device)
     key = "map" if multilabel else "top1"

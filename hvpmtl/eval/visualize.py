@@ -4,7 +4,9 @@
   panels/labels_step_XXXXXX.png     top-k predicted labels (class names from data.dictionary) vs the truth
                                     (+ panels/labels_step_XXXXXX.json with the numbers)
   panels/swav_codes_step_XXXXXX.png histograms of the argmax Sinkhorn code and of the argmax prototype
-                                    score per view: one tall bar of scores = collapse
+                                    score per view, under the collapse figures of the step's global batch
+                                    (code / prediction entropy, prototypes used, z std and rank) and a verdict:
+                                    a few panel views always spread over some prototypes, uniform codes do not
   panels/losses_step_XXXXXX.png     loss curves per objective from <run.output_dir>/metrics.jsonl
 
 A panel whose head is off (objective disabled) is skipped. The student's own `inspect` gives what
@@ -25,6 +27,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from hvpmtl.config import ExperimentConfig
+from hvpmtl.models.collapse import CollapseMonitor, collapse_figures, swav_sums
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -159,35 +162,69 @@ def code_assignments(student, view1: torch.Tensor, view2: torch.Tensor, world_si
     return code_counts(out["scores"], out["codes"])
 
 
-def codes_panel(counts: dict[str, np.ndarray], step: int) -> Image.Image:
+def swav_health(train: dict[str, float], panel: dict[str, float], embed_dim: int) -> tuple[bool, list[str]]:
+    """(collapsed?, text lines) for the SwAV panel. `train`: the collapse figures of the last logged step (global
+    batch, metrics.jsonl), `panel`: those of the panel's own views; the verdict follows the training figures when
+    there are any (the panel's few views are no sample of the codes), with CollapseMonitor's thresholds."""
+    figures = train or panel
+    bad = CollapseMonitor(1, embed_dim).collapsed(figures)
+    src = f"global batch of step {int(train['step'])}" if train else "panel views only"
+    lines = [f"{'COLLAPSED' if bad else 'not collapsed'} ({src}): " +
+             (", ".join(k.split("/")[1] for k in sorted(bad)) + " at collapsed values" if bad else
+              "codes and predictions below uniform entropy, embeddings spread")]
+    for name, f in (("global batch", train), ("panel views", panel)):
+        if f:
+            lines.append(f"{name}: code entropy {f['swav/code_entropy']:.3f}, prediction entropy "
+                         f"{f['swav/pred_entropy']:.3f} (1 = uniform), prototypes used {f['swav/protos_used']:.0f}, "
+                         f"z std x sqrt(d) {f['swav/z_std'] * math.sqrt(embed_dim):.2f}, z rank {f['swav/z_rank']:.1f}")
+    return bool(bad), lines
+
+
+def codes_panel(counts: dict[str, np.ndarray], step: int, health: tuple[bool, list[str]] | None = None) -> Image.Image:
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 1, figsize=(8, 4.5), dpi=100, sharex=True)
+    collapsed, lines = health or (False, [])
+    fig, axes = plt.subplots(2, 1, figsize=(8, 4.5 + 0.3 * len(lines)), dpi=100, sharex=True)
     titles = {"codes": "argmax of Sinkhorn codes (targets)", "scores": "argmax of prototype scores (predictions)"}
     for ax, (key, colour) in zip(axes, (("codes", "tab:blue"), ("scores", "tab:orange"))):
         c = counts[key]
         ax.bar(np.arange(len(c)), c, width=1.0, color=colour)
-        ax.set_title(f"{titles[key]}: {int((c > 0).sum())}/{len(c)} prototypes used, largest "
-                     f"{100 * c.max() / max(1, c.sum()):.0f}% of {int(c.sum())} views", fontsize=9)
+        ax.set_title(f"{titles[key]}: {int((c > 0).sum())}/{len(c)} prototypes hit by {int(c.sum())} panel views, "
+                     f"largest {100 * c.max() / max(1, c.sum()):.0f}%", fontsize=9)
         ax.set_ylabel("views", fontsize=8)
     axes[-1].set_xlabel("prototype")
-    fig.suptitle(f"SwAV assignments at step {step} (one tall bar in the lower plot = collapse)", fontsize=9)
+    head = f"SwAV assignments at step {step}"
+    fig.suptitle("\n".join([head, *lines]), fontsize=8, color="tab:red" if collapsed else "black")
     fig.tight_layout()
     return _figure_to_image(fig)
 
 
-def read_metrics(path: str | Path) -> dict[str, tuple[list[int], list[float]]]:
-    """{key: (steps, values)} for the loss keys in a metrics.jsonl (later lines win on a repeated step)."""
-    series: dict[str, dict[int, float]] = {}
+def last_swav_figures(path: str | Path) -> dict[str, float]:
+    """The collapse figures of the last step in a metrics.jsonl that has them (with its 'step'), else {}."""
+    last = {}
+    for rec in _records(path):
+        if "swav/code_entropy" in rec:
+            last = {k: float(v) for k, v in rec.items() if k == "step" or k.startswith("swav/")}
+    return last
+
+
+def _records(path: str | Path):
+    """The step records of a metrics.jsonl (none when it is missing; a line being written is left out)."""
     p = Path(path)
     if not p.is_file():
-        return {}
+        return
     for line in p.read_text().splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
             continue  # a line being written
-        if "step" not in rec:
-            continue
+        if isinstance(rec, dict) and "step" in rec:
+            yield rec
+
+
+def read_metrics(path: str | Path) -> dict[str, tuple[list[int], list[float]]]:
+    """{key: (steps, values)} for the loss keys in a metrics.jsonl (later lines win on a repeated step)."""
+    series: dict[str, dict[int, float]] = {}
+    for rec in _records(path):
         for k in LOSS_KEYS:
             if k in rec and rec[k] is not None and math.isfinite(rec[k]):
                 series.setdefault(k, {})[int(rec["step"])] = float(rec[k])
@@ -261,7 +298,12 @@ def log_panels(tracker, student, batch: dict, cfg: ExperimentConfig, step: int, 
             return labels_panel(v1, preds)
         emit("labels", labels_image)
     if "scores" in out:
-        emit("swav_codes", lambda: codes_panel(code_counts(out["scores"], out["codes"]), step))
+        def codes_image():
+            panel = collapse_figures(swav_sums(out["scores"], out["codes"], out["z"], cfg.objectives.swav.temperature))
+            train = last_swav_figures(Path(cfg.run.output_dir) / "metrics.jsonl")
+            return codes_panel(code_counts(out["scores"], out["codes"]), step,
+                               swav_health(train, panel, cfg.model.proto_out_dim))
+        emit("swav_codes", codes_image)
     emit("losses", lambda: (lambda s: losses_panel(s, step) if s else None)(
         read_metrics(Path(cfg.run.output_dir) / "metrics.jsonl")))
     return logged

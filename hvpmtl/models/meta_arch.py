@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -25,6 +26,7 @@ from hvpmtl.losses.simmim import simmim_loss
 from hvpmtl.losses.swav import sinkhorn_codes, swapped_prediction_loss
 from hvpmtl.losses.weighted_asl import WeightedASLLoss
 from hvpmtl.models.backbone import MaskableBackbone
+from hvpmtl.models.collapse import collapse_figures, distill_sums, swav_sums
 from hvpmtl.models.heads import MIMDecoder, PrototypeHead
 from hvpmtl.models.label_decoder import LabelDecoder
 
@@ -52,7 +54,7 @@ class Student(nn.Module):
             m.decoder_dropout, m.decoder_self_attn, m.grad_checkpointing, m.decoder_groups,
         ) if w["asl"] or w["distill"] else None
         self.prototype_head = PrototypeHead(d0, m.proto_hidden_dim, m.proto_out_dim,
-                                            m.num_prototypes) if w["swav"] else None
+                                            m.num_prototypes, m.proto_head_norm) if w["swav"] else None
         self.mim_decoder = MIMDecoder(d0, self.backbone.stride) if w["mim"] else None
         self.asl = WeightedASLLoss(ob.asl.eta, ob.asl.gamma_pos, ob.asl.gamma_neg, ob.asl.clip, ob.asl.eps)
 
@@ -77,7 +79,8 @@ class Student(nn.Module):
     def forward(self, view1, view2, mask, labels, teacher_sim=None, queue=None, freeze_prototypes: bool = False,
                 world_size: int = 1):
         """Returns a dict: 'loss' (weighted total) and each enabled objective's unweighted value, plus
-        'z1', 'z2' (detached SwAV embeddings for the queue). Every rank has the same number of rows:
+        'z1', 'z2' (detached SwAV embeddings for the queue) and 'sums' (the heads' collapse statistics,
+        hvpmtl.models.collapse, summed over ranks by HVPMetaArch). Every rank has the same number of rows:
         the Sinkhorn codes span `world_size` times the local rows."""
         with self._autocast(view1):
             return self._forward(view1, view2, mask, labels, teacher_sim, queue, freeze_prototypes, world_size)
@@ -86,6 +89,7 @@ class Student(nn.Module):
         ob = self.cfg.objectives
         w = self.weights
         out: dict[str, torch.Tensor] = {}
+        collapse: dict[str, torch.Tensor] = {}
         need_view2 = w["swav"] > 0 or w["asl"] > 0
         feat1 = self.backbone(view1, mask if w["mim"] > 0 else None)
         feat2 = self.backbone(view2) if need_view2 else None
@@ -98,12 +102,16 @@ class Student(nn.Module):
             if w["distill"] > 0:
                 if teacher_sim is None:
                     raise ValueError("distillation is enabled but no teacher targets were given")
-                out["distill"] = symmetric_kl_loss(self.label_decoder.label_similarity(g1), teacher_sim,
-                                                   ob.distill.temperature)
+                student_sim = self.label_decoder.label_similarity(g1)
+                out["distill"] = symmetric_kl_loss(student_sim, teacher_sim, ob.distill.temperature)
+                collapse.update(distill_sums(student_sim, teacher_sim, ob.distill.temperature))
         if w["swav"] > 0:
             head = self.prototype_head
-            z1, s1 = head(feat1)
-            z2, s2 = head(feat2)
+            # view1 "unmasked": one more forward, so SwAV's codes and predictions come from whole images
+            swav_feat1 = self.backbone(view1) if ob.swav.view1 == "unmasked" and w["mim"] > 0 else feat1
+            # both views in one head forward, as SwAV: BatchNorm statistics over both views, one collective
+            z, s = head(torch.cat([swav_feat1, feat2]))
+            (z1, z2), (s1, s2) = z.chunk(2), s.chunk(2)
             if freeze_prototypes:  # SwAV keeps prototypes fixed for the first iterations
                 p = head.unit_prototypes().detach()
                 s1, s2 = z1 @ p.t(), z2 @ p.t()
@@ -112,6 +120,8 @@ class Student(nn.Module):
                 q2 = self._codes(s2, queue[1] if queue is not None else None, world_size)
             out["swav"] = swapped_prediction_loss(s1, s2, q1, q2, ob.swav.temperature)
             out["z1"], out["z2"] = z1.detach(), z2.detach()
+            collapse.update(swav_sums(torch.cat([s1, s2]), torch.cat([q1, q2]), torch.cat([z1, z2]),
+                                      ob.swav.temperature))
         if w["mim"] > 0:
             rec = self.mim_decoder(feat1)
             out["mim"] = simmim_loss(rec, view1, mask)
@@ -119,6 +129,7 @@ class Student(nn.Module):
             if k in out:
                 total = total + w[k] * out[k]
         out["loss"] = total
+        out["sums"] = collapse
         return out
 
     def _codes(self, scores, queue_z, world_size: int):
@@ -134,7 +145,7 @@ class Student(nn.Module):
     def inspect(self, view1, view2, mask, world_size: int = 1) -> dict[str, torch.Tensor]:
         """What the heads make of a few images, for the image panels (eval mode is the caller's): 'reconstruction'
         of the masked view 1, label 'logits' of view 1, and the prototype 'scores' of both views (view 1 rows
-        first) with their Sinkhorn 'codes'. Collective when `world_size` > 1: every rank calls it."""
+        first) with their Sinkhorn 'codes' and embeddings 'z'. Collective when `world_size` > 1: every rank calls it."""
         out = {}
         with self._autocast(view1):
             if self.mim_decoder is not None:
@@ -143,8 +154,8 @@ class Student(nn.Module):
             if self.label_decoder is not None:
                 out["logits"] = self.label_decoder(feat1)[0].float()
             if self.prototype_head is not None:
-                scores = torch.cat([self.prototype_head(feat1)[1], self.prototype_head(self.backbone(view2))[1]])
-                out["scores"] = scores.float()
+                z, scores = self.prototype_head(torch.cat([feat1, self.backbone(view2)]))
+                out["scores"], out["z"] = scores.float(), z.float()
                 out["codes"] = self._codes(out["scores"], None, world_size)
         return out
 
@@ -189,7 +200,7 @@ class StepResult:
     losses: dict[str, float]  # each enabled objective (unweighted) and 'loss', mean over ranks
     nonfinite: tuple[str, ...] = ()  # objectives not finite on some rank: then no rank stepped
     preempt: bool = False  # some rank was asked to stop (SIGUSR1/SIGTERM)
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # heads' diagnostic sums, summed over ranks
+    sums: dict[str, np.ndarray] = field(default_factory=dict)  # heads' diagnostic sums, summed over ranks (host)
     boundary: bool = True  # this micro-batch ended an optimizer step
 
 
@@ -258,7 +269,7 @@ class HVPMetaArch:
         out_sums, i = {}, 2 * n + 1
         for k in sum_keys:
             size = sums[k].numel()
-            out_sums[k] = torch.tensor(host[i:i + size], dtype=torch.float64).reshape(sums[k].shape)
+            out_sums[k] = np.asarray(host[i:i + size], dtype=np.float64).reshape(sums[k].shape)
             i += size
         return StepResult(losses={k: v / self.world for k, v in zip(names, host[:n])}, nonfinite=nonfinite,
                           preempt=host[2 * n] > 0, sums=out_sums)
@@ -268,10 +279,10 @@ class HVPMetaArch:
         new = torch.stack([z1.float(), z2.float()])
         self.queue = new if self.queue is None else torch.cat([new, self.queue], dim=1)[:, :per_rank]
 
-    def figures(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Logged figures from one optimizer step's diagnostic sums (host tensors, summed over micro-batches and
-        ranks): the scalar ones as they are."""
-        return {k: float(v) for k, v in sums.items() if v.numel() == 1}
+    def figures(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
+        """Logged figures from one optimizer step's diagnostic sums (host arrays, summed over micro-batches and
+        ranks): the collapse figures of the global batch (hvpmtl.models.collapse), numpy on the host."""
+        return collapse_figures(sums)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from hvpmtl.config import ExperimentConfig
 from hvpmtl.dist import Heartbeat
 from hvpmtl.models.backbone import patch_size_of
+from hvpmtl.models.collapse import CollapseMonitor
 from hvpmtl.models.meta_arch import OBJECTIVES, HVPMetaArch
 from hvpmtl.train import runtime
 from hvpmtl.train.args import pretrain_parser
@@ -47,6 +48,8 @@ class Pretrainer(Trainer):
         self.meta.attach(self.engine)
 
         self.nonfinite_in_row = self.nonfinite_total = 0
+        self.collapse_monitor = (CollapseMonitor(cfg.run.collapse_warn_steps, cfg.model.proto_out_dim)
+                                 if cfg.run.collapse_warn_steps else None)
         self._bar = None
         seed_everything(cfg.run.seed + 1000 * self.rank + 1)  # ranks draw their own dropout / drop-path
         resumed = self.resume(self.loader)
@@ -99,7 +102,7 @@ class Pretrainer(Trainer):
         """Runs until the epoch ends, max steps, preemption or a non-finite stop; returns an exit code to
         stop with, or None to go on with the next epoch."""
         acc: dict[str, float] = {}
-        sums: dict[str, torch.Tensor] = {}
+        sums: dict = {}  # numpy arrays on the host
         n_micro, preempt, t0 = 0, False, time.perf_counter()
         for batch in self.loader:
             result = self.meta.forward_backward(batch, self.step, preempt=self.preemption.requested)
@@ -150,7 +153,11 @@ class Pretrainer(Trainer):
         """The step's metrics to metrics.jsonl/MLflow and the console. Values that need a device read (the
         gradient norm) only every run.log_every steps."""
         logging_step = self.step % self.cfg.run.log_every == 0 or self.step == 1
-        metrics.update(self.meta.figures(sums))
+        figures = self.meta.figures(sums)
+        metrics.update(figures)
+        if self.collapse_monitor is not None:  # host arithmetic on the step's reduced figures: no device read
+            for msg in self.collapse_monitor.update(figures, self.step):
+                self.log(msg)
         metrics.update(lr=self.engine.get_lr()[0], img_per_s=self.global_batch / max(dt, 1e-9), epoch=self.epoch)
         gn = self.engine.get_global_grad_norm() if logging_step else None
         if gn is not None:
@@ -168,7 +175,8 @@ class Pretrainer(Trainer):
             self._bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", *OBJECTIVES, "img_per_s") if k in metrics},
                                   refresh=False)
         elif logging_step:
-            parts = " ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", *OBJECTIVES, "lr", "img_per_s") if k in metrics)
+            keys = ("loss", *OBJECTIVES, "swav/code_entropy", "swav/protos_used", "lr", "img_per_s")
+            parts = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
             print(f"[hvpmtl] step {self.step}/{self.total_steps} {parts}", flush=True)
 
     def run(self) -> int:

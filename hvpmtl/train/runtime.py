@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from hvpmtl.config import ConfigError, check_batch_sizes, load_config, save_config
 from hvpmtl.data.issues import DataError
-from hvpmtl.dist import init_distributed
+from hvpmtl.dist import apply_collective_timeout, init_distributed
 from hvpmtl.train import checkpoint
 from hvpmtl.train.tracking import Tracker, connect
 
@@ -132,6 +132,7 @@ class Trainer:
         self.ds_config = build_ds_config(self.cfg, self.world, self.precision)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=self.ds_config, dist_init_required=False)
+        apply_collective_timeout(self.cfg.run.collective_timeout_s)  # DeepSpeed's own groups too
         return engine
 
     def resume(self, loader):

@@ -620,7 +620,7 @@ def sync(run_dir: str | Path, timeout_s: float = 600.0) -> int:
     return 0 if done else 1
 
 
-def main(argv=None) -> int:
+def build_parser():
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m hvpmtl.train.tracking",
@@ -629,7 +629,11 @@ def main(argv=None) -> int:
     s = sub.add_parser("sync", help="send the rows of RUN_DIR/metrics.jsonl that MLflow misses")
     s.add_argument("run_dir", help="the run's run.output_dir (holds metrics.jsonl and mlflow_run.json)")
     s.add_argument("--timeout", type=float, default=600.0, help="seconds to keep trying (default: %(default)s)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
     return sync(a.run_dir, a.timeout)
 
 

@@ -74,6 +74,10 @@ def check_deepspeed(cmd: Command, argv: list[str]):
     except SystemExit:
         raise AssertionError(f"{cmd.where()}\ndeepspeed does not accept these options") from None
     world = hostfile_slots(a.hostfile) if "--hostfile" in argv else a.num_gpus
+    if "--hostfile" in argv and "--master_addr" in argv:  # rank 0 runs on the hostfile's first host
+        first = next(ln.split()[0] for ln in (REPO / "launchers/hosts.example").read_text().splitlines()
+                     if ln.split("#")[0].strip())
+        assert a.master_addr == first, f"{cmd.where()}\n--master_addr {a.master_addr}, but hosts starts with {first}"
     assert world > 0, f"{cmd.where()}\nno --num_gpus or --hostfile: the world size depends on the machine"
     check_launcher(cmd, a.user_script, a.user_args, world)
 
@@ -168,3 +172,15 @@ def test_the_check_catches_a_wrong_world_size():
                   [])
     with pytest.raises(AssertionError, match="refused at world size 3: optim.global_batch_size=1024"):
         check_deepspeed(bad, bad.argv)
+
+
+def test_run_folders_named_in_the_docs_are_the_configs_output_dirs():
+    """finetune.sbatch pointed at runs/pretrain_swin_b/ while the config wrote runs/swin_b_mlimages."""
+    dirs = {m for f in (REPO / "configs").rglob("*.yaml")
+            for m in re.findall(r"^  output_dir: (\S+)", f.read_text(), re.M)}
+    assert "runs/demo" in dirs, dirs
+    files = [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "launchers").rglob("*.*")]
+    named = {(f.relative_to(REPO), m) for f in files for m in re.findall(r"\bruns/[\w.-]+", f.read_text())}
+    assert named, "the docs name no run folder"
+    wrong = {(str(f), m) for f, m in named if m not in dirs | {"runs/mlflow.db"}}
+    assert not wrong, f"run folders no config writes: {sorted(wrong)}"

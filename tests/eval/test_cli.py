@@ -63,3 +63,15 @@ def test_single_label_imagefolder_gives_top1(shapes, capsys):
 def test_bad_arguments_exit_2_with_a_reason(capsys, argv, msg):
     code, err = _eval(capsys, "knn", *argv)
     assert code == 2 and msg in err
+
+
+def test_eval_reports_progress_while_it_works(shapes, capsys):
+    """Issue 13.5: a 20-30 s evaluation printed nothing until its result."""
+    code = hvpmtl_main(["eval", "linear-probe", "--random-init", "--backbone-name", "vit_tiny_patch16_224",
+                        "--img-size", "32", "--train-dir", str(shapes["train"]), "--test-dir", str(shapes["val"]),
+                        "--set", "data.device=cpu"])
+    err = capsys.readouterr().err
+    assert code == 0
+    for said in ("hvpmtl eval: fitting on 24 images, scoring 12", "hvpmtl eval: linear probe: weight decay",
+                 "(1/", "hvpmtl eval: linear probe: final fit with weight decay"):
+        assert said in err, err

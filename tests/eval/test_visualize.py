@@ -1,6 +1,7 @@
 """MLflow image panels: logged by the engine as artifacts of its run; heads that are off are skipped;
 un-normalisation and the metrics reader checked on hand-made inputs."""
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,9 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from hvpmtl.config import load_config
-from hvpmtl.eval.visualize import (IMAGENET_MEAN, IMAGENET_STD, code_assignments, log_panels, read_metrics,
-                                   to_uint8)
+from hvpmtl.eval.visualize import (IMAGENET_MEAN, IMAGENET_STD, code_assignments, codes_panel, last_swav_figures,
+                                   log_panels, read_metrics, swav_health, to_uint8)
+from hvpmtl.models.collapse import collapse_figures, swav_sums
 from hvpmtl.models.meta_arch import Student
 from hvpmtl.train.tracking import Tracker
 
@@ -85,3 +87,46 @@ def test_collapsed_prototype_scores_give_one_bar():
     assert varied["scores"].sum() == 12 and varied["scores"].max() < 12
     # Sinkhorn spreads distinct views over the prototypes
     assert (varied["codes"] > 0).sum() >= 4
+
+
+def _views(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 64, 64, generator=g) * 3, torch.randn(n, 3, 64, 64, generator=g) * 3
+
+
+def test_swav_panel_cannot_look_healthy_while_the_codes_are_uniform(tmp_path):
+    """Issue 13.3: the demo's panel said "11/64 prototypes used" (16 views spread by Sinkhorn's equipartition)
+    while SwAV sat at ln K. The verdict follows the step's global-batch figures from metrics.jsonl."""
+    cfg = load_config(ROOT / "configs/test_tiny.yaml")
+    d = cfg.model.proto_out_dim
+    dead = {"step": 40.0, "swav/code_entropy": 0.999, "swav/pred_entropy": 1.0, "swav/protos_used": 33.0,
+            "swav/z_std": 0.5 / math.sqrt(d), "swav/z_rank": 1.4}
+    spread_panel = {"swav/code_entropy": 0.6, "swav/pred_entropy": 0.7, "swav/protos_used": 11.0,
+                    "swav/z_std": 1 / math.sqrt(d), "swav/z_rank": 8.0}
+    collapsed, lines = swav_health(dead, spread_panel, d)
+    assert lines[0] == "COLLAPSED (global batch of step 40): code_entropy, pred_entropy, z_rank at collapsed values"
+    assert "global batch: code entropy 0.999" in lines[1] and "panel views: code entropy 0.600" in lines[2]
+    healthy = dict(dead, **{"swav/code_entropy": 0.55, "swav/pred_entropy": 0.8, "swav/z_rank": 5.0,
+                            "swav/z_std": 1 / math.sqrt(d)})
+    assert swav_health(healthy, spread_panel, d)[0] is False
+    img = codes_panel({"codes": np.ones(16, int), "scores": np.ones(16, int)}, 40, (collapsed, lines))
+    assert img.height > 450  # room for the figures' lines
+
+    # the figures come from the last step of metrics.jsonl that has them
+    f = tmp_path / "metrics.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [dict(healthy, step=39), {"step": 40, "eval/knn_map": 1.0},
+                                                    dict(dead, step=40, loss=1.0)]) + '\n{"step": 41, "swa')
+    assert last_swav_figures(f) == dead and last_swav_figures(tmp_path / "none.jsonl") == {}
+
+
+def test_swav_panel_figures_of_a_collapsed_head():
+    """With no training figures (a panel drawn from the student alone), the panel views' own figures decide."""
+    cfg = load_config(ROOT / "configs/test_tiny.yaml")
+    torch.manual_seed(0)
+    student = Student(cfg).eval()
+    student.prototype_head.mlp.register_forward_hook(lambda mod, args, out: out * 0 + 1)  # one embedding for all
+    v1, v2 = _views()
+    out = student.inspect(v1, v2, None)
+    panel = collapse_figures(swav_sums(out["scores"], out["codes"], out["z"], cfg.objectives.swav.temperature))
+    collapsed, lines = swav_health({}, panel, cfg.model.proto_out_dim)
+    assert collapsed and lines[0].startswith("COLLAPSED (panel views only)") and "protos_used" in lines[0]

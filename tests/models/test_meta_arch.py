@@ -82,3 +82,22 @@ def test_half_precision_student_runs_with_fp32_tensors_inside():
     st.backbone.model.blocks[0].attn.qkv.register_forward_hook(lambda mod, args, out: out + fp32_bias)
     out = st(v1.bfloat16(), v2.bfloat16(), m, y, teacher_sim=sim)
     assert all(out[k].dtype == torch.float32 and torch.isfinite(out[k]) for k in ("asl", "swav", "mim", "distill"))
+
+
+def test_swav_view1_unmasked_reads_the_whole_image():
+    """objectives.swav.view1=unmasked: SwAV's first view is the unmasked image (as with SimMIM off), paid for by
+    one more backbone forward; the default feeds SwAV the masked view 1 (no extra forward)."""
+    cfg = load_config("configs/test_tiny.yaml")
+    v1, v2, m, y = _batch(cfg, b=4)
+    swav, calls = {}, {}
+    for name, sets in {"masked": [], "unmasked": ["objectives.swav.view1=unmasked"],
+                       "mim_off": ["objectives.mim.enabled=false"]}.items():
+        torch.manual_seed(0)  # the MIM decoder is built last: same backbone and heads in all three
+        st = Student(load_config("configs/test_tiny.yaml", sets))
+        n = []
+        st.backbone.register_forward_hook(lambda *a: n.append(1))
+        out = st(v1, v2, m, y, teacher_sim=Teacher(st)(v1))
+        swav[name], calls[name] = out["swav"].item(), len(n) - 1  # minus the teacher's forward
+    assert calls == {"masked": 2, "unmasked": 3, "mim_off": 2}
+    assert swav["unmasked"] == pytest.approx(swav["mim_off"], rel=1e-6)
+    assert swav["masked"] != pytest.approx(swav["mim_off"], rel=1e-3)

@@ -124,3 +124,14 @@ def test_gradient_accumulation_equals_the_joined_micro_batch(tmp_path):
     la, lb = json.loads(ma.splitlines()[0]), json.loads(mb.splitlines()[0])
     for k in ("asl", "mim", "distill", "loss"):
         assert abs(la[k] - lb[k]) < 1e-5 * max(1, abs(la[k])), k
+
+
+def test_every_process_group_has_the_runs_collective_timeout(trainer):
+    # DeepSpeed's own groups (ZeRO's clone of the world) are made with torch's 30-minute default; a hung rank
+    # then held the others for 30 minutes instead of run.collective_timeout_s (tests/cluster/test_rank_failure)
+    import torch.distributed as dist
+
+    groups = list(dist.distributed_c10d._world.pg_map)
+    assert len(groups) >= 2, "DeepSpeed made no group of its own: this test no longer tests anything"
+    timeouts = {g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in groups}
+    assert timeouts == {trainer.cfg.run.collective_timeout_s}

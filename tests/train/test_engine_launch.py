@@ -11,22 +11,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from subprocs import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 STEPS = 8
-
-
-def _env(**extra):
-    # not the rendezvous of this process's own (in-process test) process group
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"DS_ACCELERATOR": "cpu", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1",
-                "PATH": f"{BIN}:{env.get('PATH', '')}"})
-    env.update(extra)
-    return env
 
 
 def _args(out, *more):
@@ -57,7 +48,7 @@ def mlflow_server(tmp_path_factory):
     proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
                              "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT,
-                            env=_env(), start_new_session=True)
+                            env=subprocess_env(), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while True:
@@ -82,7 +73,7 @@ def mlflow_server(tmp_path_factory):
 def one_rank_run(tmp_path_factory, mlflow_server):
     """The uninterrupted reference: 1 rank, micro batch 4, logged to the real MLflow server."""
     out = tmp_path_factory.mktemp("one") / "run"
-    code, log = _run([sys.executable, *_args(out)], _env(MLFLOW_TRACKING_URI=mlflow_server))
+    code, log = _run([sys.executable, *_args(out)], subprocess_env(MLFLOW_TRACKING_URI=mlflow_server))
     assert code == 0, log[-3000:]
     return out
 
@@ -91,7 +82,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, one_rank_
     out = tmp_path / "run"
     code, log = _run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1",
                       "--master_port", str(_free_port()), *_args(out, "--set", "optim.micro_batch_size=2")],
-                     _env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db"))
+                     subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db"))
     assert code == 0, log[-3000:]
     assert "2 rank(s)" in log
     one, two = _metrics(one_rank_run), _metrics(out)
@@ -103,7 +94,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, one_rank_
 
 def test_preemption_checkpoints_and_resume_reproduces_the_next_steps(tmp_path, one_rank_run):
     out = tmp_path / "run"
-    env = _env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+    env = subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
     proc = subprocess.Popen([sys.executable, *_args(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     metrics = out / "metrics.jsonl"
@@ -154,6 +145,6 @@ def test_run_is_readable_from_the_mlflow_server(one_rank_run, mlflow_server):
 
 def test_config_error_names_the_key_before_any_worker_starts(tmp_path):
     code, log = _run([sys.executable, "launchers/pretrain.py", "--config", "configs/test_tiny.yaml",
-                      "--set", "optim.lrr=1"], _env(), timeout=120)
+                      "--set", "optim.lrr=1"], subprocess_env(), timeout=120)
     assert code == 2
     assert "unknown key 'optim.lrr'" in log and "configs/test_tiny.yaml" in log

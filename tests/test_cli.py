@@ -1,0 +1,98 @@
+"""Every option of every command line a user is shown (`hvpmtl` and all its subcommands, the two launchers, the
+tracking sync) says what it does and shows its default (issue 13.5: `--k`, `--temperature`, `--list`, `--format`
+had neither). A new option without help fails here."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from hvpmtl.cli import build_parser
+from hvpmtl.train.args import finetune_parser, pretrain_parser
+from hvpmtl.train.tracking import build_parser as tracking_parser
+
+PARSERS = {"hvpmtl": build_parser, "launchers/pretrain.py": pretrain_parser, "launchers/finetune.py": finetune_parser,
+           "python -m hvpmtl.train.tracking": tracking_parser}
+# flags have no value to default: --random-init, --merge, ...
+FLAGS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction, argparse._CountAction)
+
+
+def walk(parser: argparse.ArgumentParser, name: str):
+    """(command name, parser) for the parser and every subcommand under it."""
+    yield name, parser
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sub, p in a.choices.items():
+                yield from walk(p, f"{name} {sub}")
+
+
+def problems(parser: argparse.ArgumentParser, name: str) -> list[str]:
+    out = []
+    fmt = parser._get_formatter()
+    for a in parser._actions:
+        if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) or a.help == argparse.SUPPRESS:
+            continue
+        what = f"{name} {'/'.join(a.option_strings) or a.dest}"
+        if not (a.help and a.help.strip()):
+            out.append(f"{what}: no help text")
+        elif a.option_strings and not a.required and not isinstance(a, FLAGS) \
+                and "default" not in fmt._get_help_string(a).lower():  # "%(default)s", or in words
+            out.append(f"{what}: its default is not shown")
+    return out
+
+
+COMMANDS = [(name, p) for prog, make in PARSERS.items() for name, p in walk(make(), prog)]
+
+
+def test_the_walk_reaches_every_command():
+    names = {n for n, _ in COMMANDS}
+    assert {"hvpmtl data validate", "hvpmtl data to-shards", "hvpmtl export", "hvpmtl eval knn",
+            "hvpmtl eval linear-probe", "launchers/pretrain.py", "python -m hvpmtl.train.tracking sync"} <= names
+
+
+@pytest.mark.parametrize("name,parser", COMMANDS, ids=[n for n, _ in COMMANDS])
+def test_every_option_has_help_and_shows_its_default(name, parser):
+    assert problems(parser, name) == []
+
+
+def test_the_named_options_render_help_and_default():
+    helps = {n: p.format_help() for n, p in COMMANDS}
+    assert "neighbours that vote" in helps["hvpmtl eval knn"] and "(default: 20)" in helps["hvpmtl eval knn"]
+    assert "(default: 0.07)" in helps["hvpmtl eval knn"]
+    assert "--format {timm,mmdet,mmseg,detectron2}" in helps["hvpmtl export"]
+    assert "default: from the --out suffix" in helps["hvpmtl export"]
+    assert "(default: auto)" in helps["launchers/pretrain.py"]
+
+
+def test_the_check_catches_an_option_without_help():
+    p = argparse.ArgumentParser()
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.07, help="softmax temperature")
+    p.add_argument("--list", required=True, help="a list file")
+    assert problems(p, "x") == ["x --k: no help text", "x --temperature: its default is not shown"]
+
+
+HELP_PROBE = """
+import sys
+from hvpmtl.cli import main
+try:
+    main({argv!r})
+except SystemExit as e:
+    code = e.code
+heavy = sorted(m for m in ("torch", "deepspeed", "timm", "nvidia.dali", "mlflow") if m in sys.modules)
+print("EXIT", code, "HEAVY", heavy)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [["--help"], ["eval", "knn", "--help"], ["export", "--help"],
+                                  ["data", "validate", "--help"]], ids=" ".join)
+def test_help_imports_nothing_heavy(argv):
+    """`hvpmtl eval knn --help` loaded torch (2.5-4 s) before it answered."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", HELP_PROBE.format(argv=argv)], capture_output=True, text=True,
+                       timeout=120)
+    assert "usage: hvpmtl" in p.stdout, p.stdout + p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "EXIT 0 HEAVY []", p.stdout[-500:] + p.stderr
