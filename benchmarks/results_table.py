@@ -1,40 +1,55 @@
 #!/usr/bin/env python
-"""Does pre-training learn? A small version of the paper's Table 5 on the synthetic data (docs/RESULTS.md).
+"""Does pre-training learn, and what does each objective add? A small version of the paper's Table 5 on the
+synthetic data, with error bars (docs/RESULTS.md).
 
-Pre-trains the demo model (configs/demo_cpu.yaml: ViT-Tiny, 96 px) on the demo's synthetic data with
-the same seed and budget once with all four objectives and once with each objective switched off,
-then fits a linear probe and a kNN classifier on frozen features of the training list and scores
-them on the held-out list, next to the same architecture at random init:
+For every seed: pre-trains the demo model (configs/demo_cpu.yaml, ViT-Tiny) on the synthetic data once with
+all four objectives and once with each objective switched off; fits a linear probe and a kNN classifier on
+frozen student features of the training list and scores them on the held-out list, next to the same
+architecture at random init; then fine-tunes end to end (launchers/finetune.py, configs/finetune_tiny.yaml)
+the full model's student and a random init with the same recipe and budget on the data's ImageFolder
+(training split -> held-out split, class = shape of the largest object) and reports top-1. Each variant's
+collapse figures (SwAV loss / ln K and whatever swav/* and distill/* figures the run logs) come from its
+metrics.jsonl. Every number is reported as mean ± std over the seeds:
 
-    .venv/bin/python benchmarks/results_table.py            # 3 epochs per run, 1 rank, ~1 h on 2 CPU cores
+    .venv/bin/python benchmarks/results_table.py --seeds 0 1 2     # 64 px, 1500 images, 188 steps: ~1 h on 2 shared cores
 
-Each pre-training run goes to <out>/<variant>; a finished run (its backbone exported) is not run
-again and finished evaluations are kept in <out>/results.json, so an interrupted table resumes.
-Prints the Markdown table of docs/RESULTS.md.
+Resumable: a finished pre-training (backbone exported) or fine-tuning (model exported) is not run again, a
+run killed half-way restarts, and every finished evaluation is kept in <out>/results.json with the budget it
+was measured at; a table continued with another budget is refused. Seeds run one after the other (all
+variants of seed 0 first), so a table stopped early still has whole seeds. Prints the Markdown tables of
+docs/RESULTS.md.
 
 Two deliberate choices (docs/RESULTS.md says why): the ASL weight is 0.5 (the paper's 0.001 is for a
 sum over 11,166 classes; 0.001 x 11166 / 24 ~ 0.5 gives the same weight per class for 24 classes),
-and the student's backbone is evaluated in every variant (the EMA teacher at momentum 0.995 still
-carries much of its random start after a few hundred steps).
+and the student's backbone is evaluated and fine-tuned in every variant (the EMA teacher at momentum
+0.995 still carries much of its random start after a few hundred steps).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RANDOM = "random init"
+FULL = "full (4 objectives)"
 VARIANTS = {  # name -> --set overrides
-    "full (4 objectives)": [],
+    FULL: [],
     "no ASL": ["objectives.asl.enabled=false"],
     "no SwAV": ["objectives.swav.enabled=false"],
     "no SimMIM": ["objectives.mim.enabled=false"],
     "no distillation": ["objectives.distill.enabled=false"],
 }
+FINETUNE = {RANDOM: "random", FULL: "full"}  # fine-tuned initialisations -> run folder
+LOSSES = ("loss", "asl", "swav", "mim", "distill")
+KINDS = ("shape", "colour", "texture", "crowded")
 
 
 def slug(name: str) -> str:
@@ -52,12 +67,15 @@ def env() -> dict:
     return e
 
 
-def make_data(data: Path) -> None:
-    if (data / "holdout.txt").is_file():
+def make_data(data: Path, args) -> None:
+    if (data / "imagefolder" / "val").is_dir():
         return
-    # the demo's data set (launchers/demo.sh): 3000 training and 600 held-out scenes, seed 0
+    if (data / "holdout.txt").is_file():
+        raise SystemExit(f"{data}: a synthetic data set without imagefolder/ (made without --imagefolder); "
+                         "give another --data folder")
     subprocess.run([sys.executable, "-m", "hvpmtl", "data", "make-synthetic", "--out", str(data), "--num-images",
-                    "3000", "--holdout", "600", "--seed", "0"], check=True, cwd=ROOT, env=env())
+                    str(args.num_images), "--holdout", str(args.holdout), "--seed", "0", "--imagefolder"],
+                   check=True, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL)
 
 
 def data_overrides(data: Path) -> list[str]:
@@ -65,8 +83,8 @@ def data_overrides(data: Path) -> list[str]:
             f"data.holdout_list={data / 'holdout.txt'}"]
 
 
-def tracking_uri(args) -> str:
-    return f"sqlite:///{args.out}/mlflow.db"
+def tracking_sets(args) -> list[str]:
+    return ["tracking.experiment=hvpmtl-results", f"tracking.tracking_uri=sqlite:///{args.out}/mlflow.db"]
 
 
 def make_experiment(args) -> None:
@@ -74,36 +92,70 @@ def make_experiment(args) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri(args))
+    client = MlflowClient(f"sqlite:///{args.out}/mlflow.db")
     if client.get_experiment_by_name("hvpmtl-results") is None:
         client.create_experiment("hvpmtl-results", artifact_location=str(args.out / "mlruns"))
 
 
-def pretrain(name: str, sets: list[str], args, data: Path) -> Path:
-    out = args.out / slug(name)
-    if (out / "backbone.safetensors").is_file():
+def launch(name: str, cmd: list[str], out: Path, done: Path, fresh: bool) -> None:
+    """Run one training process unless `done` exists; `fresh`: a half-finished earlier attempt is removed first
+    (pre-training saves no checkpoint before its end here, so it cannot be continued)."""
+    if done.is_file():
         print(f"== {name}: done before ({out})", flush=True)
-        return out
-    common = [f"run.output_dir={out}", f"optim.epochs={args.epochs}", f"optim.max_steps={args.steps}",
-              f"optim.warmup_epochs={args.warmup_epochs}", "run.checkpoint_every=1000000",
-              "run.image_log_every=0", "run.eval_every=0", f"run.seed={args.seed}", f"data.seed={args.seed}",
-              "run.progress_bar=false", f"run.name=results-{slug(name)}", "tracking.experiment=hvpmtl-results",
-              f"tracking.tracking_uri={tracking_uri(args)}", *data_overrides(data)]
-    cmd = ["launchers/pretrain.py", "--config", args.config]
-    if args.ranks > 1:
-        cmd = ["deepspeed", "--num_gpus", str(args.ranks), "--master_addr", "127.0.0.1", *cmd]
-    else:
-        cmd = [sys.executable, *cmd]
-    for s in common + args.overrides + sets:
-        cmd += ["--set", s]
+        return
+    if fresh and out.exists():
+        print(f"== {name}: removing an unfinished earlier attempt in {out}", flush=True)
+        shutil.rmtree(out)
     print(f"== {name}: {' '.join(cmd)}", flush=True)
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "pretrain.log", "w") as log:
+    with open(out / "train.log", "a") as log:
         code = subprocess.run(cmd, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        raise SystemExit(f"{name}: pre-training failed with exit code {code}; see {out / 'pretrain.log'}")
+    if code != 0 or not done.is_file():
+        raise SystemExit(f"{name}: failed with exit code {code}; see {out / 'train.log'}")
     print(f"   {time.time() - t0:.0f} s", flush=True)
+
+
+def python_cmd(script: str, config: str, sets: list[str], ranks: int) -> list[str]:
+    cmd = [sys.executable, script, "--config", config]
+    if ranks > 1:
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_addr", "127.0.0.1", script, "--config", config]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd
+
+
+def pretrain(name: str, seed: int, args, data: Path) -> Path:
+    out = args.out / slug(name) / f"seed{seed}"
+    sets = [f"run.output_dir={out}", f"optim.epochs={args.epochs}", f"optim.max_steps={args.steps}",
+            f"optim.warmup_epochs={args.warmup_epochs}", "run.checkpoint_every=1000000", "run.image_log_every=0",
+            "run.eval_every=0", f"run.seed={seed}", f"data.seed={seed}", "run.progress_bar=false",
+            f"run.name=results-{slug(name)}-seed{seed}", *tracking_sets(args), *data_overrides(data),
+            *args.overrides, *VARIANTS[name]]
+    launch(f"{name}, seed {seed}", python_cmd("launchers/pretrain.py", args.config, sets, args.ranks), out,
+           out / "backbone.safetensors", fresh=True)
+    return out
+
+
+def finetune(name: str, seed: int, args, data: Path) -> Path:
+    """End-to-end fine-tuning of the full model's student (seed `seed`) or of a random init, same recipe."""
+    out = args.out / "finetune" / FINETUNE[name] / f"seed{seed}"
+    if name == RANDOM:
+        init = ["model.random_init=true"]
+    else:
+        from hvpmtl.eval.export import export_run
+
+        init_file = out.parent / f"init_seed{seed}.safetensors"
+        if not init_file.is_file():
+            export_run(args.out / slug(FULL) / f"seed{seed}", init_file, which="student")
+        init = [f"model.init={init_file}"]
+    sets = [f"run.output_dir={out}", f"model.img_size={args.img_size}", f"optim.epochs={args.ft_epochs}",
+            f"optim.micro_batch_size={args.ft_batch}", f"run.seed={seed}", f"data.seed={seed}",
+            f"run.name=results-finetune-{FINETUNE[name]}-seed{seed}", f"data.train_dir={data / 'imagefolder/train'}",
+            f"data.val_dir={data / 'imagefolder/val'}", "run.log_every=50", *tracking_sets(args), *init]
+    # fine-tuning saves a checkpoint every epoch: a killed run continues from it (resume=auto)
+    launch(f"fine-tune {name}, seed {seed}", python_cmd("launchers/finetune.py", args.ft_config, sets, args.ranks),
+           out, out / "model.safetensors", fresh=False)
     return out
 
 
@@ -128,8 +180,6 @@ def evaluate(backbone, cfg, probe: str) -> dict:
 
 def group_map(class_ap: list[float]) -> dict[str, float]:
     """Linear-probe mAP per kind of label of the synthetic data: shape, colour, texture, crowded."""
-    import math
-
     from hvpmtl.data import synthetic
 
     kinds = {"shape": {"round shape", "polygon", "spiky shape", *synthetic.SHAPES},
@@ -143,78 +193,203 @@ def group_map(class_ap: list[float]) -> dict[str, float]:
     return out
 
 
+def final_values(run_dir: Path, last: int = 10) -> dict[str, float]:
+    """Mean over the last `last` logged values of each loss and of every collapse figure the run logged
+    (swav/*, distill/*: code and prediction entropy, prototypes used, ... whatever this version writes);
+    a key the run never logged is absent. `swav/ln_k` adds SwAV's loss over ln K (1 = the uniform point)."""
+    series: dict[str, list[float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        for k, v in json.loads(line).items():
+            if (k in LOSSES or k.startswith(("swav/", "distill/"))) and isinstance(v, (int, float)):
+                series.setdefault(k, []).append(float(v))
+    out = {k: sum(v[-last:]) / len(v[-last:]) for k, v in series.items()}
+    if "swav" in out:
+        from hvpmtl.config import load_config
+
+        out["swav/ln_k"] = out["swav"] / math.log(load_config(run_dir / "config.yaml").model.num_prototypes)
+    return out
+
+
+def finetune_result(run_dir: Path) -> dict:
+    """The last epoch's validation figures (not the best epoch's: that would pick on the test split)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "val/top1" in r][-1]
+    return {"top1": last["val/top1"], "val_loss": last["val/loss"], "epochs": len([r for r in rows if "val/top1" in r])}
+
+
+def budget(args, data: Path) -> dict:
+    """What the numbers depend on; a results.json measured at another budget is not continued."""
+    count = lambda f: sum(1 for line in open(f) if line.strip())  # noqa: E731
+    return {"config": args.config, "epochs": args.epochs, "steps": args.steps, "warmup_epochs": args.warmup_epochs,
+            "img_size": args.img_size, "ranks": args.ranks, "probe": args.probe, "overrides": args.overrides,
+            "train_images": count(data / "train.txt"), "holdout_images": count(data / "holdout.txt"),
+            "ft_config": args.ft_config, "ft_epochs": args.ft_epochs, "ft_batch": args.ft_batch}
+
+
+def commit() -> str:
+    r = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
+
+
+def load_results(path: Path, want: dict) -> dict:
+    if not path.is_file():
+        return {"budget": want, "commit": commit(), "probe": {}, "finetune": {}}
+    results = json.loads(path.read_text())
+    if results.get("commit") != commit():  # code may differ; the budget alone is enforced
+        print(f"note: {path} was begun at commit {results.get('commit')}, this is {commit()}", flush=True)
+    if "budget" not in results:
+        raise SystemExit(f"{path}: a table of an older results_table.py (one seed, no budget); give another --out")
+    if results["budget"] != want:
+        diff = {k: (results["budget"].get(k), v) for k, v in want.items() if results["budget"].get(k) != v}
+        raise SystemExit(f"{path}: measured at another budget {diff} (was, now); give another --out or the same "
+                         "options")
+    return results
+
+
+def save(path: Path, results: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)  # a kill while writing leaves the previous file whole
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every run (model init, "
+                   "augmentation and data order; the data set itself is seed 0 for all)")
     p.add_argument("--config", default="configs/demo_cpu.yaml")
-    p.add_argument("--epochs", type=int, default=3, help="pre-training epochs (the cosine schedule spans them)")
-    p.add_argument("--steps", type=int, default=0, help="> 0: stop each run after this many optimizer steps")
+    p.add_argument("--img-size", type=int, default=64, help="image size of pre-training, probes and fine-tuning")
+    p.add_argument("--num-images", type=int, default=1500, help="training images of the synthetic data")
+    p.add_argument("--holdout", type=int, default=500, help="held-out images of the synthetic data")
+    p.add_argument("--epochs", type=int, default=2, help="pre-training epochs (the cosine schedule spans them)")
+    p.add_argument("--steps", type=int, default=0, help="> 0: stop each pre-training after this many steps")
     p.add_argument("--warmup-epochs", type=float, default=0.1)
     p.add_argument("--ranks", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", type=Path, default=None, help="synthetic data dir (default: <out>/data)")
     p.add_argument("--out", type=Path, default=Path("runs/results"))
     p.add_argument("--probe", choices=("train", "holdout"), default="train",
                    help="train: probes fit on the training list, tested on the held-out list; holdout: the "
                         "held-out list split in halves (the online evaluation's protocol)")
-    p.add_argument("--only", nargs="*", default=None, help="variant slugs to run (default: all)")
+    p.add_argument("--only", nargs="*", default=None, help="variant slugs to pre-train (default: all)")
     p.add_argument("--asl-weight", type=float, default=0.5,
                    help="objectives.asl.weight for every run (0.001 x 11166 / 24 classes); negative: the config's")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every pre-training run (repeatable)")
+    p.add_argument("--ft-config", default="configs/finetune_tiny.yaml")
+    p.add_argument("--ft-epochs", type=int, default=3, help="fine-tuning epochs; 0: no fine-tuning")
+    p.add_argument("--ft-batch", type=int, default=16, help="fine-tuning micro batch (lr scales with it)")
     args = p.parse_args(argv)
     args.out = args.out if args.out.is_absolute() else ROOT / args.out
+    args.overrides = [f"model.img_size={args.img_size}", f"data.img_size={args.img_size}", *args.overrides]
     if args.asl_weight >= 0:
         args.overrides = [f"objectives.asl.weight={args.asl_weight}", *args.overrides]
     data = args.data or args.out / "data"
     data = data if data.is_absolute() else ROOT / data
-    make_data(data)
+    args.out.mkdir(parents=True, exist_ok=True)
+    make_data(data, args)
     make_experiment(args)
 
     from hvpmtl.config import load_config
     from hvpmtl.eval.features import load_backbone
 
     results_file = args.out / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    results = load_results(results_file, budget(args, data))
     cfg = load_config(ROOT / args.config, data_overrides(data))
-    if "random init" not in results:
-        bb = load_backbone(backbone_name=cfg.model.backbone, img_size=cfg.model.img_size, random_init=True,
-                           seed=args.seed)
-        results["random init"] = evaluate(bb, cfg, args.probe)
-        results_file.write_text(json.dumps(results, indent=1))
-    for name, sets in VARIANTS.items():
-        if args.only is not None and slug(name) not in args.only:
-            continue
-        run_dir = pretrain(name, sets, args, data)
-        if name not in results:
-            bb = load_backbone(run_dir=run_dir, which="student")
-            r = evaluate(bb, load_config(run_dir / "config.yaml"), args.probe)
-            r["final_losses"] = _final_losses(run_dir)
-            results[name] = r
-            results_file.write_text(json.dumps(results, indent=1))
-    print(table(results, args))
+    variants = [v for v in VARIANTS if args.only is None or slug(v) in args.only]
+    for seed in args.seeds:
+        s = str(seed)
+        if s not in results["probe"].setdefault(RANDOM, {}):
+            bb = load_backbone(backbone_name=cfg.model.backbone, img_size=args.img_size, random_init=True, seed=seed)
+            results["probe"][RANDOM][s] = evaluate(bb, cfg, args.probe)
+            save(results_file, results)
+        for name in variants:
+            run_dir = pretrain(name, seed, args, data)
+            if s not in results["probe"].setdefault(name, {}):
+                bb = load_backbone(run_dir=run_dir, which="student")
+                r = evaluate(bb, load_config(run_dir / "config.yaml"), args.probe)
+                r["final"] = final_values(run_dir)
+                results["probe"][name][s] = r
+                save(results_file, results)
+        for name in FINETUNE if args.ft_epochs > 0 and FULL in variants else ():
+            if s not in results["finetune"].setdefault(name, {}):
+                results["finetune"][name][s] = finetune_result(finetune(name, seed, args, data))
+                save(results_file, results)
+    print(tables(results))
     return 0
 
 
-def _final_losses(run_dir: Path, last: int = 10) -> dict:
-    """Mean of each objective over the last `last` logged steps."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "loss" in r][-last:]
-    keys = ("asl", "swav", "mim", "distill")
-    return {k: sum(r[k] for r in rows) / len(rows) for k in keys if rows and all(k in r for r in rows)}
+# ----------------------------------------------------------------------------- the tables
 
 
-def table(results: dict, args) -> str:
-    base = results.get("random init", {}).get("linear_map")
-    lines = ["| backbone | linear-probe mAP | Δ vs random | kNN mAP | shape | colour | texture | crowded |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in ["random init", *VARIANTS]:
-        if name not in results:
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (nan for one value)."""
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else math.nan)
+
+
+def pm(xs: list[float], digits: int = 1) -> str:
+    if not xs:
+        return "—"
+    m, s = mean_std(xs)
+    return f"{m:.{digits}f}" if math.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def delta(a: list[float], b: list[float]) -> str:
+    """Difference of the means a - b, ± its noise sqrt(s_a² + s_b²), and how many of those it is."""
+    if not a or not b:
+        return "—"
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    d, s = ma - mb, math.hypot(sa, sb)
+    if math.isnan(s):
+        return f"{d:+.1f}"
+    return f"{d:+.1f} ± {s:.1f} ({abs(d) / s:.1f}σ)" if s > 0 else f"{d:+.1f}"
+
+
+def column(runs: dict, get) -> list[float]:
+    out = []
+    for r in runs.values():
+        try:
+            out.append(float(get(r)))
+        except KeyError:
+            pass
+    return [x for x in out if not math.isnan(x)]
+
+
+def tables(results: dict) -> str:
+    probe, ft = results["probe"], results["finetune"]
+    lin = {n: column(probe.get(n, {}), lambda r: r["linear_map"]) for n in [RANDOM, *VARIANTS]}
+    lines = ["| backbone | seeds | linear-probe mAP | Δ vs random init | Δ vs full | kNN mAP | shape | colour | "
+             "texture | crowded |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in [RANDOM, *VARIANTS]:
+        runs = probe.get(name, {})
+        if not runs:
             continue
-        r = results[name]
-        delta = "" if name == "random init" or base is None else f"{r['linear_map'] - base:+.1f}"
-        g = r.get("groups", {})
-        kinds = " | ".join(f"{g[k]:.1f}" if k in g else "" for k in ("shape", "colour", "texture", "crowded"))
-        lines.append(f"| {name} | {r['linear_map']:.1f} | {delta} | {r['knn_map']:.1f} | {kinds} |")
+        kinds = " | ".join(pm(column(runs, lambda r, k=k: r["groups"][k])) for k in KINDS)
+        d_rand = "" if name == RANDOM else delta(lin[name], lin[RANDOM])
+        d_full = "" if name in (RANDOM, FULL) else delta(lin[name], lin[FULL])
+        lines.append(f"| {name} | {len(runs)} | {pm(lin[name])} | {d_rand} | {d_full} | "
+                     f"{pm(column(runs, lambda r: r['knn_map']))} | {kinds} |")
+    if ft:
+        lines += ["", "| initialisation | seeds | fine-tune top-1 (%) | Δ vs random init | linear-probe mAP | "
+                      "kNN mAP |", "|---|---:|---:|---:|---:|---:|"]
+        top1 = {n: column(ft.get(n, {}), lambda r: r["top1"]) for n in FINETUNE}
+        for name in FINETUNE:
+            runs = probe.get(name, {})
+            d = "" if name == RANDOM else delta(top1[name], top1[RANDOM])
+            lines.append(f"| {name} | {len(ft.get(name, {}))} | {pm(top1[name])} | {d} | {pm(lin[name])} | "
+                         f"{pm(column(runs, lambda r: r['knn_map']))} |")
+    keys = []
+    for name in VARIANTS:
+        for r in probe.get(name, {}).values():
+            keys += [k for k in r.get("final", {}) if k not in keys and k not in LOSSES]
+    if keys:
+        keys.sort(key=lambda k: (not k.startswith("swav"), k != "swav/ln_k", k))
+        lines += ["", "| variant (last 10 logged steps) | SwAV loss | " + " | ".join(keys) + " |",
+                  "|---|---:|" + "---:|" * len(keys)]
+        for name in VARIANTS:
+            runs = probe.get(name, {})
+            if runs:
+                cells = [pm(column(runs, lambda r, k=k: r["final"][k]), 3) for k in ["swav", *keys]]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

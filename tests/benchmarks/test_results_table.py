@@ -1,0 +1,103 @@
+"""benchmarks/results_table.py: the aggregation over seeds (mean ± std, differences and their noise, collapse
+figures read from whatever metrics.jsonl holds) by hand-made cases, and its plumbing end to end at the
+smallest budget (pre-training, probes, fine-tuning of both initialisations, resuming, refusing another budget)."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import results_table as rt  # noqa: E402
+
+
+def _probe(lin, knn=50.0, final=None):
+    r = {"linear_map": lin, "knn_map": knn, "groups": {"shape": lin, "colour": lin, "texture": lin, "crowded": lin}}
+    if final is not None:
+        r["final"] = final
+    return r
+
+
+def test_tables_report_mean_std_over_seeds_and_differences_with_their_noise():
+    results = {"probe": {rt.RANDOM: {"0": _probe(60.0), "1": _probe(62.0), "2": _probe(64.0)},
+                         rt.FULL: {"0": _probe(70.0, final={"swav": 4.0, "swav/ln_k": 0.96, "swav/code_entropy": 0.5}),
+                                   "1": _probe(72.0, final={"swav": 3.0, "swav/ln_k": 0.72, "swav/code_entropy": 0.7}),
+                                   "2": _probe(74.0, final={"swav": 2.0, "swav/ln_k": 0.48, "swav/code_entropy": 0.9})},
+                         "no SwAV": {"0": _probe(71.0, final={"asl": 1.0}), "1": _probe(72.0, final={"asl": 1.0})}},
+               "finetune": {rt.RANDOM: {"0": {"top1": 20.0}, "1": {"top1": 30.0}, "2": {"top1": 40.0}},
+                            rt.FULL: {"0": {"top1": 50.0}, "1": {"top1": 60.0}, "2": {"top1": 70.0}}}}
+    lines = rt.tables(results).splitlines()
+    row = {}
+    for line in lines:  # the probe table's rows: the first of each name
+        row.setdefault(line.split(" | ")[0], line)
+    # mean and sample std (ddof 1): 60, 62, 64 -> 62.0 ± 2.0
+    assert row["| random init"].startswith("| random init | 3 | 62.0 ± 2.0 |")
+    # full - random: +10 ± hypot(2, 2) = 2.83, 3.5 of them
+    assert "| 72.0 ± 2.0 | +10.0 ± 2.8 (3.5σ) |" in row["| full (4 objectives)"]
+    # no SwAV (2 seeds: 71.5 ± 0.71) against full: -0.5 ± hypot(0.71, 2) = 2.1
+    assert "| 71.5 ± 0.7 | +9.5 ± 2.1 (4.5σ) | -0.5 ± 2.1 (0.2σ) |" in row["| no SwAV"]
+    ft = [line for line in lines if line.startswith(f"| {rt.FULL} | 3 | 60.0 ± 10.0 |")]
+    assert ft and "+30.0 ± 14.1 (2.1σ)" in ft[0]
+    # collapse figures: the keys some run logged, a dash where a variant has none
+    head = next(line for line in lines if line.startswith("| variant"))
+    assert head.split(" | ")[1:] == ["SwAV loss", "swav/ln_k", "swav/code_entropy |"]
+    collapse = [line for line in lines if line.count(" | ") == 3 and "±" in line and "0.720" in line]
+    assert collapse == [f"| {rt.FULL} | 3.000 ± 1.000 | 0.720 ± 0.240 | 0.700 ± 0.200 |"]
+    assert "| no SwAV | — | — | — |" in lines
+
+
+def test_final_values_average_the_last_logged_steps_and_skip_absent_keys(tmp_path):
+    shutil.copy(ROOT / "configs" / "demo_cpu.yaml", tmp_path / "config.yaml")  # 64 prototypes
+    rows = [{"step": i, "loss": float(i), "swav": 4.0 + i, "lr": 1e-3} for i in range(12)]
+    for r in rows[-3:]:  # a figure logged only on some steps: its own last values
+        r["swav/code_entropy"] = 0.5
+        r["distill/teacher_entropy"] = 0.25
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    f = rt.final_values(tmp_path)
+    assert f["loss"] == pytest.approx(sum(range(2, 12)) / 10)
+    assert f["swav/ln_k"] == pytest.approx(f["swav"] / math.log(64))
+    assert f["swav/code_entropy"] == 0.5 and f["distill/teacher_entropy"] == 0.25
+    assert "lr" not in f and "step" not in f
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "asl": 1.0}) + "\n")  # no SwAV
+    assert rt.final_values(tmp_path) == {"loss": 2.0, "asl": 1.0}
+
+
+def test_a_table_of_another_budget_is_refused(tmp_path):
+    f = tmp_path / "results.json"
+    rt.save(f, {"budget": {"epochs": 3, "img_size": 64}, "commit": rt.commit(), "probe": {}, "finetune": {}})
+    assert rt.load_results(f, {"epochs": 3, "img_size": 64})["probe"] == {}
+    with pytest.raises(SystemExit, match=r"another budget \{'img_size': \(64, 96\)\}"):
+        rt.load_results(f, {"epochs": 3, "img_size": 96})
+
+
+@pytest.mark.slow
+def test_the_table_runs_end_to_end_and_resumes_without_rerunning(tmp_path):
+    cmd = [sys.executable, "benchmarks/results_table.py", "--seeds", "0", "--only", "full", "--num-images", "48",
+           "--holdout", "32", "--img-size", "32", "--epochs", "1", "--steps", "2", "--ft-epochs", "1",
+           "--out", str(tmp_path)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["probe"]) == {rt.RANDOM, rt.FULL} and set(results["finetune"]) == {rt.RANDOM, rt.FULL}
+    full = results["probe"][rt.FULL]["0"]
+    assert 0 < full["linear_map"] <= 100 and full["final"]["swav/ln_k"] > 0 and "asl" in full["final"]
+    for r in results["finetune"].values():
+        assert 0 <= r["0"]["top1"] <= 100 and r["0"]["epochs"] == 1
+    # the pre-trained fine-tuning started from that run's student, not from a random init
+    init = tmp_path / "finetune" / "full" / "init_seed0.safetensors"
+    assert init.is_file() and str(init) in (tmp_path / "finetune" / "full" / "seed0" / "config.yaml").read_text()
+    assert f"| {rt.FULL} | 1 |" in p.stdout and "fine-tune top-1" in p.stdout
+
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "done before" in again.stdout and "launchers/" not in again.stdout  # nothing trained again
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+
+    other = subprocess.run(cmd[:-2] + ["--ft-epochs", "2", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+    assert other.returncode != 0 and "another budget" in other.stderr and "ft_epochs" in other.stderr
