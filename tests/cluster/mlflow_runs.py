@@ -69,13 +69,14 @@ class MlflowServer:
                 raise RuntimeError(f"mlflow server did not come up: {(self.dir / 'server.log').read_text()[-2000:]}")
             time.sleep(0.3)
 
-    def stop(self) -> None:
+    def stop(self, abrupt: bool = False) -> None:
+        """SIGTERM (a graceful stop, up to 15 s), or `abrupt`: SIGKILL at once, an outage that starts now."""
         import signal
         import subprocess
         if self.proc is None:
             return
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, signal.SIGKILL if abrupt else signal.SIGTERM)
             self.proc.wait(15)
         except ProcessLookupError:
             pass
