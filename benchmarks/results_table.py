@@ -6,8 +6,9 @@ For every seed: pre-trains the demo model (configs/demo_cpu.yaml, ViT-Tiny) on t
 all four objectives and once with each objective switched off; fits a linear probe and a kNN classifier on
 frozen student features of the training list and scores them on the held-out list, next to the same
 architecture at random init; then fine-tunes end to end (launchers/finetune.py, configs/finetune_tiny.yaml)
-the full model's student and a random init with the same recipe and budget on the data's ImageFolder
-(training split -> held-out split, class = shape of the largest object) and reports top-1. Each variant's
+the full model's student and a random init with the same recipe and budget on object-centric downstream
+images (one object per image, class = its colour and texture, 18 classes; by default 150 labelled training
+images, SwAV's 10 %-label protocol) and reports the first and the last epoch's top-1. Each variant's
 collapse figures (SwAV loss / ln K and whatever swav/* and distill/* figures the run logs) come from its
 metrics.jsonl. Every number is reported as mean ± std over the seeds:
 
@@ -68,14 +69,24 @@ def env() -> dict:
 
 
 def make_data(data: Path, args) -> None:
-    if (data / "imagefolder" / "val").is_dir():
-        return
-    if (data / "holdout.txt").is_file():
-        raise SystemExit(f"{data}: a synthetic data set without imagefolder/ (made without --imagefolder); "
-                         "give another --data folder")
-    subprocess.run([sys.executable, "-m", "hvpmtl", "data", "make-synthetic", "--out", str(data), "--num-images",
-                    str(args.num_images), "--holdout", str(args.holdout), "--seed", "0", "--imagefolder"],
-                   check=True, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL)
+    """The pre-training scenes (once), and the fine-tuning ImageFolder of this --ft-train-images (once each)."""
+    if not (data / "holdout.txt").is_file():
+        subprocess.run([sys.executable, "-m", "hvpmtl", "data", "make-synthetic", "--out", str(data), "--num-images",
+                        str(args.num_images), "--holdout", str(args.holdout), "--seed", "0"],
+                       check=True, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL)
+    folder = finetune_data(data, args)
+    if not (folder / "val").is_dir():
+        from hvpmtl.data.synthetic import write_imagefolder
+
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_imagefolder(tmp / "train", 2, args.ft_train_images, 0)
+        write_imagefolder(tmp / "val", 3, args.holdout, 0)
+        tmp.rename(folder)  # whole or absent
+
+
+def finetune_data(data: Path, args) -> Path:
+    return data / f"objects_train{args.ft_train_images}_val{args.holdout}"
 
 
 def data_overrides(data: Path) -> list[str]:
@@ -137,9 +148,14 @@ def pretrain(name: str, seed: int, args, data: Path) -> Path:
     return out
 
 
+def finetune_dir(args) -> Path:
+    """One folder per fine-tuning budget: another budget is measured anew, pre-training and probes kept."""
+    return args.out / f"finetune_{args.ft_train_images}img_{args.ft_epochs}ep_b{args.ft_batch}"
+
+
 def finetune(name: str, seed: int, args, data: Path) -> Path:
     """End-to-end fine-tuning of the full model's student (seed `seed`) or of a random init, same recipe."""
-    out = args.out / "finetune" / FINETUNE[name] / f"seed{seed}"
+    out = finetune_dir(args) / FINETUNE[name] / f"seed{seed}"
     if name == RANDOM:
         init = ["model.random_init=true"]
     else:
@@ -151,9 +167,11 @@ def finetune(name: str, seed: int, args, data: Path) -> Path:
         init = [f"model.init={init_file}"]
     sets = [f"run.output_dir={out}", f"model.img_size={args.img_size}", f"optim.epochs={args.ft_epochs}",
             f"optim.micro_batch_size={args.ft_batch}", f"run.seed={seed}", f"data.seed={seed}",
-            f"run.name=results-finetune-{FINETUNE[name]}-seed{seed}", f"data.train_dir={data / 'imagefolder/train'}",
-            f"data.val_dir={data / 'imagefolder/val'}", "run.log_every=50", *tracking_sets(args), *init]
-    # fine-tuning saves a checkpoint every epoch: a killed run continues from it (resume=auto)
+            f"run.name=results-finetune-{FINETUNE[name]}-seed{seed}",
+            f"data.train_dir={finetune_data(data, args) / 'train'}", f"data.val_dir={finetune_data(data, args) / 'val'}",
+            "run.log_every=50", f"run.checkpoint_every_epochs={max(1, args.ft_epochs // 4)}", *tracking_sets(args),
+            *init]
+    # a killed fine-tuning continues from its last checkpoint (resume=auto)
     launch(f"fine-tune {name}, seed {seed}", python_cmd("launchers/finetune.py", args.ft_config, sets, args.ranks),
            out, out / "model.safetensors", fresh=False)
     return out
@@ -213,8 +231,9 @@ def final_values(run_dir: Path, last: int = 10) -> dict[str, float]:
 def finetune_result(run_dir: Path) -> dict:
     """The last epoch's validation figures (not the best epoch's: that would pick on the test split)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in rows if "val/top1" in r][-1]
-    return {"top1": last["val/top1"], "val_loss": last["val/loss"], "epochs": len([r for r in rows if "val/top1" in r])}
+    epochs = [r for r in rows if "val/top1" in r]
+    return {"top1": epochs[-1]["val/top1"], "val_loss": epochs[-1]["val/loss"], "epochs": len(epochs),
+            "top1_per_epoch": [r["val/top1"] for r in epochs]}
 
 
 def budget(args, data: Path) -> dict:
@@ -222,8 +241,12 @@ def budget(args, data: Path) -> dict:
     count = lambda f: sum(1 for line in open(f) if line.strip())  # noqa: E731
     return {"config": args.config, "epochs": args.epochs, "steps": args.steps, "warmup_epochs": args.warmup_epochs,
             "img_size": args.img_size, "ranks": args.ranks, "probe": args.probe, "overrides": args.overrides,
-            "train_images": count(data / "train.txt"), "holdout_images": count(data / "holdout.txt"),
-            "ft_config": args.ft_config, "ft_epochs": args.ft_epochs, "ft_batch": args.ft_batch}
+            "train_images": count(data / "train.txt"), "holdout_images": count(data / "holdout.txt")}
+
+
+def ft_budget(args) -> dict:
+    return {"ft_config": args.ft_config, "ft_epochs": args.ft_epochs, "ft_batch": args.ft_batch,
+            "ft_train_images": args.ft_train_images, "ft_data": "objects: colour-texture, 18 classes"}
 
 
 def commit() -> str:
@@ -231,9 +254,11 @@ def commit() -> str:
     return r.stdout.strip() or "unknown"
 
 
-def load_results(path: Path, want: dict) -> dict:
+def load_results(path: Path, want: dict, want_ft: dict) -> dict:
+    """results.json: the pre-training budget must match (else refused); fine-tuning results of another
+    fine-tuning budget are set aside (kept under "finetune_earlier") and measured anew."""
     if not path.is_file():
-        return {"budget": want, "commit": commit(), "probe": {}, "finetune": {}}
+        return {"budget": want, "ft_budget": want_ft, "commit": commit(), "probe": {}, "finetune": {}}
     results = json.loads(path.read_text())
     if results.get("commit") != commit():  # code may differ; the budget alone is enforced
         print(f"note: {path} was begun at commit {results.get('commit')}, this is {commit()}", flush=True)
@@ -243,6 +268,13 @@ def load_results(path: Path, want: dict) -> dict:
         diff = {k: (results["budget"].get(k), v) for k, v in want.items() if results["budget"].get(k) != v}
         raise SystemExit(f"{path}: measured at another budget {diff} (was, now); give another --out or the same "
                          "options")
+    if results.get("ft_budget") != want_ft:
+        if results["finetune"]:
+            print(f"note: fine-tuning results of another fine-tuning budget {results.get('ft_budget')} set aside "
+                  f"under finetune_earlier; measuring {want_ft}", flush=True)
+            results.setdefault("finetune_earlier", []).append({"ft_budget": results.get("ft_budget"),
+                                                               "finetune": results["finetune"]})
+        results["ft_budget"], results["finetune"] = want_ft, {}
     return results
 
 
@@ -276,7 +308,10 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every pre-training run (repeatable)")
     p.add_argument("--ft-config", default="configs/finetune_tiny.yaml")
-    p.add_argument("--ft-epochs", type=int, default=3, help="fine-tuning epochs; 0: no fine-tuning")
+    p.add_argument("--ft-epochs", type=int, default=20, help="fine-tuning epochs; 0: no fine-tuning")
+    p.add_argument("--ft-train-images", type=int, default=150,
+                   help="labelled images to fine-tune on (object-centric, 18 classes in turn; 150 = 10 %% of "
+                        "--num-images, SwAV's semi-supervised protocol)")
     p.add_argument("--ft-batch", type=int, default=16, help="fine-tuning micro batch (lr scales with it)")
     args = p.parse_args(argv)
     args.out = args.out if args.out.is_absolute() else ROOT / args.out
@@ -293,7 +328,7 @@ def main(argv=None) -> int:
     from hvpmtl.eval.features import load_backbone
 
     results_file = args.out / "results.json"
-    results = load_results(results_file, budget(args, data))
+    results = load_results(results_file, budget(args, data), ft_budget(args))
     cfg = load_config(ROOT / args.config, data_overrides(data))
     variants = [v for v in VARIANTS if args.only is None or slug(v) in args.only]
     for seed in args.seeds:
@@ -369,14 +404,16 @@ def tables(results: dict) -> str:
         lines.append(f"| {name} | {len(runs)} | {pm(lin[name])} | {d_rand} | {d_full} | "
                      f"{pm(column(runs, lambda r: r['knn_map']))} | {kinds} |")
     if ft:
-        lines += ["", "| initialisation | seeds | fine-tune top-1 (%) | Δ vs random init | linear-probe mAP | "
-                      "kNN mAP |", "|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "| initialisation | seeds | top-1 (%), last epoch | Δ vs random init | top-1 (%), first epoch | "
+                      "Δ vs random init | linear-probe mAP | kNN mAP |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         top1 = {n: column(ft.get(n, {}), lambda r: r["top1"]) for n in FINETUNE}
+        first = {n: column(ft.get(n, {}), lambda r: r["top1_per_epoch"][0]) for n in FINETUNE}
         for name in FINETUNE:
             runs = probe.get(name, {})
             d = "" if name == RANDOM else delta(top1[name], top1[RANDOM])
-            lines.append(f"| {name} | {len(ft.get(name, {}))} | {pm(top1[name])} | {d} | {pm(lin[name])} | "
-                         f"{pm(column(runs, lambda r: r['knn_map']))} |")
+            d1 = "" if name == RANDOM else delta(first[name], first[RANDOM])
+            lines.append(f"| {name} | {len(ft.get(name, {}))} | {pm(top1[name])} | {d} | {pm(first[name])} | {d1} | "
+                         f"{pm(lin[name])} | {pm(column(runs, lambda r: r['knn_map']))} |")
     keys = []
     for name in VARIANTS:
         for r in probe.get(name, {}).values():

@@ -30,8 +30,10 @@ def _make_synthetic(args) -> int:
     from hvpmtl.data.synthetic import make_synthetic
     t = time.time()
     paths = make_synthetic(args.out, args.num_images, seed=args.seed, holdout=args.holdout, shard_size=args.shard_size,
-                           imagefolder=args.imagefolder, progress=True)
+                           imagefolder=args.imagefolder, imagefolder_train=args.imagefolder_train, progress=True)
     n = args.num_images + args.holdout
+    if args.imagefolder:
+        n += args.holdout + (args.num_images if args.imagefolder_train is None else args.imagefolder_train)
     print(f"wrote {n} images in {time.time() - t:.1f} s")
     for k, v in paths.items():
         print(f"{k}: {v}")
@@ -190,8 +192,11 @@ def add_parser(subparsers) -> None:
     s.add_argument("--shard-size", type=int, default=0, help="also write the training split as shards of this size "
                                                              "(0 = no shards)")
     s.add_argument("--imagefolder", action="store_true",
-                   help="also write imagefolder/train and imagefolder/val (the held-out split): one folder per class, "
-                        "the class of each scene's largest object's shape (single-label, for fine-tuning)")
+                   help="also write the fine-tuning data: imagefolder/train and imagefolder/val (--holdout images), "
+                        "object-centric images (one object each), one folder per class = the object's colour and "
+                        "texture (18 classes, in turn)")
+    s.add_argument("--imagefolder-train", type=int, default=None, metavar="N",
+                   help="images in imagefolder/train (default: --num-images); small N = a low-label fine-tuning set")
     s.set_defaults(func=_guard(_make_synthetic))
 
     x = sub.add_parser("index", help="build the data index of a list file or shard folder (once per data set; "

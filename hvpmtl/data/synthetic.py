@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -87,8 +86,12 @@ def _shape_mask(shape: str, r: float, angle: float, size: int) -> np.ndarray:
     return np.asarray(im) > 127
 
 
-def render_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
+def render_scene(rng: np.random.Generator, single: bool = False, colour: str | None = None,
+                 texture: str | None = None) -> tuple[np.ndarray, list[dict]]:
     """An RGB uint8 image and its objects (shape, colour, texture, centre, radius, anchor).
+
+    single: one object filling most of the image (an object-centric photo, ImageNet-like) instead of 1-4
+    objects in the cells of a 3x2 grid. colour, texture: given instead of drawn (every object gets them).
 
     The anchor is a pixel that shows the object's own colour (for rings the middle of the band),
     with the texture laid out so that a band of base colour runs through it.
@@ -97,18 +100,19 @@ def render_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
     h = int(rng.integers(120, 193))
     grey = rng.integers(70, 186, (h, w, 1), dtype=np.int16)
     img = np.clip(grey + rng.integers(-10, 11, (h, w, 3), dtype=np.int16), 0, 255).astype(np.uint8)
-    n = int(rng.integers(1, MAX_OBJECTS + 1))
-    cells = rng.choice(GRID[0] * GRID[1], size=n, replace=False)
-    cw, ch = w / GRID[0], h / GRID[1]
+    grid = (1, 1) if single else GRID
+    n = 1 if single else int(rng.integers(1, MAX_OBJECTS + 1))
+    cells = rng.choice(grid[0] * grid[1], size=n, replace=False)
+    cw, ch = w / grid[0], h / grid[1]
     objects = []
     for cell in cells:
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
-        texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
+        obj_colour = colour or list(COLOURS)[int(rng.integers(len(COLOURS)))]
+        obj_texture = texture or TEXTURES[int(rng.integers(len(TEXTURES)))]
         r = float(rng.uniform(0.32, 0.46)) * min(cw, ch)
         room_x, room_y = cw / 2 - r, ch / 2 - r
-        cx = (cell % GRID[0] + 0.5) * cw + float(rng.uniform(-room_x, room_x))
-        cy = (cell // GRID[0] + 0.5) * ch + float(rng.uniform(-room_y, room_y))
+        cx = (cell % grid[0] + 0.5) * cw + float(rng.uniform(-room_x, room_x))
+        cy = (cell // grid[0] + 0.5) * ch + float(rng.uniform(-room_y, room_y))
         angle = float(rng.uniform(-0.35, 0.35))
         box = int(2 * r) + 3
         mask = _shape_mask(shape, r, angle, box)
@@ -119,13 +123,13 @@ def render_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
         mask = mask[sy0:ey, sx0:ex]
         ax, ay = (cx + 0.775 * r, cy) if shape == "ring" else (cx, cy)
         ys, xs = np.mgrid[y0 + sy0:y0 + ey, x0 + sx0:x0 + ex]
-        base = np.array(COLOURS[colour], np.float32)
+        base = np.array(COLOURS[obj_colour], np.float32)
         dark = np.zeros(mask.shape, bool)
-        if texture == "striped":
+        if obj_texture == "striped":
             period, t = 8.0, float(rng.uniform(0, math.pi))
             proj = (xs - ax) * math.cos(t) + (ys - ay) * math.sin(t) + period / 4
             dark = np.mod(proj, period) >= period / 2
-        elif texture == "dotted":
+        elif obj_texture == "dotted":
             period = 7.0
             dx = np.mod(xs - ax + period / 2, period) - period / 2
             dy = np.mod(ys - ay + period / 2, period) - period / 2
@@ -133,7 +137,7 @@ def render_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
         pix = np.where(dark[..., None], base * 0.35, base).astype(np.uint8)
         region = img[y0 + sy0:y0 + ey, x0 + sx0:x0 + ex]
         region[mask] = pix[mask]
-        objects.append({"shape": shape, "colour": colour, "texture": texture, "cx": round(cx, 2),
+        objects.append({"shape": shape, "colour": obj_colour, "texture": obj_texture, "cx": round(cx, 2),
                         "cy": round(cy, 2), "r": round(r, 2), "anchor": [int(round(ax)), int(round(ay))]})
     return img, objects
 
@@ -176,34 +180,43 @@ def _write_split(out: Path, split: str, split_id: int, num: int, seed: int, d: D
     return list_path, obj_path
 
 
-def main_class(objects: list[dict]) -> str:
-    """A scene's single label for ImageFolder use: the shape of its largest object."""
-    return max(objects, key=lambda o: o["r"])["shape"]
+def object_class(obj: dict) -> str:
+    """The single label of an object-centric image: its colour and texture ("red-striped", 18 classes)."""
+    return f"{obj['colour']}-{obj['texture']}"
 
 
-def write_imagefolder(out: Path, split_objects: Path, dest: Path) -> int:
-    """Link (or copy) a split's images into dest/<main class>/ (torchvision's ImageFolder layout)."""
-    n = 0
-    for line in split_objects.read_text().splitlines():
-        rec = json.loads(line)
-        d = dest / main_class(rec["objects"])
+OBJECT_CLASSES = [f"{c}-{t}" for c in COLOURS for t in TEXTURES]
+
+
+def write_imagefolder(dest: Path, split_id: int, num: int, seed: int, progress: bool = False) -> int:
+    """dest/<colour>-<texture>/<i>.jpg: object-centric images (one object filling most of the frame, random
+    shape), the downstream data of fine-tuning, as ImageNet is after multi-label pre-training.
+
+    Classes go round in turn (image i has class i mod 18), so any num >= 18 holds every class and a small
+    labelled set (the low-label protocol) is balanced.
+    """
+    prog = Progress(f"make-synthetic {dest.name}", num, unit="images", enabled=progress)
+    for i in range(num):
+        prog.add(1)
+        rng = np.random.default_rng([seed, split_id, i])
+        colour, texture = OBJECT_CLASSES[i % len(OBJECT_CLASSES)].split("-")
+        img, objects = render_scene(rng, single=True, colour=colour, texture=texture)
+        d = dest / object_class(objects[0])
         d.mkdir(parents=True, exist_ok=True)
-        target = d / Path(rec["path"]).name
-        if not target.exists():
-            try:
-                os.link(out / rec["path"], target)
-            except OSError:
-                shutil.copyfile(out / rec["path"], target)
-        n += 1
-    return n
+        Image.fromarray(img).save(d / f"{i:07d}.jpg", quality=int(rng.integers(85, 96)))
+    prog.close()
+    return num
 
 
 def make_synthetic(out: str | os.PathLike, num_images: int, seed: int = 0, holdout: int = 0,
-                   shard_size: int = 0, imagefolder: bool = False, progress: bool = False) -> dict[str, str]:
+                   shard_size: int = 0, imagefolder: bool = False, imagefolder_train: int | None = None,
+                   progress: bool = False) -> dict[str, str]:
     """Write the data set under `out`; returns the paths (root, list_file, dictionary, ...).
 
     shard_size > 0 also writes the training split as webdataset shards of that many samples;
-    imagefolder also writes out/imagefolder/{train,val}/<class>/ (val from the held-out split).
+    imagefolder also writes the fine-tuning data, out/imagefolder/{train,val}/<colour>-<texture>/: object-centric
+    images of their own (write_imagefolder), imagefolder_train of them (default num_images) to train on and
+    `holdout` to validate on.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,9 +230,10 @@ def make_synthetic(out: str | os.PathLike, num_images: int, seed: int = 0, holdo
         paths.update(holdout_list=str(lst), holdout_objects=str(obj))
     if imagefolder:
         if not holdout:
-            raise DataError("make-synthetic --imagefolder needs --holdout N: the held-out images become imagefolder/val")
-        write_imagefolder(out, Path(paths["objects"]), out / "imagefolder" / "train")
-        write_imagefolder(out, Path(paths["holdout_objects"]), out / "imagefolder" / "val")
+            raise DataError("make-synthetic --imagefolder needs --holdout N: the number of imagefolder/val images")
+        write_imagefolder(out / "imagefolder" / "train", 2, num_images if imagefolder_train is None
+                          else imagefolder_train, seed, progress)
+        write_imagefolder(out / "imagefolder" / "val", 3, holdout, seed, progress)
         paths.update(imagefolder_train=str(out / "imagefolder" / "train"),
                      imagefolder_val=str(out / "imagefolder" / "val"))
     if shard_size:

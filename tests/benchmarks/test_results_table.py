@@ -28,8 +28,10 @@ def test_tables_report_mean_std_over_seeds_and_differences_with_their_noise():
                                    "1": _probe(72.0, final={"swav": 3.0, "swav/ln_k": 0.72, "swav/code_entropy": 0.7}),
                                    "2": _probe(74.0, final={"swav": 2.0, "swav/ln_k": 0.48, "swav/code_entropy": 0.9})},
                          "no SwAV": {"0": _probe(71.0, final={"asl": 1.0}), "1": _probe(72.0, final={"asl": 1.0})}},
-               "finetune": {rt.RANDOM: {"0": {"top1": 20.0}, "1": {"top1": 30.0}, "2": {"top1": 40.0}},
-                            rt.FULL: {"0": {"top1": 50.0}, "1": {"top1": 60.0}, "2": {"top1": 70.0}}}}
+               "finetune": {rt.RANDOM: {str(i): {"top1": t, "top1_per_epoch": [f, t]}
+                                        for i, (f, t) in enumerate([(10.0, 20.0), (12.0, 30.0), (14.0, 40.0)])},
+                            rt.FULL: {str(i): {"top1": t, "top1_per_epoch": [f, 0.0, t]}
+                                      for i, (f, t) in enumerate([(30.0, 50.0), (32.0, 60.0), (34.0, 70.0)])}}}
     lines = rt.tables(results).splitlines()
     row = {}
     for line in lines:  # the probe table's rows: the first of each name
@@ -41,7 +43,8 @@ def test_tables_report_mean_std_over_seeds_and_differences_with_their_noise():
     # no SwAV (2 seeds: 71.5 ± 0.71) against full: -0.5 ± hypot(0.71, 2) = 2.1
     assert "| 71.5 ± 0.7 | +9.5 ± 2.1 (4.5σ) | -0.5 ± 2.1 (0.2σ) |" in row["| no SwAV"]
     ft = [line for line in lines if line.startswith(f"| {rt.FULL} | 3 | 60.0 ± 10.0 |")]
-    assert ft and "+30.0 ± 14.1 (2.1σ)" in ft[0]
+    # last epoch: +30 ± hypot(10, 10); first epoch: 32 ± 2 vs 12 ± 2 -> +20 ± 2.8 (7.1σ)
+    assert ft and "+30.0 ± 14.1 (2.1σ) | 32.0 ± 2.0 | +20.0 ± 2.8 (7.1σ) |" in ft[0]
     # collapse figures: the keys some run logged, a dash where a variant has none
     head = next(line for line in lines if line.startswith("| variant"))
     assert head.split(" | ")[1:] == ["SwAV loss", "swav/ln_k", "swav/code_entropy |"]
@@ -67,19 +70,27 @@ def test_final_values_average_the_last_logged_steps_and_skip_absent_keys(tmp_pat
     assert rt.final_values(tmp_path) == {"loss": 2.0, "asl": 1.0}
 
 
-def test_a_table_of_another_budget_is_refused(tmp_path):
+def test_a_table_of_another_budget_is_refused_and_another_finetuning_budget_measured_anew(tmp_path):
     f = tmp_path / "results.json"
-    rt.save(f, {"budget": {"epochs": 3, "img_size": 64}, "commit": rt.commit(), "probe": {}, "finetune": {}})
-    assert rt.load_results(f, {"epochs": 3, "img_size": 64})["probe"] == {}
+    ft = {"ft_epochs": 3}
+    rt.save(f, {"budget": {"epochs": 3, "img_size": 64}, "ft_budget": ft, "commit": rt.commit(),
+                "probe": {rt.FULL: {"0": _probe(70.0)}}, "finetune": {rt.FULL: {"0": {"top1": 50.0}}}})
+    same = rt.load_results(f, {"epochs": 3, "img_size": 64}, ft)
+    assert same["probe"][rt.FULL]["0"]["linear_map"] == 70.0 and same["finetune"][rt.FULL]["0"]["top1"] == 50.0
     with pytest.raises(SystemExit, match=r"another budget \{'img_size': \(64, 96\)\}"):
-        rt.load_results(f, {"epochs": 3, "img_size": 96})
+        rt.load_results(f, {"epochs": 3, "img_size": 96}, ft)
+    # another fine-tuning budget: probes kept, fine-tuning results set aside (not mixed into the new ones)
+    other = rt.load_results(f, {"epochs": 3, "img_size": 64}, {"ft_epochs": 20})
+    assert other["probe"][rt.FULL]["0"]["linear_map"] == 70.0 and other["finetune"] == {}
+    assert other["ft_budget"] == {"ft_epochs": 20}
+    assert other["finetune_earlier"] == [{"ft_budget": ft, "finetune": {rt.FULL: {"0": {"top1": 50.0}}}}]
 
 
 @pytest.mark.slow
 def test_the_table_runs_end_to_end_and_resumes_without_rerunning(tmp_path):
     cmd = [sys.executable, "benchmarks/results_table.py", "--seeds", "0", "--only", "full", "--num-images", "48",
-           "--holdout", "32", "--img-size", "32", "--epochs", "1", "--steps", "2", "--ft-epochs", "1",
-           "--out", str(tmp_path)]
+           "--holdout", "36", "--img-size", "32", "--epochs", "1", "--steps", "2", "--ft-epochs", "1",
+           "--ft-train-images", "18", "--out", str(tmp_path)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -89,15 +100,27 @@ def test_the_table_runs_end_to_end_and_resumes_without_rerunning(tmp_path):
     for r in results["finetune"].values():
         assert 0 <= r["0"]["top1"] <= 100 and r["0"]["epochs"] == 1
     # the pre-trained fine-tuning started from that run's student, not from a random init
-    init = tmp_path / "finetune" / "full" / "init_seed0.safetensors"
-    assert init.is_file() and str(init) in (tmp_path / "finetune" / "full" / "seed0" / "config.yaml").read_text()
-    assert f"| {rt.FULL} | 1 |" in p.stdout and "fine-tune top-1" in p.stdout
+    ft_dir = tmp_path / "finetune_18img_1ep_b16"
+    init = ft_dir / "full" / "init_seed0.safetensors"
+    assert init.is_file() and str(init) in (ft_dir / "full" / "seed0" / "config.yaml").read_text()
+    assert f"| {rt.FULL} | 1 |" in p.stdout and "top-1 (%), first epoch" in p.stdout
+    # fine-tuned on the object-centric ImageFolder: 18 labelled images, one per class
+    classes = sorted(x.name for x in (tmp_path / "data" / "objects_train18_val36" / "train").iterdir())
+    assert len(classes) == 18 and "red-striped" in classes
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "done before" in again.stdout and "launchers/" not in again.stdout  # nothing trained again
     assert json.loads((tmp_path / "results.json").read_text()) == results
 
-    other = subprocess.run(cmd[:-2] + ["--ft-epochs", "2", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
-                           text=True, timeout=600)
-    assert other.returncode != 0 and "another budget" in other.stderr and "ft_epochs" in other.stderr
+    # another fine-tuning budget: fine-tuned anew, the pre-training and its probes kept
+    i = cmd.index("--ft-epochs")
+    other = subprocess.run(cmd[:i + 1] + ["2"] + cmd[i + 2:], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert other.returncode == 0, other.stderr[-4000:]
+    assert "set aside" in other.stdout and "launchers/pretrain.py" not in other.stdout
+    now = json.loads((tmp_path / "results.json").read_text())
+    assert now["probe"] == results["probe"] and now["finetune"][rt.FULL]["0"]["epochs"] == 2
+    assert now["finetune_earlier"][0]["finetune"] == results["finetune"]
+    bigger = subprocess.run(cmd[:-2] + ["--epochs", "2", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert bigger.returncode != 0 and "another budget" in bigger.stderr and "epochs" in bigger.stderr

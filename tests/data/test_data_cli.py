@@ -61,16 +61,19 @@ def test_index_command_and_progress(syn, tmp_path, capsys):
 
 def test_make_synthetic_imagefolder_feeds_the_imagefolder_loader(tmp_path, capsys):
     d = tmp_path / "d"
-    assert cli_main(["data", "make-synthetic", "--out", str(d), "--num-images", "24", "--holdout", "8",
-                     "--imagefolder"]) == 0
+    assert cli_main(["data", "make-synthetic", "--out", str(d), "--num-images", "24", "--holdout", "20",
+                     "--imagefolder", "--imagefolder-train", "36"]) == 0
     out = capsys.readouterr().out
     assert f"--set data.train_dir={d / 'imagefolder' / 'train'}" in out
     train = build_imagefolder_loader(str(d / "imagefolder" / "train"), 4, 32, train=True, device="cpu",
                                      num_threads=1)
     val = build_imagefolder_loader(str(d / "imagefolder" / "val"), 4, 32, train=False, device="cpu", num_threads=1)
-    shapes = {"circle", "ring", "square", "triangle", "hexagon", "diamond", "star", "cross"}
-    assert set(train.classes) <= shapes and len(train.classes) >= 3 and train.num_samples == 24
-    assert val.num_samples == 8
+    classes = sorted(f"{c}-{t}" for c in ("red", "orange", "yellow", "blue", "green", "purple")
+                     for t in ("plain", "striped", "dotted"))
+    # every class in both splits (classes go round in turn), balanced: 36 = 2 per class
+    assert train.classes == classes and val.classes == classes and train.num_samples == 36
+    assert val.num_samples == 20
+    assert all(len(list((d / "imagefolder" / "train" / c).iterdir())) == 2 for c in classes)
     b = next(iter(train))
     assert b["image"].shape == (4, 3, 32, 32)
     with pytest.raises(SystemExit):

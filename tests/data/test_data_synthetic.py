@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from hvpmtl.cli import main as cli_main
-from hvpmtl.data.synthetic import COLOURS, make_synthetic
+from hvpmtl.data.synthetic import COLOURS, OBJECT_CLASSES, make_synthetic, object_class, render_scene
 from hvpmtl.data.tencent import read_dictionary, read_list_file
 from hvpmtl.data.validate import validate_list
 
@@ -78,3 +78,20 @@ def test_cli_make_synthetic_with_shards(tmp_path, capsys):
     assert len(read_list_file(tmp_path / "d" / "holdout.txt", 24)[0]) == 2
     assert sorted(p.name for p in (tmp_path / "d" / "shards").iterdir()) == [
         "labels.npz", "manifest.json", "shard-000000.idx", "shard-000000.tar", "shard-000001.idx", "shard-000001.tar"]
+
+
+def test_object_images_show_their_class_and_fill_the_frame():
+    """The fine-tuning ImageFolder's images: one object, of the class's colour and texture, most of the frame."""
+    for i in range(12):
+        colour, texture = OBJECT_CLASSES[i % len(OBJECT_CLASSES)].split("-")
+        img, objects = render_scene(np.random.default_rng([0, 2, i]), single=True, colour=colour, texture=texture)
+        assert len(objects) == 1 and object_class(objects[0]) == f"{colour}-{texture}"
+        o = objects[0]
+        assert o["r"] >= 0.32 * min(img.shape[:2]) - 1e-6
+        x, y = o["anchor"]
+        patch = img[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3).astype(float).mean(0)
+        assert np.abs(patch - np.array(COLOURS[colour])).max() < 40, (i, o)
+        # stripes and dots darken part of the object; a plain object is its colour throughout
+        inside = np.abs(img.astype(float) - np.array(COLOURS[colour])).max(-1) < 30
+        dark = np.abs(img.astype(float) - 0.35 * np.array(COLOURS[colour])).max(-1) < 12
+        assert (dark.sum() > 0.05 * inside.sum()) == (texture != "plain"), (i, texture)
