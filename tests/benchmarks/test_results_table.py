@@ -43,8 +43,10 @@ def test_tables_report_mean_std_over_seeds_and_differences_with_their_noise():
     # no SwAV (2 seeds: 71.5 ± 0.71) against full: -0.5 ± hypot(0.71, 2) = 2.1
     assert "| 71.5 ± 0.7 | +9.5 ± 2.1 (4.5σ) | -0.5 ± 2.1 (0.2σ) |" in row["| no SwAV"]
     ft = [line for line in lines if line.startswith(f"| {rt.FULL} | 3 | 60.0 ± 10.0 |")]
-    # last epoch: +30 ± hypot(10, 10); first epoch: 32 ± 2 vs 12 ± 2 -> +20 ± 2.8 (7.1σ)
-    assert ft and "+30.0 ± 14.1 (2.1σ) | 32.0 ± 2.0 | +20.0 ± 2.8 (7.1σ) |" in ft[0]
+    # last epoch: +30 ± hypot(10, 10); first epoch: 32 ± 2 vs 12 ± 2 -> +20 ± 2.8 (7.1σ);
+    # mean over epochs: full (30+0+50)/3, (32+0+60)/3, (34+0+70)/3 = 26.7, 30.7, 34.7 (± 4.0) vs random 15, 21, 27
+    # (± 6.0): +9.7 ± hypot(4, 6) = 7.2 (1.3σ)
+    assert ft and "+30.0 ± 14.1 (2.1σ) | 32.0 ± 2.0 | +20.0 ± 2.8 (7.1σ) | 30.7 ± 4.0 | +9.7 ± 7.2 (1.3σ) |" in ft[0]
     # collapse figures: the keys some run logged, a dash where a variant has none
     head = next(line for line in lines if line.startswith("| variant"))
     assert head.split(" | ")[1:] == ["SwAV loss", "swav/ln_k", "swav/code_entropy |"]
