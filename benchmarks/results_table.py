@@ -80,8 +80,7 @@ def make_data(data: Path, args) -> None:
 
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        write_imagefolder(tmp / "train", 2, args.ft_train_images, 0)
-        write_imagefolder(tmp / "val", 3, args.holdout, 0)
+        write_imagefolder(tmp, args.ft_train_images, args.holdout)
         tmp.rename(folder)  # whole or absent
 
 
@@ -165,10 +164,11 @@ def finetune(name: str, seed: int, args, data: Path) -> Path:
         if not init_file.is_file():
             export_run(args.out / slug(FULL) / f"seed{seed}", init_file, which="student")
         init = [f"model.init={init_file}"]
+    folder = finetune_data(data, args)
     sets = [f"run.output_dir={out}", f"model.img_size={args.img_size}", f"optim.epochs={args.ft_epochs}",
             f"optim.micro_batch_size={args.ft_batch}", f"run.seed={seed}", f"data.seed={seed}",
             f"run.name=results-finetune-{FINETUNE[name]}-seed{seed}",
-            f"data.train_dir={finetune_data(data, args) / 'train'}", f"data.val_dir={finetune_data(data, args) / 'val'}",
+            f"data.train_dir={folder / 'train'}", f"data.val_dir={folder / 'val'}",
             "run.log_every=50", f"run.checkpoint_every_epochs={max(1, args.ft_epochs // 4)}", *tracking_sets(args),
             *init]
     # a killed fine-tuning continues from its last checkpoint (resume=auto)

@@ -188,7 +188,7 @@ def object_class(obj: dict) -> str:
 OBJECT_CLASSES = [f"{c}-{t}" for c in COLOURS for t in TEXTURES]
 
 
-def write_imagefolder(dest: Path, split_id: int, num: int, seed: int, progress: bool = False) -> int:
+def _write_object_split(dest: Path, split_id: int, num: int, seed: int, progress: bool) -> None:
     """dest/<colour>-<texture>/<i>.jpg: object-centric images (one object filling most of the frame, random
     shape), the downstream data of fine-tuning, as ImageNet is after multi-label pre-training.
 
@@ -205,7 +205,12 @@ def write_imagefolder(dest: Path, split_id: int, num: int, seed: int, progress: 
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(d / f"{i:07d}.jpg", quality=int(rng.integers(85, 96)))
     prog.close()
-    return num
+
+
+def write_imagefolder(dest: Path, num_train: int, num_val: int, seed: int = 0, progress: bool = False) -> None:
+    """The fine-tuning data: dest/train (num_train images) and dest/val (num_val), object-centric, 18 classes."""
+    _write_object_split(dest / "train", 2, num_train, seed, progress)
+    _write_object_split(dest / "val", 3, num_val, seed, progress)
 
 
 def make_synthetic(out: str | os.PathLike, num_images: int, seed: int = 0, holdout: int = 0,
@@ -231,9 +236,8 @@ def make_synthetic(out: str | os.PathLike, num_images: int, seed: int = 0, holdo
     if imagefolder:
         if not holdout:
             raise DataError("make-synthetic --imagefolder needs --holdout N: the number of imagefolder/val images")
-        write_imagefolder(out / "imagefolder" / "train", 2, num_images if imagefolder_train is None
-                          else imagefolder_train, seed, progress)
-        write_imagefolder(out / "imagefolder" / "val", 3, holdout, seed, progress)
+        write_imagefolder(out / "imagefolder", num_images if imagefolder_train is None else imagefolder_train,
+                          holdout, seed, progress)
         paths.update(imagefolder_train=str(out / "imagefolder" / "train"),
                      imagefolder_val=str(out / "imagefolder" / "val"))
     if shard_size:
