@@ -69,6 +69,24 @@ def sum_to_host(t: torch.Tensor) -> list[float]:
     return t.tolist()
 
 
+def distributed(world_size: int) -> bool:
+    return world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def all_gather_rows(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Concatenate every rank's [n_r, ...] tensor (n_r may differ) in rank order, on every rank."""
+    if not distributed(world_size):
+        return x
+    n = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s.item()) for s in sizes]
+    pad = x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))
+    parts = [x.new_zeros((max(sizes), *x.shape[1:])) for _ in range(world_size)]
+    dist.all_gather(parts, torch.cat([x, pad]))
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
 class Heartbeat:
     """Names the rank that died or hung when a collective fails.
 

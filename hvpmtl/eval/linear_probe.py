@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hvpmtl.eval.metrics import average_precision, mean_average_precision, top1_accuracy
+from hvpmtl.metrics import average_precision, mean_average_precision, top1_accuracy
 
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
 SMALL_PROBLEM = 2**26  # N x D x C below which CPU fits run on one thread

@@ -16,29 +16,12 @@ import torch
 import torch.distributed as dist
 
 from hvpmtl.config import ConfigError, ExperimentConfig
+from hvpmtl.dist import all_gather_rows, distributed
 from hvpmtl.eval.features import extract_features, split_halves
 from hvpmtl.eval.knn import knn_eval
 from hvpmtl.eval.linear_probe import linear_probe
 
 EVAL_BATCH_SIZE = 64
-
-
-def _distributed(world_size: int) -> bool:
-    return world_size > 1 and dist.is_available() and dist.is_initialized()
-
-
-def _all_gather_rows(x: torch.Tensor, world_size: int) -> torch.Tensor:
-    """Concatenate every rank's [n_r, ...] tensor (n_r may differ) in rank order."""
-    if not _distributed(world_size):
-        return x
-    n = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world_size)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s.item()) for s in sizes]
-    pad = x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))
-    parts = [x.new_zeros((max(sizes), *x.shape[1:])) for _ in range(world_size)]
-    dist.all_gather(parts, torch.cat([x, pad]))
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
 def probe_scores(features: np.ndarray, labels: np.ndarray, index: np.ndarray, *, num_classes: int,
@@ -81,9 +64,9 @@ class OnlineEvaluator:
         else:  # fewer held-out images than ranks: this rank still joins the gathers
             out = {"features": np.zeros((0, backbone.embed_dim), np.float32),
                    "labels": np.zeros((0, d.num_classes), np.float32), "index": np.zeros(0, np.int64)}
-        feats = _all_gather_rows(torch.from_numpy(out["features"]).to(device), world_size)
-        labels = _all_gather_rows(torch.from_numpy(out["labels"].astype(np.float32)).to(device), world_size)
-        index = _all_gather_rows(torch.from_numpy(out["index"]).to(device), world_size)
+        feats = all_gather_rows(torch.from_numpy(out["features"]).to(device), world_size)
+        labels = all_gather_rows(torch.from_numpy(out["labels"].astype(np.float32)).to(device), world_size)
+        index = all_gather_rows(torch.from_numpy(out["index"]).to(device), world_size)
         result = torch.zeros(3, dtype=torch.float64, device=device)  # knn, linear, ok
         error = None
         if self.rank == 0:
@@ -94,7 +77,7 @@ class OnlineEvaluator:
                                       device=device)
             except Exception as e:  # noqa: BLE001 — the other ranks must hear of it, not wait for ever
                 error = e
-        if _distributed(world_size):
+        if distributed(world_size):
             dist.broadcast(result, src=0)
         if error is not None:
             raise error

@@ -9,7 +9,7 @@ from sklearn.metrics import average_precision_score
 
 from hvpmtl.eval.knn import knn_eval, knn_scores
 from hvpmtl.eval.linear_probe import fit_linear, linear_probe
-from hvpmtl.eval.metrics import average_precision, mean_average_precision, top1_accuracy
+from hvpmtl.metrics import average_precision, mean_average_precision, top1_accuracy
 
 
 def test_average_precision_hand_case():
