@@ -8,7 +8,9 @@ frozen student features of the training list and scores them on the held-out lis
 architecture at random init; then fine-tunes end to end (launchers/finetune.py, configs/finetune_tiny.yaml)
 the full model's student and a random init with the same recipe and budget on object-centric downstream
 images (one object per image, class = its colour and texture, 18 classes; by default 150 labelled training
-images, SwAV's 10 %-label protocol) and reports the first and the last epoch's top-1. Each variant's
+images, SwAV's 10 %-label protocol) and reports the first and the last epoch's top-1; and the same two
+initialisations multi-label on scenes of their own (the pre-training's 24 labels, drawn with another data
+seed, so never seen in pre-training: 150 labelled, 500 validation), reporting mAP. Each variant's
 collapse figures (SwAV loss / ln K and whatever swav/* and distill/* figures the run logs) come from its
 metrics.jsonl. Every number is reported as mean ± std over the seeds:
 
@@ -49,6 +51,9 @@ VARIANTS = {  # name -> --set overrides
     "no distillation": ["objectives.distill.enabled=false"],
 }
 FINETUNE = {RANDOM: "random", FULL: "full"}  # fine-tuned initialisations -> run folder
+TASKS = {"objects": "top1", "scenes": "mAP"}  # fine-tuning task -> its validation figure (val/<figure>)
+FT_RESULTS = {"finetune": "objects", "finetune_scenes": "scenes"}  # results.json key -> task
+MULTILABEL_DATA_SEED = 1  # the multi-label fine-tuning scenes: another data seed than the pre-training's 0
 LOSSES = ("loss", "asl", "swav", "mim", "distill")
 KINDS = ("shape", "colour", "texture", "crowded")
 
@@ -68,12 +73,18 @@ def env() -> dict:
     return e
 
 
-def make_data(data: Path, args) -> None:
-    """The pre-training scenes (once), and the fine-tuning ImageFolder of this --ft-train-images (once each)."""
-    if not (data / "holdout.txt").is_file():
-        subprocess.run([sys.executable, "-m", "hvpmtl", "data", "make-synthetic", "--out", str(data), "--num-images",
-                        str(args.num_images), "--holdout", str(args.holdout), "--seed", "0"],
+def make_scenes(dest: Path, num_images: int, holdout: int, seed: int) -> None:
+    if not (dest / "holdout.txt").is_file():
+        subprocess.run([sys.executable, "-m", "hvpmtl", "data", "make-synthetic", "--out", str(dest), "--num-images",
+                        str(num_images), "--holdout", str(holdout), "--seed", str(seed)],
                        check=True, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL)
+
+
+def make_data(data: Path, args) -> None:
+    """The pre-training scenes, the fine-tuning ImageFolder and the multi-label fine-tuning scenes of this
+    --ft-train-images (each once)."""
+    make_scenes(data, args.num_images, args.holdout, seed=0)
+    make_scenes(multilabel_data(data, args), args.ft_train_images, args.holdout, seed=MULTILABEL_DATA_SEED)
     folder = finetune_data(data, args)
     if not (folder / "val").is_dir():
         from hvpmtl.data.synthetic import write_imagefolder
@@ -86,6 +97,10 @@ def make_data(data: Path, args) -> None:
 
 def finetune_data(data: Path, args) -> Path:
     return data / f"objects_train{args.ft_train_images}_val{args.holdout}"
+
+
+def multilabel_data(data: Path, args) -> Path:
+    return data / f"scenes_seed{MULTILABEL_DATA_SEED}_train{args.ft_train_images}_val{args.holdout}"
 
 
 def data_overrides(data: Path) -> list[str]:
@@ -147,14 +162,16 @@ def pretrain(name: str, seed: int, args, data: Path) -> Path:
     return out
 
 
-def finetune_dir(args) -> Path:
-    """One folder per fine-tuning budget: another budget is measured anew, pre-training and probes kept."""
-    return args.out / f"finetune_{args.ft_train_images}img_{args.ft_epochs}ep_b{args.ft_batch}"
+def finetune_dir(args, task: str = "objects") -> Path:
+    """One folder per fine-tuning task and budget: another budget is measured anew, pre-training and probes kept."""
+    kind = "" if task == "objects" else f"{task}_"
+    return args.out / f"finetune_{kind}{args.ft_train_images}img_{args.ft_epochs}ep_b{args.ft_batch}"
 
 
-def finetune(name: str, seed: int, args, data: Path) -> Path:
-    """End-to-end fine-tuning of the full model's student (seed `seed`) or of a random init, same recipe."""
-    out = finetune_dir(args) / FINETUNE[name] / f"seed{seed}"
+def finetune(name: str, seed: int, args, data: Path, task: str = "objects") -> Path:
+    """End-to-end fine-tuning of the full model's student (seed `seed`) or of a random init, same recipe:
+    single-label on the object images (task "objects") or multi-label on scenes of their own ("scenes")."""
+    out = finetune_dir(args, task) / FINETUNE[name] / f"seed{seed}"
     if name == RANDOM:
         init = ["model.random_init=true"]
     else:
@@ -164,15 +181,21 @@ def finetune(name: str, seed: int, args, data: Path) -> Path:
         if not init_file.is_file():
             export_run(args.out / slug(FULL) / f"seed{seed}", init_file, which="student")
         init = [f"model.init={init_file}"]
-    folder = finetune_data(data, args)
+    if task == "objects":
+        folder = finetune_data(data, args)
+        task_sets = [f"data.train_dir={folder / 'train'}", f"data.val_dir={folder / 'val'}"]
+    else:
+        scenes = multilabel_data(data, args)
+        task_sets = [f"data.train_list={scenes / 'train.txt'}", f"data.val_list={scenes / 'holdout.txt'}",
+                     f"data.root={scenes}", f"data.dictionary={scenes / 'dictionary.txt'}"]
     sets = [f"run.output_dir={out}", f"model.img_size={args.img_size}", f"optim.epochs={args.ft_epochs}",
             f"optim.micro_batch_size={args.ft_batch}", f"run.seed={seed}", f"data.seed={seed}",
-            f"run.name=results-finetune-{FINETUNE[name]}-seed{seed}",
-            f"data.train_dir={folder / 'train'}", f"data.val_dir={folder / 'val'}",
+            f"run.name=results-finetune-{task}-{FINETUNE[name]}-seed{seed}", *task_sets,
             "run.log_every=50", f"run.checkpoint_every_epochs={max(1, args.ft_epochs // 4)}", *tracking_sets(args),
             *init]
     # a killed fine-tuning continues from its last checkpoint (resume=auto)
-    launch(f"fine-tune {name}, seed {seed}", python_cmd("launchers/finetune.py", args.ft_config, sets, args.ranks),
+    launch(f"fine-tune {name} on {task}, seed {seed}",
+           python_cmd("launchers/finetune.py", args.ft_config, sets, args.ranks),
            out, out / "model.safetensors", fresh=False)
     return out
 
@@ -228,12 +251,13 @@ def final_values(run_dir: Path, last: int = 10) -> dict[str, float]:
     return out
 
 
-def finetune_result(run_dir: Path) -> dict:
-    """The last epoch's validation figures (not the best epoch's: that would pick on the test split)."""
+def finetune_result(run_dir: Path, figure: str = "top1") -> dict:
+    """The last epoch's validation figure (not the best epoch's: that would pick on the test split), and every
+    epoch's (top1: single-label; mAP: multi-label)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    epochs = [r for r in rows if "val/top1" in r]
-    return {"top1": epochs[-1]["val/top1"], "val_loss": epochs[-1]["val/loss"], "epochs": len(epochs),
-            "top1_per_epoch": [r["val/top1"] for r in epochs]}
+    epochs = [r for r in rows if f"val/{figure}" in r]
+    return {figure: epochs[-1][f"val/{figure}"], "val_loss": epochs[-1]["val/loss"], "epochs": len(epochs),
+            f"{figure}_per_epoch": [r[f"val/{figure}"] for r in epochs]}
 
 
 def budget(args, data: Path) -> dict:
@@ -258,7 +282,7 @@ def load_results(path: Path, want: dict, want_ft: dict) -> dict:
     """results.json: the pre-training budget must match (else refused); fine-tuning results of another
     fine-tuning budget are set aside (kept under "finetune_earlier") and measured anew."""
     if not path.is_file():
-        return {"budget": want, "ft_budget": want_ft, "commit": commit(), "probe": {}, "finetune": {}}
+        return {"budget": want, "ft_budget": want_ft, "commit": commit(), "probe": {}, **{k: {} for k in FT_RESULTS}}
     results = json.loads(path.read_text())
     if results.get("commit") != commit():  # code may differ; the budget alone is enforced
         print(f"note: {path} was begun at commit {results.get('commit')}, this is {commit()}", flush=True)
@@ -269,12 +293,14 @@ def load_results(path: Path, want: dict, want_ft: dict) -> dict:
         raise SystemExit(f"{path}: measured at another budget {diff} (was, now); give another --out or the same "
                          "options")
     if results.get("ft_budget") != want_ft:
-        if results["finetune"]:
+        earlier = {k: results.pop(k) for k in FT_RESULTS if results.get(k)}
+        if earlier:
             print(f"note: fine-tuning results of another fine-tuning budget {results.get('ft_budget')} set aside "
                   f"under finetune_earlier; measuring {want_ft}", flush=True)
-            results.setdefault("finetune_earlier", []).append({"ft_budget": results.get("ft_budget"),
-                                                               "finetune": results["finetune"]})
-        results["ft_budget"], results["finetune"] = want_ft, {}
+            results.setdefault("finetune_earlier", []).append({"ft_budget": results.get("ft_budget"), **earlier})
+        results["ft_budget"] = want_ft
+    for k in FT_RESULTS:
+        results.setdefault(k, {})
     return results
 
 
@@ -345,10 +371,12 @@ def main(argv=None) -> int:
                 r["final"] = final_values(run_dir)
                 results["probe"][name][s] = r
                 save(results_file, results)
-        for name in FINETUNE if args.ft_epochs > 0 and FULL in variants else ():
-            if s not in results["finetune"].setdefault(name, {}):
-                results["finetune"][name][s] = finetune_result(finetune(name, seed, args, data))
-                save(results_file, results)
+        for key, task in FT_RESULTS.items() if args.ft_epochs > 0 and FULL in variants else ():
+            for name in FINETUNE:
+                if s not in results[key].setdefault(name, {}):
+                    run_dir = finetune(name, seed, args, data, task)
+                    results[key][name][s] = finetune_result(run_dir, TASKS[task])
+                    save(results_file, results)
     print(tables(results))
     return 0
 
@@ -390,7 +418,7 @@ def column(runs: dict, get) -> list[float]:
 
 
 def tables(results: dict) -> str:
-    probe, ft = results["probe"], results["finetune"]
+    probe = results["probe"]
     lin = {n: column(probe.get(n, {}), lambda r: r["linear_map"]) for n in [RANDOM, *VARIANTS]}
     lines = ["| backbone | seeds | linear-probe mAP | Δ vs random init | Δ vs full | kNN mAP | shape | colour | "
              "texture | crowded |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -403,12 +431,17 @@ def tables(results: dict) -> str:
         d_full = "" if name in (RANDOM, FULL) else delta(lin[name], lin[FULL])
         lines.append(f"| {name} | {len(runs)} | {pm(lin[name])} | {d_rand} | {d_full} | "
                      f"{pm(column(runs, lambda r: r['knn_map']))} | {kinds} |")
-    if ft:
-        lines += ["", "| initialisation | seeds | top-1 (%), last epoch | Δ vs random init | top-1 (%), first epoch | "
-                      "Δ vs random init | top-1 (%), mean over epochs | Δ vs random init | linear-probe mAP | kNN mAP |",
+    for key, task in FT_RESULTS.items():
+        ft, fig = results.get(key), TASKS[task]
+        if not ft:
+            continue
+        what = "top-1 (%)" if fig == "top1" else "mAP (%)"
+        lines += ["", f"| initialisation ({task}) | seeds | {what}, last epoch | Δ vs random init | "
+                      f"{what}, first epoch | Δ vs random init | {what}, mean over epochs | Δ vs random init | "
+                      "linear-probe mAP | kNN mAP |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        figures = {"last": lambda r: r["top1"], "first": lambda r: r["top1_per_epoch"][0],
-                   "mean": lambda r: statistics.fmean(r["top1_per_epoch"])}  # mean: area under the learning curve
+        figures = {"last": lambda r, f=fig: r[f], "first": lambda r, f=fig: r[f"{f}_per_epoch"][0],
+                   "mean": lambda r, f=fig: statistics.fmean(r[f"{f}_per_epoch"])}  # mean: area under the curve
         for name in FINETUNE:
             runs = probe.get(name, {})
             cells = []

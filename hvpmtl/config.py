@@ -244,7 +244,7 @@ class ExperimentConfig(Section):
 class FTModelConfig(Section):
     backbone: str = "swin_base_patch4_window7_224"  # timm Swin or ViT name
     img_size: int = Field(224, ge=1)
-    num_classes: int = Field(0, ge=0)  # 0 = the number of class folders under data.train_dir
+    num_classes: int = Field(0, ge=0)  # 0 = the class folders under data.train_dir, or data.dictionary's classes
     init: PathStr = ""  # exported backbone (hvpmtl export: timm safetensors, mmdet .pth, detectron2 .pth/.pkl)
     random_init: bool = False  # true: no init file (the from-scratch baseline)
     drop_path_rate: Float = Field(0.1, ge=0, lt=1)
@@ -252,8 +252,15 @@ class FTModelConfig(Section):
 
 
 class FTDataConfig(Section):
-    train_dir: PathStr = ""  # ImageFolder root: <train_dir>/<class>/<image>
+    # single-label: ImageFolder roots <train_dir>/<class>/<image>; or multi-label: list files in the
+    # pre-training's format (path idx:conf ...) under `root`, scored by mAP (hvpmtl/data/multilabel.py)
+    train_dir: PathStr = ""
     val_dir: PathStr = ""
+    train_list: PathStr = ""
+    val_list: PathStr = ""
+    root: PathStr = ""  # image root the list files' paths are relative to
+    dictionary: PathStr = ""  # class names of the lists (optional; gives model.num_classes when that is 0)
+    label_threshold: Optional[Float] = None  # lists: None = confidences as soft targets, else multi-hot conf >= t
     num_threads: int = Field(4, ge=1, le=1024)
     device: Literal["auto", "gpu", "cpu"] = "auto"  # where DALI runs
     label_smoothing: Float = Field(0.1, ge=0, lt=1)
@@ -295,8 +302,20 @@ class FinetuneConfig(Section):
         _check_backbone(m.backbone, source)
         _check(bool(m.init) != m.random_init, source, "model.init",
                "give an exported backbone file, or set model.random_init: true (not both)")
-        _check(bool(d.train_dir) and bool(d.val_dir), source, "data.train_dir",
+        folders, lists = bool(d.train_dir or d.val_dir), bool(d.train_list or d.val_list)
+        _check(folders != lists, source, "data.train_dir",
+               "give ImageFolder roots (data.train_dir, data.val_dir; single-label) or list files (data.train_list, "
+               "data.val_list; multi-label), not both" if folders else
+               "nothing to fine-tune on: set data.train_dir and data.val_dir (ImageFolder roots; single-label) "
+               "or data.train_list and data.val_list (list files; multi-label)")
+        _check(bool(d.train_dir) == bool(d.val_dir), source, "data.val_dir" if d.train_dir else "data.train_dir",
                "data.train_dir and data.val_dir must both be set (ImageFolder roots)")
+        _check(bool(d.train_list) == bool(d.val_list), source, "data.val_list" if d.train_list else "data.train_list",
+               "data.train_list and data.val_list must both be set (multi-label list files)")
+        _check(not lists or m.num_classes > 0 or bool(d.dictionary), source, "model.num_classes",
+               "must be set for list files (or give data.dictionary)")
+        _check(not lists or (d.mixup == 0 and d.cutmix == 0), source, "data.mixup",
+               "mixup/cutmix are for single-label fine-tuning: set data.mixup and data.cutmix to 0 with list files")
         _check(not (d.mixup > 0 or d.cutmix > 0) or o.micro_batch_size % 2 == 0, source, "optim.micro_batch_size",
                "must be even with mixup/cutmix (timm mixes each sample with its mirror in the batch)")
         _check_optim(o, source)

@@ -1,4 +1,4 @@
-"""DALI graph pieces: decode, the pre-training view, the evaluation view, the fine-tuning view.
+"""DALI graph pieces: decode, the pre-training view, the evaluation view, the fine-tuning views.
 
 Call these inside a pipeline definition. `device` is "gpu" (decode on "mixed", the rest on the GPU)
 or "cpu". The views take decoded HWC uint8 RGB images and return normalised CHW tensors.
@@ -66,4 +66,13 @@ def finetune_view(images, img_size: int, *, half: bool, scale=(0.08, 1.0)):
     """Fine-tuning augmentation: RRC + horizontal flip."""
     v = fn.random_resized_crop(images, size=[img_size, img_size], random_area=list(scale),
                                random_aspect_ratio=[3 / 4, 4 / 3], antialias=True)
+    return normalize(v, half=half, mirror=fn.random.coin_flip(probability=0.5))
+
+
+def multilabel_view(images, img_size: int, *, half: bool):
+    """Multi-label fine-tuning: the evaluation view's scale with a random crop position + flip. A random
+    resized crop down to 8 % of the image would cut out objects whose labels the target still holds."""
+    v = fn.resize(images, resize_shorter=round(img_size / EVAL_CROP_RATIO), antialias=True)
+    v = fn.crop(v, crop=[img_size, img_size], crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
+                crop_pos_y=fn.random.uniform(range=[0.0, 1.0]))
     return normalize(v, half=half, mirror=fn.random.coin_flip(probability=0.5))

@@ -1,4 +1,5 @@
-"""Single-label fine-tuning of a pre-trained backbone on an ImageFolder, through DeepSpeed (SimMIM's recipe).
+"""Fine-tuning of a pre-trained backbone through DeepSpeed (SimMIM's recipe): single-label on an ImageFolder,
+or multi-label on list files (the pre-training's format).
 
 Started on every rank by launchers/finetune.py (deepspeed, torchrun or srun):
 
@@ -10,7 +11,10 @@ resamples position embeddings / relative-position tables when the size differs) 
 AdamW with layer-wise LR decay (timm's param_groups_layer_decay), the LR schedule of pre-training
 (hvpmtl/train/schedules.py: linear warm-up from warmup_lr, cosine to min_lr, per step); label
 smoothing, optional mixup/cutmix (timm.data.Mixup); top-1 (and top-5) on data.val_dir after every
-epoch. Set-up, checkpoints, MLflow, preemption and exit codes as pre-training (hvpmtl/train/runtime.py).
+epoch. Multi-label (data.train_list / data.val_list): binary cross-entropy on the lists' confidences (or
+multi-hot at data.label_threshold), no label smoothing or mixup; mAP (%, as hvpmtl.eval's probes) over
+every image of data.val_list, the scores of all ranks gathered, after every epoch. Set-up, checkpoints,
+MLflow, preemption and exit codes as pre-training (hvpmtl/train/runtime.py).
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hvpmtl.config import ConfigError, FinetuneConfig
-from hvpmtl.dist import sum_to_host
+from hvpmtl.dist import all_gather_rows, sum_to_host
+from hvpmtl.metrics import mean_average_precision
 from hvpmtl.train import checkpoint, runtime
 from hvpmtl.train.args import finetune_parser
 from hvpmtl.train.runtime import EXIT_OK, EXIT_PREEMPTED, Trainer, seed_everything
@@ -86,21 +91,11 @@ class Finetuner(Trainer):
     log_prefix = "[hvpmtl finetune]"
 
     def __init__(self, cfg: FinetuneConfig, resume: str = "auto", read_weights=None):
-        from hvpmtl.data.imagefolder import build_imagefolder_loader
-
         super().__init__(cfg, resume)
+        self.multilabel = bool(cfg.data.train_list)
+        self.metric = "val/mAP" if self.multilabel else "val/top1"  # the one "best" follows
+        classes = self._build_loaders()
         d, o = cfg.data, cfg.optim
-        common = dict(device=d.device, num_threads=d.num_threads, local_rank=self.local_rank, dtype=self.input_dtype)
-        self.train_loader = build_imagefolder_loader(d.train_dir, o.micro_batch_size, cfg.model.img_size, train=True,
-                                                     rank=self.rank, world_size=self.world, seed=d.seed, **common)
-        self.val_loader = build_imagefolder_loader(d.val_dir, o.micro_batch_size, cfg.model.img_size, train=False,
-                                                   rank=self.rank, world_size=self.world, **common)
-        classes = self.train_loader.classes
-        if self.val_loader.classes != classes:
-            raise ConfigError(f"data.val_dir {d.val_dir}: class folders differ from data.train_dir {d.train_dir}")
-        self.num_classes = cfg.model.num_classes or len(classes)
-        if self.num_classes < len(classes):
-            raise ConfigError(f"model.num_classes={self.num_classes} but {d.train_dir} has {len(classes)} classes")
 
         seed_everything(cfg.run.seed)  # identical head initialisation on every rank
         model = build_model(cfg, self.num_classes, read_weights)
@@ -117,20 +112,50 @@ class Finetuner(Trainer):
                                switch_prob=d.mixup_switch_prob, mode="batch", label_smoothing=d.label_smoothing,
                                num_classes=self.num_classes)
 
-        self.best_top1 = 0.0
+        self.best = 0.0
         seed_everything(cfg.run.seed + 1000 * self.rank + 1)  # ranks draw their own drop-path / mixup
         resumed = self.resume(self.train_loader)
         if resumed:
-            self.best_top1 = resumed[0].get("best_top1", 0.0)
+            self.best = resumed[0].get("best", resumed[0].get("best_top1", 0.0))  # best_top1: before multi-label
         self.start_run(resumed, {"backbone": cfg.model.backbone, "init": cfg.model.init or "random"})
         if self.is_main:
             (self.out_dir / "classes.json").write_text(json.dumps(classes))
 
+    def _build_loaders(self) -> list[str]:
+        """Train and val loaders, self.num_classes; returns the class names."""
+        from hvpmtl.data.imagefolder import build_imagefolder_loader
+        from hvpmtl.data.multilabel import build_multilabel_loader, class_names
+        from hvpmtl.data.tencent import read_dictionary
+
+        cfg = self.cfg
+        d, o, size = cfg.data, cfg.optim, cfg.model.img_size
+        common = dict(device=d.device, num_threads=d.num_threads, local_rank=self.local_rank, dtype=self.input_dtype,
+                      rank=self.rank, world_size=self.world)
+        if self.multilabel:
+            self.num_classes = cfg.model.num_classes or len(read_dictionary(d.dictionary))
+            lists = dict(num_classes=self.num_classes, batch_size=o.micro_batch_size, img_size=size,
+                         label_threshold=d.label_threshold, log=self.log, **common)
+            self.train_loader = build_multilabel_loader(d.train_list, d.root, train=True, seed=d.seed, **lists)
+            self.val_loader = build_multilabel_loader(d.val_list, d.root, train=False, **lists)
+            return class_names(d.dictionary, self.num_classes)
+        self.train_loader = build_imagefolder_loader(d.train_dir, o.micro_batch_size, size, train=True, seed=d.seed,
+                                                     **common)
+        self.val_loader = build_imagefolder_loader(d.val_dir, o.micro_batch_size, size, train=False, **common)
+        classes = self.train_loader.classes
+        if self.val_loader.classes != classes:
+            raise ConfigError(f"data.val_dir {d.val_dir}: class folders differ from data.train_dir {d.train_dir}")
+        self.num_classes = cfg.model.num_classes or len(classes)
+        if self.num_classes < len(classes):
+            raise ConfigError(f"model.num_classes={self.num_classes} but {d.train_dir} has {len(classes)} classes")
+        return classes
+
     def save(self) -> Path:
-        return self.save_checkpoint(self.train_loader, {"best_top1": self.best_top1}, {})
+        return self.save_checkpoint(self.train_loader, {"best": self.best}, {})
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
+        if self.multilabel:  # target [B, C]: confidences in [0, 1] (or multi-hot)
+            return F.binary_cross_entropy_with_logits(logits, target)
         if target.ndim == 2:  # mixup/cutmix soft targets (label smoothing included)
             return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
         return F.cross_entropy(logits, target, label_smoothing=self.cfg.data.label_smoothing)
@@ -142,7 +167,7 @@ class Finetuner(Trainer):
         t0 = time.perf_counter()
         for batch in self.train_loader:
             x = batch["image"].to(self.device, non_blocking=True)
-            y = batch["label"].to(self.device, non_blocking=True)
+            y = batch["labels" if self.multilabel else "label"].to(self.device, non_blocking=True)
             if self.mixup is not None:
                 x, y = self.mixup(x, y)
             boundary = self.engine.is_gradient_accumulation_boundary()
@@ -174,6 +199,32 @@ class Finetuner(Trainer):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        return self.evaluate_multilabel() if self.multilabel else self.evaluate_single_label()
+
+    @torch.no_grad()
+    def evaluate_multilabel(self) -> dict[str, float]:
+        """mAP (percent; a class counts where the val list has a positive, label > 0) and mean binary
+        cross-entropy over every validation image: AP does not add up over ranks, so every rank gathers all
+        scores and labels (N x C floats: 40k x 80 for COCO) and computes the same numbers."""
+        model = self.engine.module
+        was_training = model.training
+        model.eval()
+        scores, labels = [], []
+        try:
+            for batch in self.val_loader:
+                scores.append(model(batch["image"].to(self.device, self.input_dtype)).float())
+                labels.append(batch["labels"].to(self.device).float())
+        finally:
+            model.train(was_training)
+        empty = torch.zeros(0, self.num_classes, device=self.device)
+        logits = all_gather_rows(torch.cat(scores) if scores else empty, self.world)
+        target = all_gather_rows(torch.cat(labels) if labels else empty, self.world)
+        loss = F.binary_cross_entropy_with_logits(logits, target).item()
+        m_ap = 100 * mean_average_precision(logits.cpu().double().numpy(), (target > 0).cpu().numpy())
+        return {"val/mAP": m_ap, "val/loss": loss, "val/images": float(len(target))}
+
+    @torch.no_grad()
+    def evaluate_single_label(self) -> dict[str, float]:
         """top-1 / top-5 (percent) and mean cross-entropy over every validation image, all ranks summed."""
         model = self.engine.module
         was_training = model.training
@@ -215,7 +266,8 @@ class Finetuner(Trainer):
     def run(self) -> int:
         cfg = self.cfg
         self.log(f"{self.world} rank(s), {self.precision}, {cfg.optim.epochs} epochs x {self.steps_per_epoch} steps, "
-                 f"global batch {self.global_batch}, peak lr {self.lr:.3g}, {self.num_classes} classes, "
+                 f"global batch {self.global_batch}, peak lr {self.lr:.3g}, {self.num_classes} classes "
+                 f"({'multi-label, mAP' if self.multilabel else 'single-label, top-1'}), "
                  f"from epoch {self.epoch}")
         code = EXIT_OK
         try:
@@ -226,8 +278,8 @@ class Finetuner(Trainer):
                     code = result
                     break
                 metrics = self.evaluate()
-                self.best_top1 = max(self.best_top1, metrics["val/top1"])
-                metrics.update({"epoch": self.epoch, "val/best_top1": self.best_top1})
+                self.best = max(self.best, metrics[self.metric])
+                metrics.update({"epoch": self.epoch, self.metric.replace("val/", "val/best_"): self.best})
                 self.tracker.log_metrics(metrics, self.step)
                 self.log(f"epoch {self.epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
                 self.epoch += 1
