@@ -1,5 +1,6 @@
 """The environment and runner for processes a test starts (tests/ is on sys.path through tests/conftest.py)."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,3 +22,10 @@ def subprocess_env(**extra) -> dict:
 def run_cmd(cmd, cwd, timeout=400, **extra):
     p = subprocess.run(cmd, cwd=cwd, env=subprocess_env(**extra), capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout + p.stderr
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,6 +5,8 @@ import os
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+from .procs import free_port  # noqa: E402
+
 
 def all_runs(uri: str, experiment: str = "hvpmtl") -> list:
     from mlflow.tracking import MlflowClient
@@ -23,13 +25,6 @@ def metric_steps(uri: str, run_id: str, key: str = "loss") -> list[int]:
     from mlflow.tracking import MlflowClient
 
     return sorted({m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)})
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

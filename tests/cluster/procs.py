@@ -7,18 +7,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from subprocs import free_port  # noqa: F401  (tests/ is on sys.path; the cluster tests' ports come from here)
 
 
 def log_tail(path: str | Path, lines: int = 40) -> str:

@@ -15,7 +15,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import time
@@ -26,6 +25,7 @@ import pytest
 
 from .checkout import REPO, VENV_ROOT, checkout_env
 from .commands import Command, documented_commands
+from subprocs import free_port
 
 CPU_RANKS = 2  # the demo's: a deepspeed command with more, or a hostfile, or sbatch, is for a GPU cluster
 QUICK_DATA = ("--num-images 3000 --holdout 600", "--num-images 256 --holdout 64")  # the README's "quicker try"
@@ -116,12 +116,6 @@ def rule(cmd: Command) -> str | None:
     if argv[0] in ("hvpmtl", "cp", "mlflow", "deepspeed"):
         return t
     raise AssertionError(f"{cmd.where()}\na README command this test has no rule for: give it one")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mlflow_api(base: str, path: str, body: dict | None = None) -> dict:

@@ -1,7 +1,6 @@
 """Online kNN / linear-probe evaluation: called by the engine, identical on 1 and 2 ranks, restores the
 backbone's mode, and refuses a config without a held-out list."""
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from hvpmtl.eval.knn import knn_eval
 from hvpmtl.eval.linear_probe import linear_probe
 from hvpmtl.eval.online import evaluate_online, split_halves
 from hvpmtl.models.backbone import MaskableBackbone
+from subprocs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM_CLASSES = 24  # the synthetic dictionary's
@@ -83,9 +83,7 @@ def _worker(rank, world, port, syn, queue):
 @pytest.mark.slow
 def test_two_ranks_give_the_single_rank_numbers(syn):
     ref = evaluate_online(_backbone(), _cfg(syn), device=torch.device("cpu"), rank=0, world_size=1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, syn, queue)) for r in range(2)]

@@ -1,12 +1,11 @@
 """The collapse figures reach every step's log, and a head forced into collapse is warned about (1 rank,
 real DeepSpeed in this process); the BatchNorm head's 1-rank = 2-rank equivalence through the launcher."""
 import json
-import socket
 import sys
 from pathlib import Path
 
 import pytest
-from subprocs import run_cmd
+from subprocs import free_port, run_cmd
 
 from hvpmtl.config import load_config
 from hvpmtl.train.pretrain import Pretrainer
@@ -15,12 +14,6 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 FIGURES = {"swav/code_entropy", "swav/pred_entropy", "swav/protos_used", "swav/z_std", "swav/z_rank",
            "distill/student_entropy", "distill/teacher_entropy"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(tmp_path, name, collapse_head):

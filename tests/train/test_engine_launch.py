@@ -3,7 +3,6 @@ config errors, and MLflow against a real `mlflow server` on 127.0.0.1."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from subprocs import subprocess_env
+from subprocs import free_port, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -34,16 +33,10 @@ def _metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     d = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     log = open(d / "server.log", "w")
     proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
                              "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1",
@@ -81,7 +74,7 @@ def one_rank_run(tmp_path_factory, mlflow_server):
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, one_rank_run):
     out = tmp_path / "run"
     code, log = _run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1",
-                      "--master_port", str(_free_port()), *_args(out, "--set", "optim.micro_batch_size=2")],
+                      "--master_port", str(free_port()), *_args(out, "--set", "optim.micro_batch_size=2")],
                      subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db"))
     assert code == 0, log[-3000:]
     assert "2 rank(s)" in log
