@@ -261,6 +261,8 @@ class FTDataConfig(Section):
     root: PathStr = ""  # image root the list files' paths are relative to
     dictionary: PathStr = ""  # class names of the lists (optional; gives model.num_classes when that is 0)
     label_threshold: Optional[Float] = None  # lists: None = confidences as soft targets, else multi-hot conf >= t
+    skip_corrupt: bool = False  # lists: leave bad samples out (counted, reported) instead of refusing the list
+    skip_list: PathStr = ""  # lists: `hvpmtl data validate --write-skip-list` output (keyed by list file and line)
     num_threads: int = Field(4, ge=1, le=1024)
     device: Literal["auto", "gpu", "cpu"] = "auto"  # where DALI runs
     label_smoothing: Float = Field(0.1, ge=0, lt=1)

@@ -51,12 +51,15 @@ def class_names(dictionary: str, num_classes: int) -> list[str]:
 def build_multilabel_loader(list_file: str, root: str, *, num_classes: int, batch_size: int, img_size: int,
                             train: bool, rank: int = 0, world_size: int = 1, seed: int = 0, device: str = "auto",
                             num_threads: int = 2, local_rank: int = 0, dtype=torch.float32,
-                            label_threshold: Optional[float] = None, skip_corrupt: bool = False,
+                            label_threshold: Optional[float] = None, skip_corrupt: bool = False, skip_list: str = "",
                             log: Optional[Callable[[str], None]] = None):
     """A loader over one list file. train=True: MultiLabelTrainLoader (set_epoch, state_dict/load_state_dict,
-    len = batches per rank with the remainder dropped); train=False: EvalLoader over every image once."""
+    len = batches per rank with the remainder dropped); train=False: EvalLoader over every image once.
+    Bad rows (unreadable, class index >= num_classes, ...) are refused naming file:line unless skip_list names
+    them or skip_corrupt leaves them out; `loader.skipped` counts what was left out."""
     opt = IndexOptions(builder=local_rank == 0, log=log or (lambda m: print(f"[hvpmtl] {m}", flush=True)))
-    data = prepare_list(list_file, root, num_classes=num_classes, skip_corrupt=skip_corrupt, index=opt)
+    data = prepare_list(list_file, root, num_classes=num_classes, skip_corrupt=skip_corrupt, skip_list=skip_list,
+                        index=opt)
     try:
         table = LabelTable(data.samples, num_classes, label_threshold)
     except ValueError as e:  # a class index the model has no output for

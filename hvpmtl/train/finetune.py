@@ -134,7 +134,8 @@ class Finetuner(Trainer):
         if self.multilabel:
             self.num_classes = cfg.model.num_classes or len(read_dictionary(d.dictionary))
             lists = dict(num_classes=self.num_classes, batch_size=o.micro_batch_size, img_size=size,
-                         label_threshold=d.label_threshold, log=self.log, **common)
+                         label_threshold=d.label_threshold, skip_corrupt=d.skip_corrupt, skip_list=d.skip_list,
+                         log=self.log, **common)
             self.train_loader = build_multilabel_loader(d.train_list, d.root, train=True, seed=d.seed, **lists)
             self.val_loader = build_multilabel_loader(d.val_list, d.root, train=False, **lists)
             return class_names(d.dictionary, self.num_classes)

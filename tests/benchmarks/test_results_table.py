@@ -31,7 +31,11 @@ def test_tables_report_mean_std_over_seeds_and_differences_with_their_noise():
                "finetune": {rt.RANDOM: {str(i): {"top1": t, "top1_per_epoch": [f, t]}
                                         for i, (f, t) in enumerate([(10.0, 20.0), (12.0, 30.0), (14.0, 40.0)])},
                             rt.FULL: {str(i): {"top1": t, "top1_per_epoch": [f, 0.0, t]}
-                                      for i, (f, t) in enumerate([(30.0, 50.0), (32.0, 60.0), (34.0, 70.0)])}}}
+                                      for i, (f, t) in enumerate([(30.0, 50.0), (32.0, 60.0), (34.0, 70.0)])}},
+               "finetune_scenes": {rt.RANDOM: {str(i): {"mAP": t, "mAP_per_epoch": [f, t]}
+                                               for i, (f, t) in enumerate([(50.0, 60.0), (52.0, 62.0), (54.0, 64.0)])},
+                                   rt.FULL: {str(i): {"mAP": t, "mAP_per_epoch": [f, t]}
+                                             for i, (f, t) in enumerate([(55.0, 66.0), (56.0, 67.0), (57.0, 68.0)])}}}
     lines = rt.tables(results).splitlines()
     row = {}
     for line in lines:  # the probe table's rows: the first of each name
@@ -47,6 +51,11 @@ def test_tables_report_mean_std_over_seeds_and_differences_with_their_noise():
     # mean over epochs: full (30+0+50)/3, (32+0+60)/3, (34+0+70)/3 = 26.7, 30.7, 34.7 (± 4.0) vs random 15, 21, 27
     # (± 6.0): +9.7 ± hypot(4, 6) = 7.2 (1.3σ)
     assert ft and "+30.0 ± 14.1 (2.1σ) | 32.0 ± 2.0 | +20.0 ± 2.8 (7.1σ) | 30.7 ± 4.0 | +9.7 ± 7.2 (1.3σ) |" in ft[0]
+    # multi-label fine-tuning, its own table in mAP: last 67 ± 1 vs 62 ± 2 -> +5 ± hypot(1, 2) = 2.24 (2.2σ);
+    # first 56 ± 1 vs 52 ± 2 -> +4 ± 2.2 (1.8σ); mean over epochs 60.5, 61.5, 62.5 vs 55, 57, 59 -> +4.5 (2.0σ)
+    assert any(line.startswith("| initialisation (scenes) | seeds | mAP (%), last epoch |") for line in lines)
+    assert (f"| {rt.FULL} | 3 | 67.0 ± 1.0 | +5.0 ± 2.2 (2.2σ) | 56.0 ± 1.0 | +4.0 ± 2.2 (1.8σ) | 61.5 ± 1.0 | "
+            "+4.5 ± 2.2 (2.0σ) |") in lines[lines.index(next(x for x in lines if "(scenes)" in x)) + 3]
     # collapse figures: the keys some run logged, a dash where a variant has none
     head = next(line for line in lines if line.startswith("| variant"))
     assert head.split(" | ")[1:] == ["SwAV loss", "swav/ln_k", "swav/code_entropy |"]
@@ -79,13 +88,18 @@ def test_a_table_of_another_budget_is_refused_and_another_finetuning_budget_meas
                 "probe": {rt.FULL: {"0": _probe(70.0)}}, "finetune": {rt.FULL: {"0": {"top1": 50.0}}}})
     same = rt.load_results(f, {"epochs": 3, "img_size": 64}, ft)
     assert same["probe"][rt.FULL]["0"]["linear_map"] == 70.0 and same["finetune"][rt.FULL]["0"]["top1"] == 50.0
+    assert same["finetune_scenes"] == {}  # a table from before the multi-label rows gains them, nothing else changes
+    same["finetune_scenes"] = {rt.FULL: {"0": {"mAP": 60.0}}}
+    rt.save(f, same)
     with pytest.raises(SystemExit, match=r"another budget \{'img_size': \(64, 96\)\}"):
         rt.load_results(f, {"epochs": 3, "img_size": 96}, ft)
     # another fine-tuning budget: probes kept, fine-tuning results set aside (not mixed into the new ones)
     other = rt.load_results(f, {"epochs": 3, "img_size": 64}, {"ft_epochs": 20})
-    assert other["probe"][rt.FULL]["0"]["linear_map"] == 70.0 and other["finetune"] == {}
+    assert other["probe"][rt.FULL]["0"]["linear_map"] == 70.0
+    assert other["finetune"] == {} and other["finetune_scenes"] == {}
     assert other["ft_budget"] == {"ft_epochs": 20}
-    assert other["finetune_earlier"] == [{"ft_budget": ft, "finetune": {rt.FULL: {"0": {"top1": 50.0}}}}]
+    assert other["finetune_earlier"] == [{"ft_budget": ft, "finetune": {rt.FULL: {"0": {"top1": 50.0}}},
+                                          "finetune_scenes": {rt.FULL: {"0": {"mAP": 60.0}}}}]
 
 
 @pytest.mark.slow
@@ -109,6 +123,14 @@ def test_the_table_runs_end_to_end_and_resumes_without_rerunning(tmp_path):
     # fine-tuned on the object-centric ImageFolder: 18 labelled images, one per class
     classes = sorted(x.name for x in (tmp_path / "data" / "objects_train18_val36" / "train").iterdir())
     assert len(classes) == 18 and "red-striped" in classes
+    # and multi-label on 18 + 36 scenes of data seed 1, which the pre-training (seed 0) never saw
+    assert set(results["finetune_scenes"]) == {rt.RANDOM, rt.FULL} and "mAP (%), first epoch" in p.stdout
+    for r in results["finetune_scenes"].values():
+        assert 0 < r["0"]["mAP"] <= 100 and r["0"]["epochs"] == 1
+    scenes = tmp_path / "data" / "scenes_seed1_train18_val36"
+    assert len((scenes / "train.txt").read_text().splitlines()) == 18
+    first = "train/000/0000000.jpg"  # same name in both sets, another image
+    assert (scenes / first).read_bytes() != (tmp_path / "data" / first).read_bytes()
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
@@ -123,6 +145,7 @@ def test_the_table_runs_end_to_end_and_resumes_without_rerunning(tmp_path):
     now = json.loads((tmp_path / "results.json").read_text())
     assert now["probe"] == results["probe"] and now["finetune"][rt.FULL]["0"]["epochs"] == 2
     assert now["finetune_earlier"][0]["finetune"] == results["finetune"]
+    assert now["finetune_earlier"][0]["finetune_scenes"] == results["finetune_scenes"]
     bigger = subprocess.run(cmd[:-2] + ["--epochs", "2", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
                             text=True, timeout=600)
     assert bigger.returncode != 0 and "another budget" in bigger.stderr and "epochs" in bigger.stderr

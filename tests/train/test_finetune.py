@@ -5,13 +5,18 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
+from sklearn.metrics import average_precision_score
+from subprocs import free_port
 
 from hvpmtl.config import ConfigError, FinetuneConfig, load_config
+from hvpmtl.data.multilabel import build_multilabel_loader
+from hvpmtl.data.synthetic import CLASSES
 from hvpmtl.eval.export import export_run, read_backbone_file
 from hvpmtl.train.finetune import build_model, main, param_groups
 
@@ -48,6 +53,38 @@ def test_two_epochs_report_top1_and_write_checkpoints(exported, shapes, tmp_path
     model = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=64, global_pool="avg", fc_norm=False)
     model.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
     assert json.loads((out / "classes.json").read_text()) == ["circle", "square", "triangle"]
+
+
+def test_multilabel_on_two_ranks_scores_every_val_image_by_map(exported, syn, tmp_path, launch):
+    """2 ranks through the deepspeed launcher, list files: each rank scores half of the 24 val images; the logged
+    mAP must be the one over all 24 (gathered), as sklearn computes it from the exported classifier's scores."""
+    out = tmp_path / "ftml"
+    code, log = launch([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "launchers/finetune.py"),
+                        "--config", str(TINY), "--set", f"model.init={exported}",
+                        "--set", f"data.train_list={syn['list_file']}", "--set", f"data.val_list={syn['holdout_list']}",
+                        "--set", f"data.root={syn['root']}", "--set", f"data.dictionary={syn['dictionary']}",
+                        "--set", "optim.micro_batch_size=2", "--set", f"run.output_dir={out}",
+                        "--set", f"run.ds_config={ROOT / 'ds_configs/zero2.json'}", "--set", "tracking.enabled=false"],
+                       cwd=tmp_path)
+    assert code == 0, log[-4000:]
+    assert "24 classes (multi-label, mAP)" in log
+    evals = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val/mAP" in m]
+    assert [m["epoch"] for m in evals] == [0, 1] and [m["step"] for m in evals] == [2, 4]  # 8 images / (2 x 2)
+    assert all(m["val/images"] == 24 for m in evals)
+    assert evals[-1]["val/best_mAP"] == max(m["val/mAP"] for m in evals)
+    assert json.loads((out / "classes.json").read_text()) == [n for n, _ in CLASSES]
+    # the reference: the exported 24-way classifier on the same evaluation view, one process, sklearn's AP
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=24, img_size=64, global_pool="avg", fc_norm=False)
+    model.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    ev = build_multilabel_loader(syn["holdout_list"], syn["root"], num_classes=24, batch_size=24, img_size=64,
+                                 train=False, device="cpu", num_threads=1)
+    batch = next(iter(ev))
+    with torch.no_grad():
+        scores = model.eval()(batch["image"]).double().numpy()
+    y = batch["labels"].numpy() > 0
+    aps = [average_precision_score(y[:, c], scores[:, c]) for c in range(24) if y[:, c].any()]
+    assert evals[-1]["val/mAP"] == pytest.approx(100 * np.mean(aps), abs=1e-3)
 
 
 def _cfg(tmp_path, *more):
@@ -87,10 +124,23 @@ def test_layer_decay_scales(tmp_path):
     (["model.random_init=true", "data.mixup=0.8", "optim.micro_batch_size=7"], "optim.micro_batch_size"),
     (["model.random_init=true", "optim.layer_decay=1.5"], "optim.layer_decay"),
     (["model.random_init=true", "optim.epochs=x"], "optim.epochs"),
+    (["model.random_init=true", "data.train_list=t.txt", "data.val_list=v.txt"], "data.train_dir"),  # both kinds
 ])
 def test_config_errors_name_the_key(tmp_path, sets, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         _cfg(tmp_path, *sets)
+
+
+@pytest.mark.parametrize("sets,key", [
+    (["data.train_list=t.txt"], "data.val_list"),
+    (["data.train_list=t.txt", "data.val_list=v.txt"], "model.num_classes"),  # no class count, no dictionary
+    (["data.train_list=t.txt", "data.val_list=v.txt", "model.num_classes=5", "data.mixup=0.8"], "data.mixup"),
+])
+def test_list_config_errors_name_the_key(sets, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(TINY, ["model.random_init=true", *sets], schema=FinetuneConfig)
+    assert load_config(TINY, ["model.random_init=true", "data.train_list=t.txt", "data.val_list=v.txt",
+                              "data.dictionary=d.txt"], schema=FinetuneConfig).data.train_list == "t.txt"
 
 
 def test_launcher_exits_2_on_a_config_error(tmp_path, capsys):
