@@ -6,7 +6,8 @@ For every seed: pre-trains the demo model (configs/demo_cpu.yaml, ViT-Tiny) on t
 all four objectives and once with each objective switched off; fits a linear probe and a kNN classifier on
 frozen student features of the training list and scores them on the held-out list, next to the same
 architecture at random init; then fine-tunes end to end (launchers/finetune.py, configs/finetune_tiny.yaml)
-the full model's student and a random init with the same recipe and budget on object-centric downstream
+the full model's student (and those of --ft-variants) and a random init with the same recipe and budget on
+object-centric downstream
 images (one object per image, class = its colour and texture, 18 classes; by default 150 labelled training
 images, SwAV's 10 %-label protocol) and reports the first and the last epoch's top-1; and the same two
 initialisations multi-label on scenes of their own (the pre-training's 24 labels, drawn with another data
@@ -50,7 +51,6 @@ VARIANTS = {  # name -> --set overrides
     "no SimMIM": ["objectives.mim.enabled=false"],
     "no distillation": ["objectives.distill.enabled=false"],
 }
-FINETUNE = {RANDOM: "random", FULL: "full"}  # fine-tuned initialisations -> run folder
 TASKS = {"objects": "top1", "scenes": "mAP"}  # fine-tuning task -> its validation figure (val/<figure>)
 FT_RESULTS = {"finetune": "objects", "finetune_scenes": "scenes"}  # results.json key -> task
 MULTILABEL_DATA_SEED = 1  # the multi-label fine-tuning scenes: another data seed than the pre-training's 0
@@ -168,10 +168,15 @@ def finetune_dir(args, task: str = "objects") -> Path:
     return args.out / f"finetune_{kind}{args.ft_train_images}img_{args.ft_epochs}ep_b{args.ft_batch}"
 
 
+def ft_slug(name: str) -> str:
+    return "random" if name == RANDOM else slug(name)
+
+
 def finetune(name: str, seed: int, args, data: Path, task: str = "objects") -> Path:
-    """End-to-end fine-tuning of the full model's student (seed `seed`) or of a random init, same recipe:
-    single-label on the object images (task "objects") or multi-label on scenes of their own ("scenes")."""
-    out = finetune_dir(args, task) / FINETUNE[name] / f"seed{seed}"
+    """End-to-end fine-tuning of a variant's student (seed `seed`; the full model by default) or of a random
+    init, same recipe: single-label on the object images (task "objects") or multi-label on scenes of their
+    own ("scenes")."""
+    out = finetune_dir(args, task) / ft_slug(name) / f"seed{seed}"
     if name == RANDOM:
         init = ["model.random_init=true"]
     else:
@@ -179,7 +184,7 @@ def finetune(name: str, seed: int, args, data: Path, task: str = "objects") -> P
 
         init_file = out.parent / f"init_seed{seed}.safetensors"
         if not init_file.is_file():
-            export_run(args.out / slug(FULL) / f"seed{seed}", init_file, which="student")
+            export_run(args.out / slug(name) / f"seed{seed}", init_file, which="student")
         init = [f"model.init={init_file}"]
     if task == "objects":
         folder = finetune_data(data, args)
@@ -190,7 +195,7 @@ def finetune(name: str, seed: int, args, data: Path, task: str = "objects") -> P
                      f"data.root={scenes}", f"data.dictionary={scenes / 'dictionary.txt'}"]
     sets = [f"run.output_dir={out}", f"model.img_size={args.img_size}", f"optim.epochs={args.ft_epochs}",
             f"optim.micro_batch_size={args.ft_batch}", f"run.seed={seed}", f"data.seed={seed}",
-            f"run.name=results-finetune-{task}-{FINETUNE[name]}-seed{seed}", *task_sets,
+            f"run.name=results-finetune-{task}-{ft_slug(name)}-seed{seed}", *task_sets,
             "run.log_every=50", f"run.checkpoint_every_epochs={max(1, args.ft_epochs // 4)}", *tracking_sets(args),
             *init]
     # a killed fine-tuning continues from its last checkpoint (resume=auto)
@@ -339,6 +344,8 @@ def main(argv=None) -> int:
                    help="labelled images to fine-tune on (object-centric, 18 classes in turn; 150 = 10 %% of "
                         "--num-images, SwAV's semi-supervised protocol)")
     p.add_argument("--ft-batch", type=int, default=16, help="fine-tuning micro batch (lr scales with it)")
+    p.add_argument("--ft-variants", nargs="*", default=["full"],
+                   help="variant slugs whose students are fine-tuned (next to a random init), among those pre-trained")
     args = p.parse_args(argv)
     args.out = args.out if args.out.is_absolute() else ROOT / args.out
     args.overrides = [f"model.img_size={args.img_size}", f"data.img_size={args.img_size}", *args.overrides]
@@ -371,8 +378,9 @@ def main(argv=None) -> int:
                 r["final"] = final_values(run_dir)
                 results["probe"][name][s] = r
                 save(results_file, results)
-        for key, task in FT_RESULTS.items() if args.ft_epochs > 0 and FULL in variants else ():
-            for name in FINETUNE:
+        tuned = [RANDOM, *(v for v in variants if slug(v) in args.ft_variants)]
+        for key, task in FT_RESULTS.items() if args.ft_epochs > 0 and len(tuned) > 1 else ():
+            for name in tuned:
                 if s not in results[key].setdefault(name, {}):
                     run_dir = finetune(name, seed, args, data, task)
                     results[key][name][s] = finetune_result(run_dir, TASKS[task])
@@ -442,7 +450,7 @@ def tables(results: dict) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         figures = {"last": lambda r, f=fig: r[f], "first": lambda r, f=fig: r[f"{f}_per_epoch"][0],
                    "mean": lambda r, f=fig: statistics.fmean(r[f"{f}_per_epoch"])}  # mean: area under the curve
-        for name in FINETUNE:
+        for name in [n for n in [RANDOM, *VARIANTS] if ft.get(n)]:
             runs = probe.get(name, {})
             cells = []
             for get in figures.values():

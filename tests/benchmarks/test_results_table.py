@@ -35,7 +35,9 @@ def test_tables_report_mean_std_over_seeds_and_differences_with_their_noise():
                "finetune_scenes": {rt.RANDOM: {str(i): {"mAP": t, "mAP_per_epoch": [f, t]}
                                                for i, (f, t) in enumerate([(50.0, 60.0), (52.0, 62.0), (54.0, 64.0)])},
                                    rt.FULL: {str(i): {"mAP": t, "mAP_per_epoch": [f, t]}
-                                             for i, (f, t) in enumerate([(55.0, 66.0), (56.0, 67.0), (57.0, 68.0)])}}}
+                                             for i, (f, t) in enumerate([(55.0, 66.0), (56.0, 67.0), (57.0, 68.0)])},
+                                   "no ASL": {str(i): {"mAP": 63.0, "mAP_per_epoch": [f, 63.0]}
+                                              for i, f in enumerate([52.0, 53.0, 54.0])}}}
     lines = rt.tables(results).splitlines()
     row = {}
     for line in lines:  # the probe table's rows: the first of each name
@@ -56,6 +58,9 @@ def test_tables_report_mean_std_over_seeds_and_differences_with_their_noise():
     assert any(line.startswith("| initialisation (scenes) | seeds | mAP (%), last epoch |") for line in lines)
     assert (f"| {rt.FULL} | 3 | 67.0 ± 1.0 | +5.0 ± 2.2 (2.2σ) | 56.0 ± 1.0 | +4.0 ± 2.2 (1.8σ) | 61.5 ± 1.0 | "
             "+4.5 ± 2.2 (2.0σ) |") in lines[lines.index(next(x for x in lines if "(scenes)" in x)) + 3]
+    # a fine-tuned ablation (--ft-variants): its own row against random init; 63 ± 0 vs 62 ± 2 -> +1.0 ± 2.0
+    no_asl = lines[lines.index(next(x for x in lines if "(scenes)" in x)) + 4]
+    assert no_asl.startswith("| no ASL | 3 | 63.0 ± 0.0 | +1.0 ± 2.0 (0.5σ) | 53.0 ± 1.0 | +1.0 ± 2.2 (0.4σ) |")
     # collapse figures: the keys some run logged, a dash where a variant has none
     head = next(line for line in lines if line.startswith("| variant"))
     assert head.split(" | ")[1:] == ["SwAV loss", "swav/ln_k", "swav/code_entropy |"]
