@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lists import list_labels
 
 from hvpmtl.data.issues import DataError
 from hvpmtl.data.multilabel import build_multilabel_loader, class_names
@@ -14,19 +15,6 @@ NUM_TRAIN, NUM_HOLDOUT = 40, 10  # tests/data/conftest.py
 SIZE = 32
 
 
-def _list_labels(path, num_classes=24):
-    """Independent parse of the list file: path -> dense label vector."""
-    out = {}
-    for line in Path(path).read_text().splitlines():
-        parts = line.split()
-        v = np.zeros(num_classes)
-        for tok in parts[1:]:
-            k, c = tok.split(":")
-            v[int(k)] = float(c)
-        out[parts[0]] = v
-    return out
-
-
 def _loader(syn, lst, train, **kw):
     args = dict(num_classes=24, batch_size=4, img_size=SIZE, train=train, device="cpu", num_threads=1, log=print)
     args.update(kw)
@@ -34,7 +22,7 @@ def _loader(syn, lst, train, **kw):
 
 
 def test_train_batches_carry_the_list_labels_and_cover_the_epoch(syn):
-    truth = _list_labels(syn["list_file"])
+    truth = list_labels(syn["list_file"])
     loader = _loader(syn, "list_file", train=True)
     assert len(loader) == NUM_TRAIN // 4
     seen = []
@@ -51,7 +39,7 @@ def test_train_batches_carry_the_list_labels_and_cover_the_epoch(syn):
 
 
 def test_eval_covers_every_image_once_over_ranks(syn):
-    truth = _list_labels(syn["holdout_list"])
+    truth = list_labels(syn["holdout_list"])
     seen = []
     for r in range(2):
         ev = _loader(syn, "holdout_list", train=False, rank=r, world_size=2, batch_size=3)

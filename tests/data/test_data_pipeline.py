@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lists import list_labels
 from PIL import Image
 
 from hvpmtl.cli import main as cli_main
@@ -13,19 +14,6 @@ from hvpmtl.data.loader import epoch_batches
 from hvpmtl.data.pipeline import build_eval_loader, build_pretrain_loader
 
 NUM_TRAIN, NUM_HOLDOUT = 40, 10  # tests/data/conftest.py
-
-
-def _list_labels(path, num_classes=24):
-    """Independent parse of the list file: path -> dense label vector (float64)."""
-    out = {}
-    for line in Path(path).read_text().splitlines():
-        parts = line.split()
-        v = np.zeros(num_classes)
-        for tok in parts[1:]:
-            k, c = tok.split(":")
-            v[int(k)] = float(c)
-        out[parts[0]] = v
-    return out
 
 
 @pytest.fixture
@@ -37,7 +25,7 @@ def make(syn, tiny_cfg):
 
 
 def test_epoch_batches_and_labels_match_list_file(syn, make):
-    truth = _list_labels(syn["list_file"])
+    truth = list_labels(syn["list_file"])
     loader = make(batch=4)
     assert len(loader) == NUM_TRAIN // 4 and loader.num_samples == NUM_TRAIN and loader.skipped_corrupt == 0
     seen = []
@@ -58,7 +46,7 @@ def test_epoch_batches_and_labels_match_list_file(syn, make):
 
 
 def test_vit_grid_threshold_labels_and_half_precision(syn, make):
-    truth = _list_labels(syn["list_file"])
+    truth = list_labels(syn["list_file"])
     loader = make(batch=5, patch=16, label_threshold=0.85, dtype=torch.bfloat16)
     b = next(iter(loader))
     assert b["mask"].shape == (5, 4, 4)  # ViT: patch 16 at 64 px, 2x2 blocks of 32 px
@@ -139,7 +127,7 @@ def test_break_and_continue_keeps_position(syn, make):
 
 
 def test_shards_round_trip(syn, make, tmp_path):
-    truth = _list_labels(syn["list_file"])
+    truth = list_labels(syn["list_file"])
     out = tmp_path / "shards"
     assert cli_main(["data", "to-shards", "--list", syn["list_file"], "--root", syn["root"], "--out", str(out),
                      "--shard-size", "7", "--dictionary", syn["dictionary"]]) == 0
@@ -159,7 +147,7 @@ def test_shards_round_trip(syn, make, tmp_path):
 
 
 def test_eval_loader_covers_holdout_once(syn, tiny_cfg):
-    truth = _list_labels(syn["holdout_list"])
+    truth = list_labels(syn["holdout_list"])
     cfg = tiny_cfg(syn)
     seen, images = [], {}
     for r in range(2):
