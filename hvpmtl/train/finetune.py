@@ -226,7 +226,7 @@ class Finetuner(Trainer):
             cols = torch.arange(r, self.num_classes, self.world, device=self.device)
             part = all_gather_rows(torch.cat([logits[:, cols], target[:, cols]], dim=1), self.world)
             if r == self.rank:
-                part = part.cpu().double().numpy()
+                part = part.cpu().numpy()  # float32: average_precision widens one column at a time
                 aps = [average_precision(part[:, j], part[:, len(cols) + j]) for j in range(len(cols))]
                 aps = [a for a in aps if not math.isnan(a)]  # no positive of this class in the val list
                 ap_sum, ap_count = sum(aps), len(aps)
