@@ -445,17 +445,21 @@ def tables(results: dict) -> str:
             continue
         what = "top-1 (%)" if fig == "top1" else "mAP (%)"
         lines += ["", f"| initialisation ({task}) | seeds | {what}, last epoch | Δ vs random init | "
+                      "Δ vs full (same seeds) | "
                       f"{what}, first epoch | Δ vs random init | {what}, mean over epochs | Δ vs random init | "
                       "linear-probe mAP | kNN mAP |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         figures = {"last": lambda r, f=fig: r[f], "first": lambda r, f=fig: r[f"{f}_per_epoch"][0],
                    "mean": lambda r, f=fig: statistics.fmean(r[f"{f}_per_epoch"])}  # mean: area under the curve
         for name in [n for n in [RANDOM, *VARIANTS] if ft.get(n)]:
             runs = probe.get(name, {})
             cells = []
-            for get in figures.values():
+            for figure, get in figures.items():
                 col, base = column(ft.get(name, {}), get), column(ft.get(RANDOM, {}), get)
                 cells += [pm(col), "" if name == RANDOM else delta(col, base)]
+                if figure == "last":  # what removing an objective does, against the full model's same seeds
+                    full = {s: r for s, r in ft.get(FULL, {}).items() if s in ft.get(name, {})}
+                    cells.append("" if name in (RANDOM, FULL) else delta(col, column(full, get)))
             lines.append(f"| {name} | {len(ft.get(name, {}))} | " + " | ".join(cells) +
                          f" | {pm(lin[name])} | {pm(column(runs, lambda r: r['knn_map']))} |")
     keys = []
