@@ -13,8 +13,8 @@ AdamW with layer-wise LR decay (timm's param_groups_layer_decay), the LR schedul
 smoothing, optional mixup/cutmix (timm.data.Mixup); top-1 (and top-5) on data.val_dir after every
 epoch. Multi-label (data.train_list / data.val_list): binary cross-entropy on the lists' confidences (or
 multi-hot at data.label_threshold), no label smoothing or mixup; mAP (%, as hvpmtl.eval's probes) over
-every image of data.val_list, the scores of all ranks gathered, after every epoch. Set-up, checkpoints,
-MLflow, preemption and exit codes as pre-training (hvpmtl/train/runtime.py).
+every image of data.val_list after every epoch, each rank scoring its share of the classes. Set-up,
+checkpoints, MLflow, preemption and exit codes as pre-training (hvpmtl/train/runtime.py).
 """
 from __future__ import annotations
 
