@@ -55,11 +55,15 @@ def pretrain_view(images, cfg: DataConfig, *, half: bool):
     return normalize(v, half=half, mirror=mirror)
 
 
+def _crop_at_eval_scale(images, img_size: int, pos_x, pos_y):
+    """Shorter side to img_size / 0.875, then an img_size crop at (pos_x, pos_y) in [0, 1]."""
+    v = fn.resize(images, resize_shorter=round(img_size / EVAL_CROP_RATIO), antialias=True)
+    return fn.crop(v, crop=[img_size, img_size], crop_pos_x=pos_x, crop_pos_y=pos_y)
+
+
 def eval_view(images, img_size: int, *, half: bool):
     """Shorter side to img_size / 0.875, centre crop img_size, normalise: no randomness."""
-    v = fn.resize(images, resize_shorter=round(img_size / EVAL_CROP_RATIO), antialias=True)
-    v = fn.crop(v, crop=[img_size, img_size], crop_pos_x=0.5, crop_pos_y=0.5)
-    return normalize(v, half=half)
+    return normalize(_crop_at_eval_scale(images, img_size, 0.5, 0.5), half=half)
 
 
 def finetune_view(images, img_size: int, *, half: bool, scale=(0.08, 1.0)):
@@ -72,7 +76,6 @@ def finetune_view(images, img_size: int, *, half: bool, scale=(0.08, 1.0)):
 def multilabel_view(images, img_size: int, *, half: bool):
     """Multi-label fine-tuning: the evaluation view's scale with a random crop position + flip. A random
     resized crop down to 8 % of the image would cut out objects whose labels the target still holds."""
-    v = fn.resize(images, resize_shorter=round(img_size / EVAL_CROP_RATIO), antialias=True)
-    v = fn.crop(v, crop=[img_size, img_size], crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
-                crop_pos_y=fn.random.uniform(range=[0.0, 1.0]))
+    v = _crop_at_eval_scale(images, img_size, fn.random.uniform(range=[0.0, 1.0]),
+                            fn.random.uniform(range=[0.0, 1.0]))
     return normalize(v, half=half, mirror=fn.random.coin_flip(probability=0.5))

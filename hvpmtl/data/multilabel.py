@@ -39,11 +39,12 @@ class MultiLabelTrainLoader(EpochLoader):
 
 
 def class_names(dictionary: str, num_classes: int) -> list[str]:
-    """The dictionary's class names (it must list exactly num_classes), or "0".."C-1" without one."""
+    """The dictionary's class names (it must list exactly num_classes, unless that is 0: as many as it lists),
+    or "0".."C-1" without one."""
     if not dictionary:
         return [str(i) for i in range(num_classes)]
     names = read_dictionary(dictionary).names
-    if len(names) != num_classes:
+    if num_classes and len(names) != num_classes:
         raise DataError(f"model.num_classes is {num_classes} but {dictionary} lists {len(names)} classes")
     return list(names)
 

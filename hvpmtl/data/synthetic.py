@@ -199,9 +199,10 @@ def _write_object_split(dest: Path, split_id: int, num: int, seed: int, progress
     for i in range(num):
         prog.add(1)
         rng = np.random.default_rng([seed, split_id, i])
-        colour, texture = OBJECT_CLASSES[i % len(OBJECT_CLASSES)].split("-")
-        img, objects = render_scene(rng, single=True, colour=colour, texture=texture)
-        d = dest / object_class(objects[0])
+        name = OBJECT_CLASSES[i % len(OBJECT_CLASSES)]
+        colour, texture = name.split("-")
+        img, _ = render_scene(rng, single=True, colour=colour, texture=texture)
+        d = dest / name
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(d / f"{i:07d}.jpg", quality=int(rng.integers(85, 96)))
     prog.close()

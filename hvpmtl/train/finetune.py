@@ -126,20 +126,20 @@ class Finetuner(Trainer):
         """Train and val loaders, self.num_classes; returns the class names."""
         from hvpmtl.data.imagefolder import build_imagefolder_loader
         from hvpmtl.data.multilabel import build_multilabel_loader, class_names
-        from hvpmtl.data.tencent import read_dictionary
 
         cfg = self.cfg
         d, o, size = cfg.data, cfg.optim, cfg.model.img_size
         common = dict(device=d.device, num_threads=d.num_threads, local_rank=self.local_rank, dtype=self.input_dtype,
                       rank=self.rank, world_size=self.world)
         if self.multilabel:
-            self.num_classes = cfg.model.num_classes or len(read_dictionary(d.dictionary))
+            classes = class_names(d.dictionary, cfg.model.num_classes)  # the config check: one of them is set
+            self.num_classes = len(classes)
             lists = dict(num_classes=self.num_classes, batch_size=o.micro_batch_size, img_size=size,
                          label_threshold=d.label_threshold, skip_corrupt=d.skip_corrupt, skip_list=d.skip_list,
                          log=self.log, **common)
             self.train_loader = build_multilabel_loader(d.train_list, d.root, train=True, seed=d.seed, **lists)
             self.val_loader = build_multilabel_loader(d.val_list, d.root, train=False, **lists)
-            return class_names(d.dictionary, self.num_classes)
+            return classes
         self.train_loader = build_imagefolder_loader(d.train_dir, o.micro_batch_size, size, train=True, seed=d.seed,
                                                      **common)
         self.val_loader = build_imagefolder_loader(d.val_dir, o.micro_batch_size, size, train=False, **common)
