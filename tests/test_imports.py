@@ -7,12 +7,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # hvpmtl.kernels is installed from the top-level kernels/ folder (setup.py; a symlink in a checkout)
 SOURCES = {"hvpmtl": ROOT / "hvpmtl", "hvpmtl.kernels": ROOT / "kernels"}
-# Cycles owned by other work in flight, each with the reason; the test fails once one is gone, so that the
-# entry is removed with it.
-KNOWN_CYCLES = {
-    frozenset({"hvpmtl.losses.weighted_asl", "hvpmtl.kernels.weighted_asl"}):
-        "the ASL reference dispatches to its Triton twin, which takes the reference's target checks",
-}
 
 
 def modules() -> dict[str, Path]:
@@ -87,9 +81,7 @@ def cycles(g: dict[str, set[str]]) -> list[frozenset]:
 
 
 def test_no_import_cycles():
-    found = set(cycles(graph()))
-    assert found - set(KNOWN_CYCLES) == set(), "import cycles"
-    assert set(KNOWN_CYCLES) - found == set(), "a known cycle is gone: remove it from KNOWN_CYCLES"
+    assert cycles(graph()) == [], "import cycles"
 
 
 def test_cycle_finder_finds_a_function_local_cycle():
@@ -105,3 +97,15 @@ def test_train_never_imports_eval_and_eval_takes_only_the_checkpoint_reader():
     eval_to_train = {d for m, deps in g.items() if m.startswith("hvpmtl.eval") for d in deps
                      if d.startswith("hvpmtl.train")}
     assert eval_to_train <= {"hvpmtl.train.checkpoint"}
+
+
+def test_kernels_import_only_their_references_and_references_no_kernel():
+    """Sinkhorn's and ASL's shape: reference (+ checks) <- Triton twin; the objective picks one of the two."""
+    g = graph()
+    twins = {"hvpmtl.kernels.sinkhorn": "hvpmtl.losses.sinkhorn",
+             "hvpmtl.kernels.weighted_asl": "hvpmtl.losses.weighted_asl"}
+    for kernel, reference in twins.items():
+        assert g[kernel] == {"hvpmtl.kernels", reference}, kernel
+        assert not {d for d in g[reference] if d.startswith("hvpmtl.kernels")}, reference
+    assert {"hvpmtl.kernels.sinkhorn", "hvpmtl.losses.sinkhorn"} <= g["hvpmtl.losses.swav"]
+    assert {"hvpmtl.kernels.weighted_asl", "hvpmtl.losses.weighted_asl"} <= g["hvpmtl.losses.asl"]

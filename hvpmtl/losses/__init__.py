@@ -1,4 +1,5 @@
-"""One objective per file, each an fp32 PyTorch reference (Triton twins in hvpmtl.kernels)."""
+"""One objective per file: fp32 PyTorch references (their Triton twins in kernels/) and the objectives that
+pick one of the two (asl.py, swav.py)."""
 import torch
 
 

@@ -7,10 +7,11 @@ with p = sigmoid(z), p_m = max(p - clip, 0) (p_m = p when clip == 0) and y a tar
 gamma_neg=4, clip=0.05.
 
 `weighted_asl_reference` is the fp32 PyTorch reference (autograd gives its gradient); the Triton twin
-`hvpmtl.kernels.weighted_asl.weighted_asl` has the same signature. Both compute in fp32 whatever the
-logits' dtype (float64 stays float64 here, so gradcheck can run on the reference), take every log
-from z through softplus (ASL's own code gives NaN in fp16: eps rounds to 0, ASL#53) and return a
-0-dim tensor holding the sum.
+`hvpmtl.kernels.weighted_asl.weighted_asl` has the same signature and takes its argument checks from
+here. This file imports no kernel: `hvpmtl.losses.asl.WeightedASLLoss` picks one of the two. Both
+compute in fp32 whatever the logits' dtype (float64 stays float64 here, so gradcheck can run on the
+reference), take every log from z through softplus (ASL's own code gives NaN in fp16: eps rounds to
+0, ASL#53) and return a 0-dim tensor holding the sum.
 
 Targets are dense ([B, C], any dtype, same shape as the logits) or `SparseTargets`: per-row lists
 of (class index, confidence), padded with index -1. A class listed twice in a row takes the larger
@@ -19,7 +20,6 @@ confidence.
 from typing import NamedTuple, Union
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -133,27 +133,3 @@ def weighted_asl_reference(
     else:
         neg = (1 - y) * torch.exp(-gamma_neg * neg_log_p) * neg_log_q
     return (pos + neg).sum()
-
-
-class WeightedASLLoss(nn.Module):
-    """Weighted asymmetric loss module: the Triton kernel where `use_triton(logits)`, else the reference."""
-
-    def __init__(
-        self, eta: float = 10.0, gamma_pos: float = 4.0, gamma_neg: float = 1.0, clip: float = 0.0, eps: float = 1e-8
-    ):
-        super().__init__()
-        if clip < 0 or clip >= 1:
-            raise ValueError(f"WeightedASLLoss: clip must lie in [0, 1), got {clip}")
-        self.eta, self.gamma_pos, self.gamma_neg, self.clip, self.eps = eta, gamma_pos, gamma_neg, clip, eps
-
-    def forward(self, logits: torch.Tensor, targets: Targets) -> torch.Tensor:
-        from hvpmtl.kernels import use_triton
-
-        if use_triton(logits):
-            from hvpmtl.kernels.weighted_asl import weighted_asl as fn
-        else:
-            fn = weighted_asl_reference
-        return fn(logits, targets, self.eta, self.gamma_pos, self.gamma_neg, self.clip, self.eps)
-
-    def extra_repr(self) -> str:
-        return f"eta={self.eta}, gamma_pos={self.gamma_pos}, gamma_neg={self.gamma_neg}, clip={self.clip}"

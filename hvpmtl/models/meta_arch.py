@@ -21,10 +21,10 @@ import torch.nn as nn
 
 from hvpmtl.config import ExperimentConfig
 from hvpmtl.dist import sum_to_host
+from hvpmtl.losses.asl import WeightedASLLoss
 from hvpmtl.losses.distillation import symmetric_kl_loss
 from hvpmtl.losses.simmim import simmim_loss
 from hvpmtl.losses.swav import sinkhorn_codes, swapped_prediction_loss
-from hvpmtl.losses.weighted_asl import WeightedASLLoss
 from hvpmtl.models.backbone import MaskableBackbone
 from hvpmtl.models.collapse import collapse_figures, distill_sums, swav_sums
 from hvpmtl.models.heads import MIMDecoder, PrototypeHead

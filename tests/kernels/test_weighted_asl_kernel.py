@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from hvpmtl.losses.weighted_asl import SparseTargets, WeightedASLLoss, densify, weighted_asl_reference
+from hvpmtl.losses.asl import WeightedASLLoss
+from hvpmtl.losses.weighted_asl import SparseTargets, densify, weighted_asl_reference
 
 PAPER = dict(eta=10.0, gamma_pos=4.0, gamma_neg=1.0, clip=0.0)
 ASL = dict(eta=1.0, gamma_pos=0.0, gamma_neg=4.0, clip=0.05)
