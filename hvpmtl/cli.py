@@ -1,13 +1,17 @@
 """`hvpmtl` command line: `hvpmtl data ...`, `hvpmtl export ...`, `hvpmtl eval ...`.
 
 Each command group lives beside its logic and registers itself through `add_parser(subparsers)`;
-this file only wires them together.
+this file only wires them together. `hvpmtl` alone prints the full help (exit 0), `hvpmtl --version`
+the package version.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from hvpmtl import __version__
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Each option's help ends with its default, unless there is none to show (a required option, a flag) or the
@@ -31,7 +35,9 @@ COMMAND_GROUPS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hvpmtl", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    sub = parser.add_subparsers(dest="group", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # Not required: `hvpmtl` alone is a request for help, answered in main() (argparse would exit 2).
+    sub = parser.add_subparsers(dest="group", title="commands")
     for name, module in COMMAND_GROUPS.items():
         try:
             importlib.import_module(module).add_parser(sub)
@@ -42,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.group is None:
+        parser.print_help()
+        return 0
     return int(args.func(args) or 0)
 
 

@@ -7,14 +7,16 @@ import argparse
 
 import pytest
 
-from hvpmtl.cli import build_parser
+import hvpmtl
+from hvpmtl.cli import build_parser, main
 from hvpmtl.train.args import finetune_parser, pretrain_parser
 from hvpmtl.train.tracking import build_parser as tracking_parser
 
 PARSERS = {"hvpmtl": build_parser, "launchers/pretrain.py": pretrain_parser, "launchers/finetune.py": finetune_parser,
            "python -m hvpmtl.train.tracking": tracking_parser}
-# flags have no value to default: --random-init, --merge, ...
-FLAGS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction, argparse._CountAction)
+# flags have no value to default: --random-init, --merge, --version, ...
+FLAGS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction, argparse._CountAction,
+         argparse._VersionAction)
 
 
 def walk(parser: argparse.ArgumentParser, name: str):
@@ -72,11 +74,31 @@ def test_the_check_catches_an_option_without_help():
     assert problems(p, "x") == ["x --k: no help text", "x --temperature: its default is not shown"]
 
 
+def test_no_arguments_prints_the_full_help_and_exits_0(capsys):
+    assert main([]) == 0
+    out, err = capsys.readouterr()
+    assert out == build_parser().format_help() and err == ""
+    assert out.startswith("usage: hvpmtl") and all(g in out for g in ("data", "export", "eval", "--version"))
+
+
+def test_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"hvpmtl {hvpmtl.__version__}\n"
+
+
+def test_a_missing_subcommand_below_a_group_is_still_an_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["data"])
+    assert e.value.code == 2 and "usage: hvpmtl data" in capsys.readouterr().err
+
+
 HELP_PROBE = """
 import sys
 from hvpmtl.cli import main
 try:
-    main({argv!r})
+    code = main({argv!r})
 except SystemExit as e:
     code = e.code
 heavy = sorted(m for m in ("torch", "deepspeed", "timm", "nvidia.dali", "mlflow") if m in sys.modules)
@@ -85,8 +107,8 @@ print("EXIT", code, "HEAVY", heavy)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("argv", [["--help"], ["eval", "knn", "--help"], ["export", "--help"],
-                                  ["data", "validate", "--help"]], ids=" ".join)
+@pytest.mark.parametrize("argv", [[], ["--help"], ["eval", "knn", "--help"], ["export", "--help"],
+                                  ["data", "validate", "--help"]], ids=lambda a: " ".join(a) or "no-arguments")
 def test_help_imports_nothing_heavy(argv):
     """`hvpmtl eval knn --help` loaded torch (2.5-4 s) before it answered."""
     import subprocess
