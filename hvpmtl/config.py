@@ -56,6 +56,7 @@ class RunSection(Section):
     keep_checkpoints: int = Field(3, ge=1)
     collective_timeout_s: int = Field(600, ge=1)
     progress_bar: bool = True
+    max_nonfinite_in_row: int = Field(10, ge=1)  # skipped micro-batches in a row before stopping (exit 4)
 
 
 class OptimSection(Section):
@@ -193,7 +194,6 @@ class OptimConfig(OptimSection):
 
 class RunConfig(RunSection):
     checkpoint_every: int = Field(1000, ge=1)  # steps
-    max_nonfinite_in_row: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0)  # steps between online linear-probe/kNN evaluations; 0 = off
     image_log_every: int = Field(0, ge=0)  # steps between MLflow image panels; 0 = off
     compile: bool = False  # torch.compile the backbones (student and teacher) and the label decoder

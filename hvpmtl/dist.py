@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import os
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -67,6 +69,38 @@ def sum_to_host(t: torch.Tensor) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+@dataclass
+class StepResult:
+    """One micro-batch of any trainer. Values are on the host, reduced over ranks."""
+
+    losses: dict[str, float]  # each loss term and 'loss', mean over ranks
+    nonfinite: tuple[str, ...] = ()  # terms not finite on some rank: then no rank stepped
+    preempt: bool = False  # some rank was asked to stop (SIGUSR1/SIGTERM)
+    sums: dict[str, np.ndarray] = field(default_factory=dict)  # diagnostic sums, summed over ranks (host)
+    boundary: bool = True  # this micro-batch ended an optimizer step
+
+
+def reduce_step(losses: dict[str, torch.Tensor], sums: dict[str, torch.Tensor], preempt: bool,
+                world_size: int) -> StepResult:
+    """The one collective and the one host read of a training micro-batch: SUM over ranks of [losses, their
+    non-finite flags, the preemption flag, the diagnostic sums] (float64). Nothing else in a step reads the
+    device: the step cannot decide to back-propagate without it."""
+    names, sum_keys = list(losses), sorted(sums)
+    values = torch.stack([losses[k].detach().double().reshape(()) for k in names])
+    parts = [values, (~torch.isfinite(values)).double(), values.new_tensor([1.0 if preempt else 0.0])]
+    parts += [sums[k].double().reshape(-1) for k in sum_keys]
+    host = sum_to_host(torch.cat(parts))
+    n = len(names)
+    nonfinite = tuple(k for k, bad in zip(names, host[n:2 * n]) if bad > 0)
+    out_sums, i = {}, 2 * n + 1
+    for k in sum_keys:
+        size = sums[k].numel()
+        out_sums[k] = np.asarray(host[i:i + size], dtype=np.float64).reshape(sums[k].shape)
+        i += size
+    return StepResult(losses={k: v / world_size for k, v in zip(names, host[:n])}, nonfinite=nonfinite,
+                      preempt=host[2 * n] > 0, sums=out_sums)
 
 
 def distributed(world_size: int) -> bool:

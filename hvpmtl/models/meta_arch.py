@@ -13,14 +13,13 @@ a device value.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from hvpmtl.config import ExperimentConfig
-from hvpmtl.dist import sum_to_host
+from hvpmtl.dist import StepResult, reduce_step
 from hvpmtl.losses.asl import WeightedASLLoss
 from hvpmtl.losses.distillation import symmetric_kl_loss
 from hvpmtl.losses.simmim import simmim_loss
@@ -193,17 +192,6 @@ class Teacher(nn.Module):
         torch._foreach_add_(t, s32, alpha=1.0 - momentum)
 
 
-@dataclass
-class StepResult:
-    """One micro-batch. Values are on the host, reduced over ranks."""
-
-    losses: dict[str, float]  # each enabled objective (unweighted) and 'loss', mean over ranks
-    nonfinite: tuple[str, ...] = ()  # objectives not finite on some rank: then no rank stepped
-    preempt: bool = False  # some rank was asked to stop (SIGUSR1/SIGTERM)
-    sums: dict[str, np.ndarray] = field(default_factory=dict)  # heads' diagnostic sums, summed over ranks (host)
-    boundary: bool = True  # this micro-batch ended an optimizer step
-
-
 class HVPMetaArch:
     """Owns the student, the teacher, the SwAV queue (per rank), the prototype freeze and the precision.
 
@@ -257,22 +245,7 @@ class HVPMetaArch:
         return result
 
     def _reduce(self, losses: dict, sums: dict, preempt: bool) -> StepResult:
-        """The one collective and the one host read of the step: SUM over ranks of [losses, their non-finite
-        flags, the preemption flag, the diagnostic sums] (float64)."""
-        names, sum_keys = list(losses), sorted(sums)
-        values = torch.stack([losses[k].double() for k in names])
-        parts = [values, (~torch.isfinite(values)).double(), values.new_tensor([1.0 if preempt else 0.0])]
-        parts += [sums[k].double().reshape(-1) for k in sum_keys]
-        host = sum_to_host(torch.cat(parts))  # the step's one collective and host sync; plain Python below
-        n = len(names)
-        nonfinite = tuple(k for k, bad in zip(names, host[n:2 * n]) if bad > 0)
-        out_sums, i = {}, 2 * n + 1
-        for k in sum_keys:
-            size = sums[k].numel()
-            out_sums[k] = np.asarray(host[i:i + size], dtype=np.float64).reshape(sums[k].shape)
-            i += size
-        return StepResult(losses={k: v / self.world for k, v in zip(names, host[:n])}, nonfinite=nonfinite,
-                          preempt=host[2 * n] > 0, sums=out_sums)
+        return reduce_step(losses, sums, preempt, self.world)
 
     def _push_queue(self, z1, z2) -> None:
         per_rank = max(1, self.cfg.objectives.swav.queue_length // self.world)

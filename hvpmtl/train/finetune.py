@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,11 +29,11 @@ import torch.nn.functional as F
 
 from hvpmtl.config import ConfigError, FinetuneConfig
 from hvpmtl.data.issues import DataError
-from hvpmtl.dist import all_gather_rows, sum_to_host
+from hvpmtl.dist import StepResult, all_gather_rows, reduce_step, sum_to_host
 from hvpmtl.metrics import average_precision
 from hvpmtl.train import checkpoint, runtime
 from hvpmtl.train.args import finetune_parser
-from hvpmtl.train.runtime import EXIT_OK, EXIT_PREEMPTED, Trainer, seed_everything
+from hvpmtl.train.runtime import Trainer, seed_everything
 from hvpmtl.train.schedules import lambda_lr, lr_schedule
 
 
@@ -90,9 +89,14 @@ def peak_lr(cfg: FinetuneConfig, global_batch: int) -> float:
 
 class Finetuner(Trainer):
     log_prefix = "[hvpmtl finetune]"
+    progress_desc = "finetune"
+    loss_prefix = "train/"
+    console_keys = ("train/loss", "lr", "img_per_s")
 
     def __init__(self, cfg: FinetuneConfig, resume: str = "auto", read_weights=None):
         super().__init__(cfg, resume)
+        self.max_epochs = cfg.optim.epochs
+        self.checkpoint_every_epochs = cfg.run.checkpoint_every_epochs
         self.multilabel = bool(cfg.data.train_list)
         self.metric = "val/mAP" if self.multilabel else "val/top1"  # the one "best" follows
         classes = self._build_loaders()
@@ -101,7 +105,7 @@ class Finetuner(Trainer):
         seed_everything(cfg.run.seed)  # identical head initialisation on every rank
         model = build_model(cfg, self.num_classes, read_weights)
         self.lr = peak_lr(cfg, self.global_batch)
-        self.steps_per_epoch = max(1, len(self.train_loader) // o.grad_accum_steps)
+        self.steps_per_epoch = max(1, len(self.loader) // o.grad_accum_steps)
         self.total_steps = o.epochs * self.steps_per_epoch
         optimizer = torch.optim.AdamW(param_groups(model, cfg, self.lr), lr=self.lr, betas=tuple(o.betas))
         schedule = lr_schedule(o, self.lr, self.steps_per_epoch, start=o.warmup_lr)
@@ -115,7 +119,7 @@ class Finetuner(Trainer):
 
         self.best = 0.0
         seed_everything(cfg.run.seed + 1000 * self.rank + 1)  # ranks draw their own drop-path / mixup
-        resumed = self.resume(self.train_loader)
+        resumed = self.resume(self.loader)
         if resumed:
             self.best = resumed[0].get("best", resumed[0].get("best_top1", 0.0))  # best_top1: before multi-label
         self.start_run(resumed, {"backbone": cfg.model.backbone, "init": cfg.model.init or "random"})
@@ -137,13 +141,13 @@ class Finetuner(Trainer):
             lists = dict(num_classes=self.num_classes, batch_size=o.micro_batch_size, img_size=size,
                          label_threshold=d.label_threshold, skip_corrupt=d.skip_corrupt, skip_list=d.skip_list,
                          log=self.log, **common)
-            self.train_loader = build_multilabel_loader(d.train_list, d.root, train=True, seed=d.seed, **lists)
+            self.loader = build_multilabel_loader(d.train_list, d.root, train=True, seed=d.seed, **lists)
             self.val_loader = build_multilabel_loader(d.val_list, d.root, train=False, **lists)
             return classes
-        self.train_loader = build_imagefolder_loader(d.train_dir, o.micro_batch_size, size, train=True, seed=d.seed,
+        self.loader = build_imagefolder_loader(d.train_dir, o.micro_batch_size, size, train=True, seed=d.seed,
                                                      **common)
         self.val_loader = build_imagefolder_loader(d.val_dir, o.micro_batch_size, size, train=False, **common)
-        classes = self.train_loader.classes
+        classes = self.loader.classes
         if self.val_loader.classes != classes:
             raise ConfigError(f"data.val_dir {d.val_dir}: class folders differ from data.train_dir {d.train_dir}")
         self.num_classes = cfg.model.num_classes or len(classes)
@@ -152,7 +156,7 @@ class Finetuner(Trainer):
         return classes
 
     def save(self) -> Path:
-        return self.save_checkpoint(self.train_loader, {"best": self.best}, {})
+        return self.save_checkpoint(self.loader, {"best": self.best}, {})
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -162,42 +166,31 @@ class Finetuner(Trainer):
             return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
         return F.cross_entropy(logits, target, label_smoothing=self.cfg.data.label_smoothing)
 
-    def train_one_epoch(self) -> int | None:
-        cfg = self.cfg
-        self.engine.train()
-        acc, n, preempt = 0.0, 0, False
-        t0 = time.perf_counter()
-        for batch in self.train_loader:
-            x = batch["image"].to(self.device, non_blocking=True)
-            y = batch["labels" if self.multilabel else "label"].to(self.device, non_blocking=True)
-            if self.mixup is not None:
-                x, y = self.mixup(x, y)
-            boundary = self.engine.is_gradient_accumulation_boundary()
-            loss = self._loss(self.engine(x), y)
-            # one collective and one host read per micro-batch: the loss and the preemption flag of every rank
-            loss_sum, preempted = sum_to_host(torch.stack([loss.detach().double(),
-                                                           loss.new_tensor(float(self.preemption.requested),
-                                                                           dtype=torch.float64)]))
-            if not math.isfinite(loss_sum):
-                raise FloatingPointError(f"non-finite fine-tuning loss at step {self.step + 1} (epoch {self.epoch})")
+    # ------------------------------------------------------------------ the step, for runtime's loop
+    def train_micro_batch(self, batch) -> StepResult:
+        """One collective and one host read per micro-batch: the loss, its finiteness and the preemption flag of
+        every rank; a non-finite loss on any rank means no rank back-propagates (runtime's policy counts it)."""
+        x = batch["image"].to(self.device, non_blocking=True)
+        y = batch["labels" if self.multilabel else "label"].to(self.device, non_blocking=True)
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        loss = self._loss(self.engine(x), y)
+        result = reduce_step({"loss": loss}, {}, self.preemption.requested, self.world)
+        result.boundary = boundary
+        if not result.nonfinite:
             self.engine.backward(loss)
             self.engine.step()
-            acc, n, preempt = acc + loss_sum / self.world, n + 1, preempt or preempted > 0
-            if not boundary:
-                continue
-            self.step += 1
-            if self.step % cfg.run.log_every == 0 or self.step == 1:
-                m = {"train/loss": acc / n, "lr": max(self.engine.get_lr()),  # the head's (layer decay scales the rest)
-                     "img_per_s": n * cfg.optim.micro_batch_size * self.world / max(time.perf_counter() - t0, 1e-9)}
-                self.tracker.log_metrics(m, self.step)
-                self.log(f"epoch {self.epoch} step {self.step}/{self.total_steps} "
-                         + " ".join(f"{k}={v:.4g}" for k, v in m.items()))
-                acc, n, t0 = 0.0, 0, time.perf_counter()
-            if preempt:
-                self.save()
-                self.log(f"preempted at step {self.step}: checkpoint saved, exiting with {EXIT_PREEMPTED}")
-                return EXIT_PREEMPTED
-        return None
+        return result
+
+    def current_lr(self) -> float:
+        return max(self.engine.get_lr())  # the head's (layer decay scales the rest)
+
+    def evaluate_epoch(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        self.best = max(self.best, metrics[self.metric])
+        metrics[self.metric.replace("val/", "val/best_")] = self.best
+        return metrics
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -278,33 +271,14 @@ class Finetuner(Trainer):
         self.tracker.log_artifact(path, "model")
         return path
 
-    def run(self) -> int:
-        cfg = self.cfg
-        self.log(f"{self.world} rank(s), {self.precision}, {cfg.optim.epochs} epochs x {self.steps_per_epoch} steps, "
-                 f"global batch {self.global_batch}, peak lr {self.lr:.3g}, {self.num_classes} classes "
-                 f"({'multi-label, mAP' if self.multilabel else 'single-label, top-1'}), "
-                 f"from epoch {self.epoch}")
-        code = EXIT_OK
-        try:
-            while self.epoch < cfg.optim.epochs:
-                self.train_loader.set_epoch(self.epoch)
-                result = self.train_one_epoch()
-                if result is not None:
-                    code = result
-                    break
-                metrics = self.evaluate()
-                self.best = max(self.best, metrics[self.metric])
-                metrics.update({"epoch": self.epoch, self.metric.replace("val/", "val/best_"): self.best})
-                self.tracker.log_metrics(metrics, self.step)
-                self.log(f"epoch {self.epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-                self.epoch += 1
-                if self.epoch % cfg.run.checkpoint_every_epochs == 0 or self.epoch == cfg.optim.epochs:
-                    self.save()
-            if code == EXIT_OK and (path := self.export_model()) is not None:
-                self.log(f"fine-tuned model written to {path}")
-        finally:
-            self.tracker.close("FINISHED" if code in (EXIT_OK, EXIT_PREEMPTED) else "FAILED")
-        return code
+    def describe(self) -> str:
+        return (f"{self.world} rank(s), {self.precision}, {self.cfg.optim.epochs} epochs x {self.steps_per_epoch} "
+                f"steps, global batch {self.global_batch}, peak lr {self.lr:.3g}, {self.num_classes} classes "
+                f"({'multi-label, mAP' if self.multilabel else 'single-label, top-1'}), from epoch {self.epoch}")
+
+    def finish(self) -> None:
+        if (path := self.export_model()) is not None:
+            self.log(f"fine-tuned model written to {path}")
 
 
 def main(args=None, read_weights=None) -> int:

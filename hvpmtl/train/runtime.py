@@ -1,6 +1,9 @@
-"""What both trainers share: exit codes, the process group and device, precision, the DeepSpeed config,
-seeding, checkpoint save/resume with each rank's RNG and data position, the run folder and MLflow,
-preemption, and the `main` wrapper that turns a config or data error into a message and exit code 2.
+"""The one training runtime every trainer runs on: exit codes, the process group and device, precision, the
+DeepSpeed config, seeding, checkpoint save/resume with each rank's RNG and data position, the run folder and
+MLflow, preemption, and THE loop (`Trainer.run`: epochs, step hooks, checkpoints, the non-finite policy, a
+lost peer, progress, the step's metrics, the tracker's close). A trainer supplies its micro-batch step
+(`train_micro_batch`), its end-of-epoch evaluation, its checkpoint state and what it does at the end.
+`main` turns a config or data error into a message and exit code 2.
 
 Exit codes: 0 finished, 2 config or data error (a message, no traceback), 3 preempted (checkpoint saved,
 requeue me), 4 too many non-finite losses, 5 another rank died or hung (named in the message), 6 the run's
@@ -13,8 +16,10 @@ import argparse
 import json
 import os
 import random
+import resource
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +28,7 @@ import torch.distributed as dist
 
 from hvpmtl.config import ConfigError, check_batch_sizes, load_config, save_config
 from hvpmtl.data.issues import DataError
-from hvpmtl.dist import apply_collective_timeout, init_distributed
+from hvpmtl.dist import Heartbeat, StepResult, apply_collective_timeout, init_distributed
 from hvpmtl.train import checkpoint
 from hvpmtl.train.tracking import Tracker, connect
 
@@ -96,12 +101,22 @@ def prepare_deepspeed() -> None:
 
 
 class Trainer:
-    """The state and set-up both trainers share; each subclass builds its loader, model and loop.
+    """The state, set-up and loop every trainer shares; each subclass builds its loader (`self.loader`),
+    model and engine, sets `total_steps` / `steps_per_epoch`, and supplies the hooks below.
 
     Set-up order: process group and batch sizes (cheap, so config errors come first), then the
-    subclass's data loader (data errors before any model), then the model and the DeepSpeed engine."""
+    subclass's data loader (data errors before any model), then the model and the DeepSpeed engine.
+
+    hooks: objects with optional `after_step(trainer, batch)` (every rank, after each optimizer step's
+    logging) and `at_end(trainer)` (every rank, after the last step's checkpoint)."""
 
     log_prefix = "[hvpmtl]"
+    progress_desc = "train"
+    max_epochs: int | None = None  # None: steps alone end the run
+    checkpoint_every_steps = 0  # 0: not by steps
+    checkpoint_every_epochs = 0  # 0: not by epochs
+    loss_prefix = ""  # the losses' metric names: loss, asl, ... or train/loss, ...
+    console_keys: tuple[str, ...] = ("loss", "lr", "img_per_s")
 
     def __init__(self, cfg, resume: str = "auto"):
         prepare_deepspeed()
@@ -121,6 +136,11 @@ class Trainer:
         self.step, self.epoch = 0, 0
         self.tracker = None
         self.preemption = None
+        self.hooks: list = []
+        self.nonfinite_in_row = self.nonfinite_total = 0
+        self._saved_step = -1
+        self._bar = None
+        self.heartbeat = None
 
     def log(self, msg: str) -> None:
         if self.is_main:
@@ -143,14 +163,18 @@ class Trainer:
             return None
         _, client, rank_state = found
         self.step, self.epoch = client["step"], client["epoch"]
+        self.nonfinite_total = client.get("nonfinite_total", 0)
+        self._saved_step = self.step
         loader.load_state_dict(rank_state["data"])
         checkpoint.set_rng_state(rank_state["rng"])
         return client, rank_state
 
     def save_checkpoint(self, loader, client: dict, rank_state: dict) -> Path:
-        client = {"step": self.step, "epoch": self.epoch, "mlflow_run_id": self.tracker.run_id, **client}
+        client = {"step": self.step, "epoch": self.epoch, "mlflow_run_id": self.tracker.run_id,
+                  "nonfinite_total": self.nonfinite_total, **client}
         rank_state = {"rng": checkpoint.rng_state(), "data": loader.state_dict(), **rank_state}
         path = checkpoint.save(self.engine, self.run_state, self.step, client, rank_state, self.cfg.run.keep_checkpoints)
+        self._saved_step = self.step
         self.log(f"checkpoint {path}")
         return path
 
@@ -168,6 +192,169 @@ class Trainer:
             self.tracker.log_artifact(self.out_dir / "config.yaml", "config")
             self.tracker.log_artifact(self.out_dir / "ds_config.json", "config")
             self.tracker.set_tags({"world_size": self.world, "precision": self.precision, **tags})
+
+
+    # ------------------------------------------------------------------ what a trainer supplies
+    def train_micro_batch(self, batch) -> StepResult:
+        """Forward, backward and (at a boundary) optimizer step of one micro-batch, with one reduction over ranks
+        (hvpmtl.dist.reduce_step); a non-finite loss on any rank means no rank back-propagated."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        """After each optimizer step, before its metrics (pre-training: the EMA teacher)."""
+
+    def step_figures(self, sums: dict) -> dict[str, float]:
+        """Figures of one optimizer step from its micro-batches' reduced sums (host arithmetic only)."""
+        return {}
+
+    def evaluate_epoch(self) -> dict[str, float]:
+        """At the end of each epoch (and of the run): metrics to log, the same on every rank."""
+        return {}
+
+    def save(self) -> Path:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """After the last checkpoint of a run that finished (export, final hooks)."""
+        for hook in self.hooks:
+            getattr(hook, "at_end", lambda *a: None)(self)
+
+    def describe(self) -> str:
+        return (f"{self.world} rank(s), {self.precision}, {self.total_steps} steps ({self.steps_per_epoch}/epoch), "
+                f"global batch {self.global_batch}, from step {self.step}")
+
+    def current_lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    # ------------------------------------------------------------------ the loop
+    def train_one_epoch(self) -> int | None:
+        """Runs until the epoch's batches are used up (None), or the step budget (EXIT_OK), preemption or a
+        non-finite stop: returns the exit code to stop with."""
+        acc: dict[str, float] = {}
+        sums: dict = {}  # numpy arrays on the host
+        n_micro, preempt, t0 = 0, False, time.perf_counter()
+        for batch in self.loader:
+            result = self.train_micro_batch(batch)
+            if result.nonfinite:
+                if self._skip_nonfinite(result.nonfinite):
+                    return EXIT_NONFINITE
+                continue
+            self.nonfinite_in_row = 0
+            if self.heartbeat is not None:
+                self.heartbeat.step = self.step
+            for k, v in result.losses.items():
+                acc[k] = acc.get(k, 0.0) + v
+            for k, v in result.sums.items():
+                sums[k] = sums[k] + v if k in sums else v
+            n_micro, preempt = n_micro + 1, preempt or result.preempt
+            if not result.boundary:
+                continue
+            self.step += 1
+            self.after_optimizer_step()
+            self._log_step({f"{self.loss_prefix}{k}": v / n_micro for k, v in acc.items()}, sums,
+                           n_micro * self.cfg.optim.micro_batch_size * self.world, time.perf_counter() - t0)
+            acc, sums, n_micro, t0 = {}, {}, 0, time.perf_counter()
+            for hook in self.hooks:
+                getattr(hook, "after_step", lambda *a: None)(self, batch)
+            if preempt or (self.checkpoint_every_steps and self.step % self.checkpoint_every_steps == 0):
+                self.save()
+            if preempt:
+                self.log(f"preempted at step {self.step}: checkpoint saved, exiting with {EXIT_PREEMPTED} for requeue")
+                return EXIT_PREEMPTED
+            if self.step >= self.total_steps:
+                return EXIT_OK
+        return None
+
+    def _skip_nonfinite(self, names) -> bool:
+        """Counts a skipped micro-batch; True when too many came in a row (the last good state is saved)."""
+        self.nonfinite_in_row += 1
+        self.nonfinite_total += 1
+        self.log(f"step {self.step + 1}: non-finite {', '.join(names)}; micro-batch skipped "
+                 f"({self.nonfinite_in_row} in a row, {self.nonfinite_total} in all)")
+        self.tracker.log_metrics({"nonfinite_skipped": self.nonfinite_total}, self.step)
+        if self.nonfinite_in_row < self.cfg.run.max_nonfinite_in_row:
+            return False
+        self.log(f"stopping: {self.nonfinite_in_row} non-finite losses in a row (last from {', '.join(names)}); "
+                 "saving the last good state")
+        self.save()
+        return True
+
+    def _log_step(self, metrics: dict, sums: dict, images: int, dt: float) -> None:
+        """The one place a step's metrics are assembled: to metrics.jsonl/MLflow every step, to the console on
+        logging steps (or the progress bar). Values that need a device read (the gradient norm) only every
+        run.log_every steps."""
+        logging_step = self.step % self.cfg.run.log_every == 0 or self.step == 1
+        metrics.update(self.step_figures(sums))
+        metrics.update(lr=self.current_lr(), img_per_s=images / max(dt, 1e-9), epoch=self.epoch)
+        gn = self.engine.get_global_grad_norm() if logging_step else None
+        if gn is not None:
+            metrics["grad_norm"] = float(gn)
+        if self.device.type == "cuda":
+            metrics["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            metrics["mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        self.tracker.log_metrics(metrics, self.step)
+        if not self.is_main:
+            return
+        keys = [k for k in self.console_keys if k in metrics]
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix({k: f"{metrics[k]:.4g}" for k in keys if k != "lr"}, refresh=False)
+        elif logging_step:
+            parts = " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
+            print(f"{self.log_prefix} step {self.step}/{self.total_steps} epoch {self.epoch} {parts}", flush=True)
+
+    def _end_epoch(self, used_up: bool) -> None:
+        """The epoch's evaluation (logged), the epoch count, and a checkpoint every checkpoint_every_epochs."""
+        metrics = self.evaluate_epoch()
+        if metrics:
+            metrics["epoch"] = self.epoch
+            self.tracker.log_metrics(metrics, self.step)
+            self.log(f"epoch {self.epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if not used_up:
+            return
+        self.epoch += 1
+        if self.checkpoint_every_epochs and self.epoch % self.checkpoint_every_epochs == 0:
+            self.save()
+
+    def _more(self) -> bool:
+        return self.step < self.total_steps and (self.max_epochs is None or self.epoch < self.max_epochs)
+
+    def run(self) -> int:
+        if self.is_main and self.cfg.run.progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+            self._bar = tqdm(total=self.total_steps, initial=self.step, desc=self.progress_desc, unit="step")
+        self.log(self.describe())
+        self.heartbeat = Heartbeat(self.rank, self.world)
+        code = EXIT_OK
+        try:
+            while self._more():
+                self.loader.set_epoch(self.epoch)
+                result = self.train_one_epoch()
+                if result not in (None, EXIT_OK):
+                    code = result
+                    break
+                self._end_epoch(used_up=result is None)
+            if code == EXIT_OK:
+                if self._saved_step != self.step:
+                    self.save()
+                self.finish()
+        except (RuntimeError, dist.DistError) as e:
+            lost = self.heartbeat.lost_ranks()
+            if not lost:
+                raise
+            # a collective failed because a peer died or hung: say which, instead of a bare gloo/NCCL error
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            print(f"{self.log_prefix} rank {self.rank}: a collective failed at step {self.step + 1}: {lost}. "
+                  f"The job cannot continue; restart it with --resume auto from the last checkpoint. "
+                  f"({type(e).__name__}: {first})", file=sys.stderr, flush=True)
+            code = EXIT_PEER_LOST
+        finally:
+            self.heartbeat.close()
+            if self._bar is not None:
+                self._bar.close()
+            self.tracker.close("FINISHED" if code in (EXIT_OK, EXIT_PREEMPTED) else "FAILED")
+        return code
 
 
 def main(args, parser, schema, make_trainer, name: str = "hvpmtl") -> int:

@@ -9,7 +9,8 @@ import torch
 
 from hvpmtl.config import load_config
 from hvpmtl.train import checkpoint
-from hvpmtl.train.pretrain import EXIT_NONFINITE, Pretrainer
+from hvpmtl.train.pretrain import Pretrainer
+from hvpmtl.train.runtime import EXIT_NONFINITE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from host_syncs import ListLoader  # noqa: E402  (a loader over fixed batches, with the engine's loader interface)

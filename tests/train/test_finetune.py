@@ -146,3 +146,64 @@ def test_list_config_errors_name_the_key(sets, key):
 def test_launcher_exits_2_on_a_config_error(tmp_path, capsys):
     assert main(["--config", str(TINY), "--set", "model.random_init=true"]) == 2
     assert "data.train_dir" in capsys.readouterr().err
+
+
+def _ft_args(shapes, out, *more):
+    return [sys.executable, str(ROOT / "launchers/finetune.py"), "--config", str(TINY), "--set", "model.random_init=true",
+            "--set", f"data.train_dir={shapes['train']}", "--set", f"data.val_dir={shapes['val']}",
+            "--set", f"run.output_dir={out}", "--set", f"run.ds_config={ROOT / 'ds_configs/zero2.json'}",
+            "--set", "tracking.enabled=false", *more]
+
+
+def test_a_diverged_fine_tuning_skips_counts_and_stops_with_exit_4(shapes, tmp_path, launch):
+    """The fine-tuner runs on the pre-training's loop: a non-finite loss is a counted, skipped micro-batch and
+    run.max_nonfinite_in_row of them stop the run with the documented exit code 4 (no traceback, no exit 1).
+    A learning rate of 1e30 makes the weights overflow after the first step: a real divergence."""
+    out = tmp_path / "nan"
+    code, log = launch(_ft_args(shapes, out, "--set", "optim.base_lr=1e30", "--set", "optim.warmup_epochs=0",
+                                "--set", "data.label_smoothing=0", "--set", "optim.grad_clip=0",
+                                "--set", "run.max_nonfinite_in_row=2"), cwd=tmp_path)
+    assert code == 4, log[-4000:]
+    assert "Traceback" not in log
+    assert "non-finite loss; micro-batch skipped (2 in a row, 2 in all)" in log
+    assert "stopping: 2 non-finite losses in a row" in log
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("nonfinite_skipped", 0) for r in rows) == 2
+
+
+def test_the_fine_tuner_draws_the_progress_bar_when_asked(shapes, tmp_path):
+    """run.progress_bar (on a terminal): a tqdm bar of the fine-tuning's steps instead of the step lines."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    logs = {}
+    for bar in ("true", "false"):
+        out = tmp_path / f"bar_{bar}"
+        leader, follower = pty.openpty()
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a terminal has a width
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+        p = subprocess.Popen(_ft_args(shapes, out, "--set", f"run.progress_bar={bar}", "--set", "optim.epochs=1"),
+                             stdout=subprocess.PIPE, stderr=follower, stdin=subprocess.DEVNULL, cwd=tmp_path, env=env)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        stdout = p.stdout.read().decode(errors="replace")
+        assert p.wait(300) == 0, stdout[-3000:]
+        os.close(leader)
+        logs[bar] = (b"".join(chunks).decode(errors="replace"), stdout)
+    term, stdout = logs["true"]
+    assert "finetune: 100%" in term and "3/3" in term
+    assert "step 1/3" not in stdout
+    term, stdout = logs["false"]
+    assert "finetune:" not in term and "step 1/3" in stdout
