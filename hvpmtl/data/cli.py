@@ -27,14 +27,18 @@ def _num_classes(args):
 
 
 def _make_synthetic(args) -> int:
-    from hvpmtl.data.synthetic import make_synthetic
+    from hvpmtl.data.synthetic import write_synthetic
     t = time.time()
-    paths = make_synthetic(args.out, args.num_images, seed=args.seed, holdout=args.holdout, shard_size=args.shard_size,
-                           imagefolder=args.imagefolder, imagefolder_train=args.imagefolder_train, progress=True)
-    n = args.num_images + args.holdout
-    if args.imagefolder:
-        n += args.holdout + (args.num_images if args.imagefolder_train is None else args.imagefolder_train)
-    print(f"wrote {n} images in {time.time() - t:.1f} s")
+    res = write_synthetic(args.out, args.num_images, seed=args.seed, holdout=args.holdout, shard_size=args.shard_size,
+                          imagefolder=args.imagefolder, imagefolder_train=args.imagefolder_train, coco=args.coco,
+                          coco_train=args.coco_train, coco_val=args.coco_val, ade20k=args.ade20k,
+                          ade20k_train=args.ade20k_train, ade20k_val=args.ade20k_val, progress=True)
+    for msg in res.notes:
+        _note(msg)
+    for msg in res.kept:
+        print(f"kept {msg}")
+    print(f"wrote {res.images_written} images in {time.time() - t:.1f} s")
+    paths = res.paths
     for k, v in paths.items():
         print(f"{k}: {v}")
     sets = [f"data.root={paths['root']}", f"data.list_file={paths['list_file']}",
@@ -45,6 +49,12 @@ def _make_synthetic(args) -> int:
     if "imagefolder_train" in paths:
         print(f"fine-tune with: --set data.train_dir={paths['imagefolder_train']} "
               f"--set data.val_dir={paths['imagefolder_val']}")
+    if "coco_train_ann" in paths:
+        print("fine-tune detection / instance segmentation (COCO) with: --set data.format=coco " + " ".join(
+            f"--set data.{s}_{k}={paths[f'coco_{s}_{k}']}" for s in ("train", "val") for k in ("ann", "images")))
+    if "ade20k_root" in paths:  # label 0 is ignored (ADE20K's protocol): the 8 shapes are the classes
+        print(f"fine-tune semantic segmentation (ADE20K) with: --set data.format=ade20k "
+              f"--set data.root={paths['ade20k_root']} --set data.num_classes=8")
     return 0
 
 
@@ -185,7 +195,9 @@ def add_parser(subparsers) -> None:
 
     s = sub.add_parser("make-synthetic", help="write a synthetic multi-label data set in Tencent format",
                        formatter_class=FMT)
-    s.add_argument("--out", required=True, help="folder to write (created)")
+    s.add_argument("--out", required=True, help="folder to write (created); the parts already there with the same "
+                                                "arguments (recorded in synthetic.json) are kept, so outputs can be "
+                                                "added to an existing data set")
     s.add_argument("--num-images", type=int, required=True, help="images in the training split (train.txt)")
     s.add_argument("--seed", type=int, default=0, help="the data set is a function of the seed")
     s.add_argument("--holdout", type=int, default=0, help="images in a held-out split (holdout.txt)")
@@ -197,6 +209,20 @@ def add_parser(subparsers) -> None:
                         "texture (18 classes, in turn)")
     s.add_argument("--imagefolder-train", type=int, default=None, metavar="N",
                    help="images in imagefolder/train (default: --num-images); small N = a low-label fine-tuning set")
+    s.add_argument("--coco", action="store_true",
+                   help="also write detection / instance segmentation data in COCO format: coco/{train,val}/*.jpg and "
+                        "coco/annotations/instances_{train,val}.json, new scenes (not pre-training images), one "
+                        "instance per object, category = its shape (8 categories, ids 1,2,3,5,8,13,21,34)")
+    s.add_argument("--coco-train", type=int, default=150, metavar="N", help="scenes in coco/train")
+    s.add_argument("--coco-val", type=int, default=None, metavar="N",
+                   help="scenes in coco/val (None: --holdout, else 50)")
+    s.add_argument("--ade20k", action="store_true",
+                   help="also write semantic segmentation data laid out as ADE20K: ade20k/images/{training,"
+                        "validation}/*.jpg and ade20k/annotations/.../*.png (label 0 = background, 1-8 = the shapes "
+                        "of ade20k/classes.txt); the same scenes as --coco (scene i is the same image in both)")
+    s.add_argument("--ade20k-train", type=int, default=150, metavar="N", help="scenes in ade20k/images/training")
+    s.add_argument("--ade20k-val", type=int, default=None, metavar="N",
+                   help="scenes in ade20k/images/validation (None: --holdout, else 50)")
     s.set_defaults(func=_guard(_make_synthetic))
 
     x = sub.add_parser("index", help="build the data index of a list file or shard folder (once per data set; "
