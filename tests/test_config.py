@@ -161,24 +161,48 @@ def test_bad_values_name_the_key(sets, needle):
     assert "configs/test_tiny.yaml + --set" in str(e.value)
 
 
-def test_every_number_has_a_bound():
-    """Issue 10.9: no int/float key is left without a bound (pydantic's or the schema's check)."""
-    checked_by_schema = {"optim.lr", "data.mask_ratio", "data.crop_scale", "data.label_threshold", "optim.betas"}
-    unbounded = []
+# numbers bounded by the schema's `check` (a rule over several values) instead of by their Field
+CHECKED_BY_SCHEMA = {"data.mask_ratio": ["data.mask_ratio=1.0e+300"],
+                     "data.crop_scale": ["data.crop_scale=[0.5, 1.0e+300]"],
+                     "data.label_threshold": ["data.label_threshold=1.0e+300"],
+                     "optim.betas": ["optim.betas=[0.9, 1.0e+300]"]}
+DETECTION = ["task=detection", "model.random_init=true", "data.mixup=0", "data.cutmix=0", "data.train_ann=a",
+             "data.train_images=i", "data.val_ann=a", "data.val_images=i"]
+SEGMENTATION = ["task=segmentation", "model.random_init=true", "data.mixup=0", "data.cutmix=0", "data.root=r",
+                "data.num_classes=150"]
+CHECKED_BY_FT_SCHEMA = {"data.min_sizes": DETECTION + ["data.min_sizes=[100000000000000000000]"],
+                        "data.scale_range": SEGMENTATION + ["data.scale_range=[0.5, 1.0e+300]"],
+                        "data.base_size": SEGMENTATION + ["data.base_size=[100000000000000000000, 512]"]}
 
-    def walk(cls, prefix):
-        for name, f in cls.model_fields.items():
-            key = f"{prefix}{name}"
-            ann = f.annotation
-            if isinstance(ann, type) and hasattr(ann, "model_fields"):
-                walk(ann, key + ".")
-            elif ann in (int, float) or "float" in str(ann) or "int" in str(ann):
-                bounded = any(hasattr(m, a) for m in f.metadata for a in ("gt", "ge", "lt", "le"))
-                if not bounded and key not in checked_by_schema:
-                    unbounded.append(key)
-    walk(ExperimentConfig, "")
-    walk(FinetuneConfig, "")
-    assert unbounded == []
+
+def _number_keys(cls, prefix=""):
+    """(dotted key, 'int' | 'float', is a list) of every numeric key of a schema."""
+    for name, f in cls.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and hasattr(ann, "model_fields"):
+            yield from _number_keys(ann, f"{prefix}{name}.")
+            continue
+        text = str(ann)
+        kind = "float" if "float" in text else "int" if "int" in text else None
+        if kind:
+            yield f"{prefix}{name}", kind, text.startswith("list")
+
+
+@pytest.mark.parametrize("schema", [ExperimentConfig, FinetuneConfig], ids=lambda s: s.__name__)
+def test_every_number_has_an_upper_bound(schema):
+    """Issues 10.9 and 23.6: a number far beyond any physical sense (1e300, 10^20) is refused naming the key, for
+    every numeric key: by its Field or, for the few listed, by the schema's check."""
+    base = ROOT / ("configs/test_tiny.yaml" if schema is ExperimentConfig else "configs/finetune_tiny.yaml")
+    schema_checked = CHECKED_BY_SCHEMA if schema is ExperimentConfig else CHECKED_BY_FT_SCHEMA
+    keys = list(_number_keys(schema))
+    assert len(keys) > 30
+    for key, kind, is_list in keys:
+        huge = "1.0e+300" if kind == "float" else "100000000000000000000"
+        value = f"[{huge}]" if is_list else huge
+        sets = schema_checked.get(key) or ([] if schema is ExperimentConfig else FINETUNE_REQUIRED) + [f"{key}={value}"]
+        with pytest.raises(ConfigError) as e:
+            load_config(base, sets, schema=schema)
+        assert f"'{key}" in str(e.value), (key, str(e.value))
 
 
 def test_base_that_includes_itself_names_the_cycle(tmp_path):
