@@ -793,7 +793,7 @@ def teacher_init_share(cfg, step: int) -> tuple[float, bool]:
     total = o.max_steps or (o.epochs * o.steps_per_epoch if o.steps_per_epoch else 0)
     if not total:
         return d.momentum ** step, False
-    m = momentum_schedule(d, total)
+    m = momentum_schedule(d, total, length=step)
     return math.exp(sum(math.log(max(m[t], 1e-300)) for t in range(1, step + 1))), True
 
 

@@ -35,12 +35,12 @@ class Pretrainer(Trainer):
         self.total_steps = o.epochs * self.steps_per_epoch
         if o.max_steps:
             self.total_steps = min(self.total_steps, o.max_steps)
-        self.momentum = momentum_schedule(cfg.objectives.distill, self.total_steps)
+        self.momentum = momentum_schedule(cfg.objectives.distill, self.total_steps)  # total_steps: the run's own length
 
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         self.meta = HVPMetaArch(cfg, self.device, self.input_dtype, self.world)
         optimizer = build_optimizer(self.meta.student, o, self.meta.student.no_weight_decay_names())
-        scheduler = lambda_lr(optimizer, lr_schedule(o, o.lr, self.steps_per_epoch))
+        scheduler = lambda_lr(optimizer, lr_schedule(o, o.lr, self.steps_per_epoch, length=self.total_steps))
         self.engine = self.build_engine(self.meta.student, optimizer, scheduler)
         self.meta.attach(self.engine)
 

@@ -4,12 +4,12 @@ import math
 import pytest
 
 from hvpmtl.config import FinetuneConfig, load_config
-from hvpmtl.train.schedules import CosineSchedule, lr_schedule, momentum_schedule
+from hvpmtl.train.schedules import Schedule, lr_schedule, momentum_schedule
 
 
 def test_warmup_then_cosine_hand_values():
     lr, min_lr = 1e-4, 1e-7
-    schedule = CosineSchedule(lr, min_lr, total_steps=110, warmup_steps=10)
+    schedule = Schedule(lr, min_lr, total_steps=110, warmup_steps=10)
 
     def lr_factor(step, *_):
         return schedule[step] / lr
@@ -32,7 +32,7 @@ def test_warmup_then_cosine_hand_values():
 def test_fine_tuning_warms_up_from_warmup_lr_on_the_same_schedule():
     """Fine-tuning starts its warm-up at optim.warmup_lr (SimMIM's 2.5e-7), one increment per step as
     pre-training, then the same cosine to min_lr."""
-    s = CosineSchedule(1.0, 0.01, total_steps=110, warmup_steps=10, start=0.1)
+    s = Schedule(1.0, 0.01, total_steps=110, warmup_steps=10, start=0.1)
     assert s[0] == pytest.approx(0.1 + 0.9 * 1 / 10)
     assert s[5] == pytest.approx(0.1 + 0.9 * 6 / 10)
     assert s[9] == pytest.approx(1.0) and s[10] == pytest.approx(1.0)
@@ -42,6 +42,34 @@ def test_fine_tuning_warms_up_from_warmup_lr_on_the_same_schedule():
                       schema=FinetuneConfig)
     ft = lr_schedule(cfg.optim, 1.0, steps_per_epoch=6, start=cfg.optim.warmup_lr)
     assert len(ft) == cfg.optim.epochs * 6 + 1 and ft[0] == pytest.approx(2.5e-7 + (1 - 2.5e-7) / 3)
+
+
+def test_poly_and_step_shapes_hand_values():
+    """UperNet's poly decay (power 1: a straight line to min_lr) and Mask R-CNN 1x's drops (x0.1 at epochs 8
+    and 11 of 12), after the same warm-up."""
+    poly = Schedule(1.0, 0.0, total_steps=110, warmup_steps=10, shape="poly", power=1.0)
+    assert poly[9] == pytest.approx(1.0) and poly[10] == pytest.approx(1.0)
+    assert poly[60] == pytest.approx(0.5) and poly[85] == pytest.approx(0.25) and poly[110] == 0.0
+    sq = Schedule(1.0, 0.1, total_steps=10, shape="poly", power=2.0)
+    assert sq[5] == pytest.approx(0.1 + 0.9 * 0.25)
+    step = Schedule(2.0, 0.0, total_steps=12, warmup_steps=2, shape="step", drops=(8, 11), rate=0.1)
+    assert [step[s] for s in (0, 1)] == pytest.approx([1.0, 2.0])
+    assert [step[s] for s in (2, 7, 8, 10, 11, 12)] == pytest.approx([2.0, 2.0, 0.2, 0.2, 0.02, 0.02])
+    cfg = load_config("configs/finetune_tiny.yaml", ["model.random_init=true", "data.train_dir=a", "data.val_dir=b",
+                                                      "optim.schedule=step", "optim.decay_epochs=[1.0]",
+                                                      "optim.warmup_epochs=0"], schema=FinetuneConfig)
+    s = lr_schedule(cfg.optim, 1.0, steps_per_epoch=5)
+    assert [s[i] for i in (4, 5, 9)] == pytest.approx([1.0, 0.1, 0.1])
+    assert len(lr_schedule(cfg.optim, 1.0, steps_per_epoch=5, total_steps=7)) == 8  # optim.max_steps ends it
+
+
+def test_a_run_capped_far_before_its_epochs_allocates_only_its_own_steps():
+    """optim.epochs=1e5 with max_steps=2: the values up to the run's end, same shape as the uncapped schedule."""
+    capped = Schedule(1.0, 0.0, total_steps=10**9, warmup_steps=10, length=2)
+    assert len(capped) == 3
+    full = Schedule(1.0, 0.0, total_steps=1000, warmup_steps=10)
+    assert [Schedule(1.0, 0.0, total_steps=1000, warmup_steps=10, length=20)[s] for s in (5, 15, 20, 99)] == \
+        pytest.approx([full[5], full[15], full[20], full[20]])
 
 
 def test_teacher_momentum_schedule():
