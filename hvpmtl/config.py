@@ -73,7 +73,15 @@ class RunSection(Section):
     keep_checkpoints: int = Field(3, ge=1, le=10_000)
     collective_timeout_s: int = Field(600, ge=1, le=WEEK_S)
     progress_bar: bool = True
-    max_nonfinite_in_row: int = Field(10, ge=1, le=MAX_STEPS)  # skipped micro-batches in a row before stopping (exit 4)
+    max_nonfinite_in_row: int = Field(10, ge=1, le=MAX_STEPS)  # skipped micro-batches/steps in a row before the policy
+    # what max_nonfinite_in_row non-finite losses or skipped steps in a row do: rollback (reload the last good
+    # checkpoint, skip the window of batches, go on: a spike costs a long run minutes, not the job) | stop (exit 4)
+    on_nonfinite: Literal["rollback", "stop"] = "rollback"
+    max_rollbacks: int = Field(3, ge=0, le=MAX_STEPS)  # rollbacks in the run (kept in its checkpoints) before exit 4
+    rollback_skip_batches: int = Field(0, ge=0, le=MAX_STEPS)  # micro-batches skipped beyond the offending window
+    rollback_lr_scale: Float = Field(1.0, gt=0, le=1)  # LR multiplier after a rollback (1: unchanged) ...
+    rollback_lr_steps: int = Field(0, ge=0, le=MAX_STEPS)  # ... for this many optimizer steps
+    peak_tflops: Float = Field(0.0, ge=0, le=1e6)  # per device, for perf/mfu; 0: a known GPU's, or measured on CPU
 
 
 class OptimSection(Section):

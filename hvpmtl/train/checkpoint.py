@@ -30,6 +30,13 @@ old ranks are dealt out to the new ranks.
 
 Pruning keeps the newest `keep` complete tags of this run (never the one just written) and
 removes only this run's older tags and the debris of crashed saves; other runs' tags are left alone.
+
+Only a finite state is saved (issue 19): before writing, one all-reduced flag says whether the weights, the
+fp32 master partitions, the optimizer state (and the trainer's extra modules: the EMA teacher) are finite on
+every rank (`nonfinite_state`). A non-finite state is not written at all (`NonFiniteState`), so it is never
+COMPLETE nor `latest`; the manifest records `weights_finite: true`. Resume and `candidates` pass over a tag
+whose manifest says false, and scan the tensors of a tag written before the flag existed. `rollback` reloads
+this run's newest good tag into a running engine (run.on_nonfinite: rollback).
 """
 from __future__ import annotations
 
@@ -206,6 +213,85 @@ def rank_state_for_world(states: list[dict], rank: int, world: int) -> dict:
     return base
 
 
+# ----------------------------------------------------------------------------- finite state
+
+
+class NonFiniteState(Exception):
+    """The state to be saved holds inf/NaN on some rank: nothing was written."""
+
+
+def _state_groups(engine, also) -> dict[str, list[torch.Tensor]]:
+    """What a checkpoint of `engine` writes, by the name a message uses: the module's weights (each rank's
+    full copy), ZeRO's fp32 master partition of this rank (bf16/fp16, and fp32 too), the optimizer's state
+    (Adam moments) and the caller's extra modules."""
+    opt = engine.optimizer
+    masters = getattr(opt, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+    if masters is None:
+        masters = getattr(opt, "fp32_groups_flat_partition", None) or []  # bf16 without ZeRO
+    inner = getattr(opt, "optimizer", opt)
+    state = [v for s in getattr(inner, "state", {}).values() for v in s.values()
+             if torch.is_tensor(v) and v.is_floating_point()]
+    groups = {"weights": list(engine.module.parameters()),
+              "fp32 master weights": [t for t in masters if torch.is_tensor(t)],
+              "optimizer state": state}
+    for name, module in also:
+        if module is not None:
+            groups[name] = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    return groups
+
+
+@torch.no_grad()
+def nonfinite_state(engine, also=()) -> str:
+    """Collective: '' when every tensor a checkpoint would write is finite on every rank, else which parts are
+    not and on how many ranks. `also`: (name, module) pairs (the EMA teacher). One all-reduce, one host read:
+    made before saves only, never in a step."""
+    from hvpmtl.dist import sum_to_host
+
+    groups = _state_groups(engine, also)
+    device = next(engine.module.parameters()).device
+    flags = torch.zeros(len(groups), dtype=torch.float64, device=device)
+    for i, ts in enumerate(groups.values()):
+        bad = [(~torch.isfinite(t)).any().to(device) for t in ts]
+        if bad:
+            flags[i] = torch.stack(bad).any().double()
+    counts = sum_to_host(flags)
+    bad = [f"{name} ({int(n)} rank(s))" for name, n in zip(groups, counts) if n > 0]
+    return "inf/NaN in " + ", ".join(bad) if bad else ""
+
+
+def _nonfinite_in_file(path: Path) -> str:
+    """'' when every floating tensor stored in the file is finite, else the first key path that is not.
+    For checkpoints written before the manifest's weights_finite flag (reads every tensor once)."""
+    obj = safe_load.load_torch(path, mmap=True)
+    todo = [("", obj)]
+    while todo:
+        where, x = todo.pop()
+        if torch.is_tensor(x):
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                return f"{path.name}: inf/NaN in {where.lstrip('.') or 'a tensor'}"
+        elif isinstance(x, dict):
+            todo += [(f"{where}.{k}", v) for k, v in x.items()]
+        elif isinstance(x, (list, tuple)):
+            todo += [(f"{where}[{i}]", v) for i, v in enumerate(x)]
+    return ""
+
+
+def check_finite(tag_dir: Path, manifest: dict, names) -> str:
+    """'' when the tag's state is finite: its manifest says so, or (a tag from before the flag) the named
+    model and optimizer files hold no inf/NaN."""
+    flag = manifest.get("weights_finite")
+    if flag is False:
+        return "its weights are not finite (weights_finite: false in its manifest)"
+    if flag is True:
+        return ""
+    for rel in names:
+        if rel == MODEL_FILE or _ZERO_FILE.fullmatch(rel):
+            why = _nonfinite_in_file(tag_dir / rel)
+            if why:
+                return f"its weights are not finite ({why})"
+    return ""
+
+
 # ----------------------------------------------------------------------------- manifest
 
 
@@ -293,6 +379,8 @@ def candidates(ckpt_dir: str | Path) -> list[Path]:
     out = []
     for t in reversed(tag_dirs(ckpt_dir)):
         ok, why = is_complete(t)
+        if ok and read_manifest(t).get("weights_finite") is False:
+            ok, why = False, "its weights are not finite (weights_finite: false in its manifest)"
         if ok:
             out.append(t)
         else:
@@ -495,7 +583,7 @@ def _verify_part(tag_dir: Path, rank: int, world: int) -> tuple[str, Optional[di
         names = [n for n, e in m["files"].items() if _needed_by(e, rank)]
     else:  # rank 0 converts every file; each rank reads every old rank's state
         names = list(m["files"]) if rank == 0 else rank_files
-    why = check_contents(tag_dir, m, names)
+    why = check_contents(tag_dir, m, names) or check_finite(tag_dir, m, names)
     if why:
         return why, None
     try:
@@ -624,15 +712,38 @@ def resume(engine, run: RunState, log=print):
     return choice.tag_dir, client_state, choice.rank_state
 
 
+def rollback(engine, run: RunState, log=print):
+    """Reload this run's newest usable, finite checkpoint into a running engine (run.on_nonfinite: rollback):
+    (tag_dir, client_state, rank_state), or None when the run has none. Collective, one decision for all
+    ranks as at resume; a tag that fails to load on some rank raises CheckpointError (a half-loaded engine
+    must not train)."""
+    rank, _ = _rank_world()
+    mine = [str(t) for t, m in reversed(_manifests(run.ckpt_dir))
+            if m["run_id"] == run.run_id and m.get("weights_finite") is not False] if rank == 0 else None
+    proposals = [Path(p) for p in _broadcast(mine)]
+    if not proposals:
+        return None
+    run.choice = _agree(run, proposals, explicit=False, log=log)
+    try:
+        return resume(engine, run, log=lambda msg: log(msg.replace("resumed from", "rolled back to", 1)))
+    finally:
+        run.choice = None
+
+
 # ----------------------------------------------------------------------------- save
 
 
-def save(engine, run: RunState, step: int, client_state: dict, rank_state: dict, keep: int) -> Path:
-    """Every rank calls this. Returns the tag directory once its manifest is written."""
+def save(engine, run: RunState, step: int, client_state: dict, rank_state: dict, keep: int, also=()) -> Path:
+    """Every rank calls this. Returns the tag directory once its manifest is written. Raises NonFiniteState
+    (on every rank, nothing written) when the state holds inf/NaN on some rank; `also`: (name, module) pairs
+    checked with the engine's state (the EMA teacher)."""
     rank, world = _rank_world()
     lost = _broadcast(run.lock.lost if run.lock is not None else None)  # rank 0 holds the lock; all stop together
     if lost:
         raise CheckpointError(f"not writing a checkpoint: {lost}. Another job now owns {run.out_dir}; this one stops")
+    bad = nonfinite_state(engine, also)
+    if bad:
+        raise NonFiniteState(f"not saving step {step}: {bad}")
     ckpt_dir = run.ckpt_dir
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
@@ -663,7 +774,7 @@ def save(engine, run: RunState, step: int, client_state: dict, rank_state: dict,
                                   "it was not marked COMPLETE")
         manifest = {"format": MANIFEST_FORMAT, "run_id": run.run_id, "step": step, "world_size": world,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": socket.gethostname(),
-                    "parent": run.parent, "files": dict(sorted(files.items()))}
+                    "parent": run.parent, "weights_finite": True, "files": dict(sorted(files.items()))}
         _write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
         _write_atomic(ckpt_dir / "latest", tag)
         prune(ckpt_dir, run.run_id, tag_dir, keep)

@@ -5,9 +5,20 @@ lost peer, progress, the step's metrics, the tracker's close). A trainer supplie
 (`train_micro_batch`), its end-of-epoch evaluation, its checkpoint state and what it does at the end.
 `main` turns a config or data error into a message and exit code 2.
 
+Non-finite steps (issue 19). A micro-batch whose loss is not finite on some rank is not back-propagated
+anywhere; an optimizer step that DeepSpeed skipped (ZeRO-1/2: inf/NaN gradient norm; read after `step()` from
+`engine.was_step_applied()`, a Python bool: no host read) is counted (`train/skipped_steps`) and warned about.
+Both count towards run.max_nonfinite_in_row (reset by an applied step); then run.on_nonfinite decides:
+`rollback` reloads this run's last good checkpoint on every rank, the data moving on past the offending window
+(+ run.rollback_skip_batches; in the metrics and the checkpoint's `rollbacks`), optionally with a scaled LR;
+`stop` (or no checkpoint to go back to, or run.max_rollbacks spent) saves the state if it is finite and exits 4.
+The step counter counts APPLIED optimizer steps: a skipped step moves neither it, nor DeepSpeed's LR schedule,
+nor the EMA teacher, so the three always agree with the optimizer's real step count (a run of N steps may use
+more batches). No checkpoint is written from a non-finite state (hvpmtl.train.checkpoint.nonfinite_state).
+
 Exit codes: 0 finished, 2 config or data error (a message, no traceback), 3 preempted (checkpoint saved,
-requeue me), 4 too many non-finite losses, 5 another rank died or hung (named in the message), 6 the run's
-saved state cannot be used safely (output_dir locked by another job, no loadable checkpoint, a load that
+requeue me), 4 too many non-finite losses or skipped steps, 5 another rank died or hung (named in the message),
+6 the run's saved state cannot be used safely (output_dir locked by another job, no loadable checkpoint, a load that
 failed half-way, --resume none into a used folder, lock lost: hvpmtl.train.checkpoint.CheckpointError).
 """
 from __future__ import annotations
@@ -29,11 +40,12 @@ import torch.distributed as dist
 from hvpmtl.config import ConfigError, check_batch_sizes, load_config, save_config
 from hvpmtl.data.issues import DataError
 from hvpmtl.dist import Heartbeat, StepResult, apply_collective_timeout, init_distributed
-from hvpmtl.train import checkpoint
+from hvpmtl.train import checkpoint, perf
 from hvpmtl.train.tracking import Tracker, connect
 
 EXIT_OK, EXIT_CONFIG, EXIT_PREEMPTED, EXIT_NONFINITE, EXIT_PEER_LOST = 0, 2, 3, 4, 5
 EXIT_CHECKPOINT = checkpoint.EXIT_CHECKPOINT  # 6
+ROLLED_BACK = "rolled back"  # the non-finite policy's answer when the loop goes on from a reloaded checkpoint
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -63,7 +75,8 @@ def build_ds_config(cfg, world_size: int, precision: str) -> dict:
     ds["train_micro_batch_size_per_gpu"] = o.micro_batch_size
     ds["gradient_accumulation_steps"] = o.grad_accum_steps
     ds["gradient_clipping"] = o.grad_clip
-    ds["bf16"] = {"enabled": precision == "bf16"}
+    # the JSON's other precision keys stay (bf16.check_grad_overflow: DeepSpeed skips a step on an inf gradient)
+    ds["bf16"] = {**(ds.get("bf16") or {}), "enabled": precision == "bf16"}
     ds["fp16"] = {"enabled": True, "initial_scale_power": 16} if precision == "fp16" else {"enabled": False}
     return ds
 
@@ -138,6 +151,14 @@ class Trainer:
         self.preemption = None
         self.hooks: list = []
         self.nonfinite_in_row = self.nonfinite_total = 0
+        self.skipped_steps = 0  # optimizer steps DeepSpeed skipped (inf/NaN gradient norm), in the run
+        self.rollbacks: list[dict] = []  # the run's rollbacks (kept in checkpoints): steps, tag, batches skipped
+        self.batches_seen = 0  # micro-batches taken from the loader in the run (the rollback window's measure)
+        self._skip_batches = 0  # micro-batches still to drop after a rollback
+        self._lr_scale_until = 0  # steps before this one run at run.rollback_lr_scale x the schedule's LR
+        self.unsaved: str = ""  # why the last save was refused (non-finite state), '' after a save
+        self.perf: perf.StepPerf | None = None  # made at the first step (hvpmtl/train/perf.py)
+        self._flops_counted = False
         self._saved_step = -1
         self._bar = None
         self.heartbeat = None
@@ -164,16 +185,47 @@ class Trainer:
         _, client, rank_state = found
         self.step, self.epoch = client["step"], client["epoch"]
         self.nonfinite_total = client.get("nonfinite_total", 0)
+        self.skipped_steps = client.get("skipped_steps", 0)
+        self.rollbacks = list(client.get("rollbacks", []))
+        self.batches_seen = client.get("batches_seen", 0)
+        self._lr_scale_until = client.get("lr_scale_until", 0)
         self._saved_step = self.step
         loader.load_state_dict(rank_state["data"])
         checkpoint.set_rng_state(rank_state["rng"])
+        self._apply_lr_scale()
         return client, rank_state
 
-    def save_checkpoint(self, loader, client: dict, rank_state: dict) -> Path:
+    def restore_state(self, client: dict, rank_state: dict) -> None:
+        """A trainer's own keys of a checkpoint reloaded by a rollback (the engine, step and counters are
+        restored by the runtime; the data position and RNG move on). Default: pre-training's meta-arch (the EMA
+        teacher, the SwAV queue)."""
+        meta = getattr(self, "meta", None)
+        if meta is not None and hasattr(meta, "load_state"):
+            meta.load_state(client, rank_state)
+
+    def finite_also(self) -> tuple:
+        """(name, module) pairs checked finite with the engine's state before every save: the EMA teacher
+        (pre-training's `teacher`), if the trainer has one."""
+        return (("teacher", getattr(self, "teacher", None)),)
+
+    def save_checkpoint(self, loader, client: dict, rank_state: dict) -> Path | None:
+        """Saves unless the state holds inf/NaN on some rank (then nothing is written, `latest` stays on the
+        last good tag, `self.unsaved` says why, and None is returned)."""
         client = {"step": self.step, "epoch": self.epoch, "mlflow_run_id": self.tracker.run_id,
-                  "nonfinite_total": self.nonfinite_total, **client}
+                  "nonfinite_total": self.nonfinite_total, "skipped_steps": self.skipped_steps,
+                  "rollbacks": self.rollbacks, "batches_seen": self.batches_seen,
+                  "lr_scale_until": self._lr_scale_until, **client}
         rank_state = {"rng": checkpoint.rng_state(), "data": loader.state_dict(), **rank_state}
-        path = checkpoint.save(self.engine, self.run_state, self.step, client, rank_state, self.cfg.run.keep_checkpoints)
+        try:
+            path = checkpoint.save(self.engine, self.run_state, self.step, client, rank_state,
+                                   self.cfg.run.keep_checkpoints, also=self.finite_also())
+        except checkpoint.NonFiniteState as e:
+            self.unsaved = str(e)
+            latest = self.ckpt_dir / "latest"
+            self.log(f"{e}; nothing written, the last good checkpoint stays "
+                     f"{latest.read_text().strip() if latest.is_file() else '(none)'}")
+            return None
+        self.unsaved = ""
         self._saved_step = self.step
         self.log(f"checkpoint {path}")
         return path
@@ -226,20 +278,56 @@ class Trainer:
     def current_lr(self) -> float:
         return self.engine.get_lr()[0]
 
+    def optimizer_step_skipped(self) -> bool:
+        """After an accumulation boundary's engine.step(): did DeepSpeed skip the update (ZeRO-1/2 overflow
+        on an inf/NaN gradient norm)? A Python bool DeepSpeed sets in step(): no device read."""
+        return not self.engine.was_step_applied()
+
     # ------------------------------------------------------------------ the loop
+    def _start_perf(self) -> perf.StepPerf:
+        """Peak FLOP/s (run.peak_tflops, the GPU table, or a CPU matmul measured now) and engine.step timed."""
+        peak, source = perf.peak_tflops(self.device, self.precision, self.cfg.run.peak_tflops)
+        self.log(f"perf: peak {peak:.4g} TFLOP/s per device ({source}); FLOPs per image counted on the first step")
+        p = perf.StepPerf(peak, self.world)
+        self.engine.step = p.timed(self.engine.step)  # optimizer time; an instance attribute over the method
+        return p
+
+    def _micro_batch(self, batch):
+        """The trainer's micro-batch step; the run's first finite one also counts its FLOPs (FlopCounterMode)."""
+        if self._flops_counted:
+            return self.train_micro_batch(batch)
+        result, flops = perf.count_flops(self.train_micro_batch, batch)
+        if not result.nonfinite:
+            self._flops_counted = True
+            self.perf.flops_per_image = flops / self.cfg.optim.micro_batch_size
+            self.log(f"perf: {self.perf.flops_per_image / 1e9:.4g} GFLOPs per image (forward and backward)")
+        return result
+
     def train_one_epoch(self) -> int | None:
         """Runs until the epoch's batches are used up (None), or the step budget (EXIT_OK), preemption or a
         non-finite stop: returns the exit code to stop with."""
         acc: dict[str, float] = {}
         sums: dict = {}  # numpy arrays on the host
         n_micro, preempt, t0 = 0, False, time.perf_counter()
+        if self.perf is None:
+            self.perf = self._start_perf()
+        pf = self.perf
+        pf.other_s += pf.lap()  # since the last step: the epoch's evaluation, set_epoch
         for batch in self.loader:
-            result = self.train_micro_batch(batch)
-            if result.nonfinite:
-                if self._skip_nonfinite(result.nonfinite):
-                    return EXIT_NONFINITE
+            pf.data_wait_s += pf.lap()
+            self.batches_seen += 1
+            if self._skip_batches > 0:  # past the offending window, after a rollback
+                self._skip_batches -= 1
                 continue
-            self.nonfinite_in_row = 0
+            result = self._micro_batch(batch)
+            pf.step_s += pf.lap()
+            if result.nonfinite:
+                code = self._skip_nonfinite(result.nonfinite)
+                if code == ROLLED_BACK:  # the window's partial sums belong to the discarded weights
+                    acc, sums, n_micro, t0 = {}, {}, 0, time.perf_counter()
+                elif code is not None:
+                    return code
+                continue
             if self.heartbeat is not None:
                 self.heartbeat.step = self.step
             for k, v in result.losses.items():
@@ -249,7 +337,15 @@ class Trainer:
             n_micro, preempt = n_micro + 1, preempt or result.preempt
             if not result.boundary:
                 continue
+            if self.optimizer_step_skipped():  # no update: step, LR schedule and teacher stay where they are
+                acc, sums, n_micro, t0 = {}, {}, 0, time.perf_counter()
+                code = self._skipped_step()
+                if code not in (None, ROLLED_BACK):
+                    return code
+                continue  # a preemption request is sticky: the next micro-batch carries it again
+            self.nonfinite_in_row = 0
             self.step += 1
+            self._apply_lr_scale()
             self.after_optimizer_step()
             self._log_step({f"{self.loss_prefix}{k}": v / n_micro for k, v in acc.items()}, sums,
                            n_micro * self.cfg.optim.micro_batch_size * self.world, time.perf_counter() - t0)
@@ -259,25 +355,91 @@ class Trainer:
             if preempt or (self.checkpoint_every_steps and self.step % self.checkpoint_every_steps == 0):
                 self.save()
             if preempt:
-                self.log(f"preempted at step {self.step}: checkpoint saved, exiting with {EXIT_PREEMPTED} for requeue")
+                saved = "not saved (not finite; a requeue resumes the last good one)" if self.unsaved else "saved"
+                self.log(f"preempted at step {self.step}: checkpoint {saved}, exiting with {EXIT_PREEMPTED} "
+                         "for requeue")
                 return EXIT_PREEMPTED
+            pf.other_s += pf.lap()  # hooks (evaluation, panels) and checkpoints: in the next step's figures
             if self.step >= self.total_steps:
                 return EXIT_OK
         return None
 
-    def _skip_nonfinite(self, names) -> bool:
-        """Counts a skipped micro-batch; True when too many came in a row (the last good state is saved)."""
+    def _skip_nonfinite(self, names):
+        """Counts a skipped micro-batch, then the policy: None (go on), ROLLED_BACK or an exit code."""
         self.nonfinite_in_row += 1
         self.nonfinite_total += 1
         self.log(f"step {self.step + 1}: non-finite {', '.join(names)}; micro-batch skipped "
                  f"({self.nonfinite_in_row} in a row, {self.nonfinite_total} in all)")
         self.tracker.log_metrics({"nonfinite_skipped": self.nonfinite_total}, self.step)
-        if self.nonfinite_in_row < self.cfg.run.max_nonfinite_in_row:
-            return False
-        self.log(f"stopping: {self.nonfinite_in_row} non-finite losses in a row (last from {', '.join(names)}); "
-                 "saving the last good state")
+        return self._nonfinite_policy(f"non-finite losses (last from {', '.join(names)})")
+
+    def _skipped_step(self):
+        """Counts an optimizer step DeepSpeed skipped, then the policy: None, ROLLED_BACK or an exit code."""
+        self.skipped_steps += 1
+        self.nonfinite_in_row += 1
+        norm = self.engine.get_global_grad_norm()  # DeepSpeed sets a Python float (inf) when it skips
+        norm = f"{norm:g}" if isinstance(norm, (int, float)) else "not finite"
+        self.log(f"step {self.step + 1}: DeepSpeed skipped the optimizer step (gradient norm {norm}); step, LR "
+                 f"schedule and EMA teacher stay at step {self.step} ({self.nonfinite_in_row} in a row, "
+                 f"{self.skipped_steps} skipped steps in all)")
+        self.tracker.log_metrics({"train/skipped_steps": self.skipped_steps}, self.step)
+        return self._nonfinite_policy("skipped optimizer steps")
+
+    def _nonfinite_policy(self, what: str):
+        """run.on_nonfinite once run.max_nonfinite_in_row events came in a row: None below the limit, ROLLED_BACK,
+        or EXIT_NONFINITE (stop; the state is saved only if it is finite)."""
+        r = self.cfg.run
+        if self.nonfinite_in_row < r.max_nonfinite_in_row:
+            return None
+        if r.on_nonfinite == "rollback":
+            if len(self.rollbacks) >= r.max_rollbacks:
+                self.log(f"giving up: {len(self.rollbacks)} rollback(s) already (run.max_rollbacks={r.max_rollbacks})")
+            elif self._rollback(what):
+                return ROLLED_BACK
+        self.log(f"stopping: {self.nonfinite_in_row} {what} in a row; saving the last good state")
         self.save()
+        return EXIT_NONFINITE
+
+    def _rollback(self, what: str) -> bool:
+        """Reloads this run's newest good checkpoint on every rank; the data moves on. False: none to go back to."""
+        found = checkpoint.rollback(self.engine, self.run_state, log=self.log)
+        if found is None:
+            self.log(f"{self.nonfinite_in_row} {what} in a row and no checkpoint of this run to roll back to")
+            return False
+        tag, client, rank_state = found
+        r, in_row = self.cfg.run, self.nonfinite_in_row
+        record = {"from_step": self.step, "to_step": int(client["step"]), "tag": tag.name, "epoch": self.epoch,
+                  "batches": self.batches_seen - int(client.get("batches_seen", 0)) + r.rollback_skip_batches,
+                  "reason": what}
+        self.step = record["to_step"]
+        self.restore_state(client, rank_state)
+        self.rollbacks.append(record)
+        self.nonfinite_in_row = 0
+        self._skip_batches = r.rollback_skip_batches
+        self._saved_step = self.step
+        if r.rollback_lr_steps and r.rollback_lr_scale != 1:
+            self._lr_scale_until = self.step + r.rollback_lr_steps
+        self._apply_lr_scale()
+        if self._bar is not None:
+            self._bar.n = self.step
+        lr = (f"; LR x{r.rollback_lr_scale:g} until step {self._lr_scale_until}"
+              if self._lr_scale_until > self.step else "")
+        self.log(f"rolled back after {in_row} {what} in a row: from step {record['from_step']} to {tag.name}; the "
+                 f"data moves on, {record['batches']} micro-batches per rank skipped (rollback {len(self.rollbacks)} "
+                 f"of at most {r.max_rollbacks}){lr}")
+        self.tracker.log_metrics({"train/rollbacks": len(self.rollbacks), "train/rollback_to_step": record["to_step"],
+                                  "train/rollback_from_step": record["from_step"],
+                                  "train/rollback_skipped_batches": record["batches"]}, self.step)
         return True
+
+    def _apply_lr_scale(self) -> None:
+        """Within a rollback's LR window: every parameter group at rollback_lr_scale x the schedule's LR (from the
+        scheduler's own value, so it never compounds; the next scheduler step restores the schedule)."""
+        sched = getattr(self.engine, "lr_scheduler", None)
+        if sched is None or self.step >= self._lr_scale_until:
+            return
+        for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
+            group["lr"] = lr * self.cfg.run.rollback_lr_scale
 
     def _log_step(self, metrics: dict, sums: dict, images: int, dt: float) -> None:
         """The one place a step's metrics are assembled: to metrics.jsonl/MLflow every step, to the console on
@@ -286,6 +448,7 @@ class Trainer:
         logging_step = self.step % self.cfg.run.log_every == 0 or self.step == 1
         metrics.update(self.step_figures(sums))
         metrics.update(lr=self.current_lr(), img_per_s=images / max(dt, 1e-9), epoch=self.epoch)
+        metrics["train/skipped_steps"] = self.skipped_steps
         gn = self.engine.get_global_grad_norm() if logging_step else None
         if gn is not None:
             metrics["grad_norm"] = float(gn)
@@ -293,15 +456,19 @@ class Trainer:
             metrics["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:
             metrics["mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        if self.perf is not None:
+            metrics.update(self.perf.figures(images, self.device))
         self.tracker.log_metrics(metrics, self.step)
         if not self.is_main:
             return
         keys = [k for k in self.console_keys if k in metrics]
+        short = {"wait": metrics.get("perf/data_wait_frac"), "mfu": metrics.get("perf/mfu")}  # the perf short form
+        short = {k: f"{v:.1%}" for k, v in short.items() if v is not None}
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix({k: f"{metrics[k]:.4g}" for k in keys if k != "lr"}, refresh=False)
+            self._bar.set_postfix({**{k: f"{metrics[k]:.4g}" for k in keys if k != "lr"}, **short}, refresh=False)
         elif logging_step:
-            parts = " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
+            parts = " ".join([*(f"{k}={metrics[k]:.4g}" for k in keys), *(f"{k}={v}" for k, v in short.items())])
             print(f"{self.log_prefix} step {self.step}/{self.total_steps} epoch {self.epoch} {parts}", flush=True)
 
     def _end_epoch(self, used_up: bool) -> None:
@@ -338,7 +505,11 @@ class Trainer:
             if code == EXIT_OK:
                 if self._saved_step != self.step:
                     self.save()
-                self.finish()
+                if self.unsaved:  # the final state is not finite: not a finished run
+                    self.log(f"stopping: {self.unsaved}")
+                    code = EXIT_NONFINITE
+                else:
+                    self.finish()
         except (RuntimeError, dist.DistError) as e:
             lost = self.heartbeat.lost_ranks()
             if not lost:

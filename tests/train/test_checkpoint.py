@@ -323,7 +323,7 @@ def test_backbone_files_with_a_payload_are_refused_by_eval_and_fine_tuning(tmp_p
     from hvpmtl.cli import main as hvpmtl_main
     from hvpmtl.config import ConfigError, FinetuneConfig
     from hvpmtl.eval.export import read_backbone_file  # what launchers/finetune.py hands to fine-tuning
-    from hvpmtl.train.finetune import build_model
+    from hvpmtl.train.tasks.classification import build_model
 
     marker = tmp_path / "pwned"
     bad = tmp_path / f"x{suffix}"
@@ -373,3 +373,66 @@ def test_a_world_size_change_the_converter_cannot_handle_is_refused_with_both_si
                                                  r"yourself: python -m deepspeed.checkpoint.ds_to_universal "
                                                  r"--input_folder .*step_00000006"):
         _open(copy)
+
+
+# ----------------------------------------------------------------------------- non-finite checkpoints (issue 19)
+
+
+def _nan_in_model_file(tag: Path) -> None:
+    """A NaN in the module's weights of a tag, manifest resealed without the weights_finite flag: what a run of
+    hvpmtl before the flag wrote when its weights had turned NaN."""
+    path = tag / ck.MODEL_FILE
+    state = torch.load(path, weights_only=False)
+    key = next(k for k, v in state["module"].items() if v.is_floating_point())
+    state["module"][key].view(-1)[0] = float("nan")
+    path.unlink()  # a hard-linked copy
+    torch.save(state, path)
+    m = json.loads((tag / "COMPLETE").read_text())
+    m.pop("weights_finite")
+    rewrite(tag / "COMPLETE", json.dumps(m))
+    reseal(tag)
+
+
+def test_every_manifest_says_its_weights_are_finite(trainer):
+    for s in STEPS:
+        assert json.loads((trainer.ckpt_dir / ck.tag_for(s) / "COMPLETE").read_text())["weights_finite"] is True
+
+
+def test_resume_passes_over_a_checkpoint_with_nan_weights_written_before_the_flag(copy):
+    tag = copy / "checkpoints" / ck.tag_for(6)
+    _nan_in_model_file(tag)
+    assert ck.check_contents(tag, ck.read_manifest(tag), [ck.MODEL_FILE]) == ""  # intact as a file
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        run = _open(copy)
+    assert run.choice.tag_dir.name == ck.tag_for(4)
+    said = " ".join(str(x.message) for x in w)
+    assert f"{ck.tag_for(6)} could not be loaded (its weights are not finite ({ck.MODEL_FILE}: inf/NaN in module." \
+        in said, said
+
+
+def test_a_manifest_that_says_not_finite_is_passed_over_by_resume_and_candidates(copy):
+    tag = copy / "checkpoints" / ck.tag_for(6)
+    m = json.loads((tag / "COMPLETE").read_text())
+    m["weights_finite"] = False
+    rewrite(tag / "COMPLETE", json.dumps(m))
+    with pytest.warns(UserWarning, match=r"step_00000006 is not usable \(its weights are not finite"):
+        assert [t.name for t in ck.candidates(copy / "checkpoints")] == [ck.tag_for(4), ck.tag_for(2)]
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert _open(copy).choice.tag_dir.name == ck.tag_for(4)
+
+
+def test_rollback_loads_this_runs_newest_good_tag_into_the_running_engine(trainer, copy):
+    """What run.on_nonfinite=rollback calls: this run's newest finite tag, never another run's."""
+    run = _open(copy)
+    tag = copy / "checkpoints" / ck.tag_for(6)
+    m = json.loads((tag / "COMPLETE").read_text())
+    m["weights_finite"] = False
+    rewrite(tag / "COMPLETE", json.dumps(m))
+    msgs = []
+    tag_dir, client, rank_state = ck.rollback(trainer.engine, run, log=msgs.append)
+    assert tag_dir.name == ck.tag_for(4) and client["step"] == 4 and run.choice is None
+    assert msgs == [f"rolled back to {tag_dir}"]
+    run.run_id = "another-run"
+    assert ck.rollback(trainer.engine, run, log=msgs.append) is None

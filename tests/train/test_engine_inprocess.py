@@ -136,3 +136,27 @@ def test_every_process_group_has_the_runs_collective_timeout(trainer):
     assert len(groups) >= 2, "DeepSpeed made no group of its own: this test no longer tests anything"
     timeouts = {g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in groups}
     assert timeouts == {trainer.cfg.run.collective_timeout_s}
+
+
+DS_CONFIGS = sorted(p.name for p in (Path(__file__).resolve().parents[2] / "ds_configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("name", DS_CONFIGS)
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_every_shipped_ds_config_checks_for_overflow_explicitly(trainer, name, precision):
+    """Issue 19: DeepSpeed's overflow check is set in our JSON, not left to its defaults, and survives the
+    precision fill-in (bf16.check_grad_overflow; compute_grad_norm makes ZeRO-1/2 skip on an inf norm in fp32)."""
+    import json
+
+    from hvpmtl.train.runtime import build_ds_config
+
+    root = Path(__file__).resolve().parents[2]
+    raw = json.loads((root / "ds_configs" / name).read_text())
+    assert raw["bf16"]["check_grad_overflow"] is True
+    zero = raw.get("zero_optimization", {})
+    if zero.get("stage", 0) in (1, 2):
+        assert zero["compute_grad_norm"] is True
+    cfg = trainer.cfg.model_copy(deep=True)
+    cfg.run.ds_config = str(root / "ds_configs" / name)
+    ds = build_ds_config(cfg, 1, precision)
+    assert ds["bf16"] == {"enabled": precision == "bf16", "check_grad_overflow": True}
