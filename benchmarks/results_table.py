@@ -51,8 +51,12 @@ VARIANTS = {  # name -> --set overrides
     "no SimMIM": ["objectives.mim.enabled=false"],
     "no distillation": ["objectives.distill.enabled=false"],
 }
-TASKS = {"objects": "top1", "scenes": "mAP"}  # fine-tuning task -> its validation figure (val/<figure>)
-FT_RESULTS = {"finetune": "objects", "finetune_scenes": "scenes"}  # results.json key -> task
+# fine-tuning task -> its validation figure (val/<figure>; eval/<figure> for the dense tasks)
+TASKS = {"objects": "top1", "scenes": "mAP", "detection": "bbox_AP", "segmentation": "mIoU"}
+FT_RESULTS = {"finetune": "objects", "finetune_scenes": "scenes", "finetune_det": "detection",
+              "finetune_seg": "segmentation"}  # results.json key -> task
+DENSE = {"detection": "configs/det_demo.yaml", "segmentation": "configs/seg_demo.yaml"}  # task -> its config
+SECOND = {"bbox_AP": "segm_AP", "mIoU": "aAcc"}  # what a dense task reports next to its figure
 MULTILABEL_DATA_SEED = 1  # the multi-label fine-tuning scenes: another data seed than the pre-training's 0
 LOSSES = ("loss", "asl", "swav", "mim", "distill")
 KINDS = ("shape", "colour", "texture", "crowded")
@@ -93,6 +97,23 @@ def make_data(data: Path, args) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         write_imagefolder(tmp, args.ft_train_images, args.holdout)
         tmp.rename(folder)  # whole or absent
+
+
+def dense_data(data: Path, args) -> dict:
+    """The dense fine-tuning data: the synthetic scenes' objects as COCO instances and ADE20K label maps
+    (scenes of their own split ids, never seen in pre-training), --ft-train-images to train on, --dense-val to
+    evaluate."""
+    dest = data / f"dense_train{args.ft_train_images}_val{args.dense_val}"
+    if not (dest / "ade20k" / "classes.txt").is_file():
+        from hvpmtl.data.synthetic import make_synthetic
+
+        make_synthetic(dest, 1, seed=0, coco=True, coco_train=args.ft_train_images, coco_val=args.dense_val,
+                       ade20k=True, ade20k_train=args.ft_train_images, ade20k_val=args.dense_val)
+    coco = dest / "coco"
+    return {"detection": [f"data.train_ann={coco / 'annotations/instances_train.json'}",
+                          f"data.train_images={coco / 'train'}", f"data.val_ann={coco / 'annotations/instances_val.json'}",
+                          f"data.val_images={coco / 'val'}"],
+            "segmentation": [f"data.root={dest / 'ade20k'}"]}
 
 
 def finetune_data(data: Path, args) -> Path:
@@ -186,6 +207,15 @@ def finetune(name: str, seed: int, args, data: Path, task: str = "objects") -> P
         if not init_file.is_file():
             export_run(args.out / slug(name) / f"seed{seed}", init_file, which="student")
         init = [f"model.init={init_file}"]
+    if task in DENSE:  # the dense demos' recipes, at their own epochs and batch
+        task_sets = dense_data(data, args)[task]
+        sets = [f"run.output_dir={out}", f"model.img_size={args.img_size}", f"optim.epochs={args.dense_epochs}",
+                f"run.seed={seed}", f"data.seed={seed}", f"run.name=results-{task}-{ft_slug(name)}-seed{seed}",
+                *task_sets, "run.log_every=50", *tracking_sets(args), *init]
+        launch(f"fine-tune {name} on {task}, seed {seed}", python_cmd("launchers/finetune.py", DENSE[task], sets,
+                                                                     args.ranks),
+               out, out / "model.safetensors", fresh=False)
+        return out
     if task == "objects":
         folder = finetune_data(data, args)
         task_sets = [f"data.train_dir={folder / 'train'}", f"data.val_dir={folder / 'val'}"]
@@ -260,6 +290,11 @@ def finetune_result(run_dir: Path, figure: str = "top1") -> dict:
     """The last epoch's validation figure (not the best epoch's: that would pick on the test split), and every
     epoch's (top1: single-label; mAP: multi-label)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if figure in SECOND:  # a dense task: eval/<figure>, and its second figure beside it
+        epochs = [r for r in rows if f"eval/{figure}" in r]
+        second = SECOND[figure]
+        return {figure: epochs[-1][f"eval/{figure}"], second: epochs[-1][f"eval/{second}"], "epochs": len(epochs),
+                f"{figure}_per_epoch": [r[f"eval/{figure}"] for r in epochs]}
     epochs = [r for r in rows if f"val/{figure}" in r]
     return {figure: epochs[-1][f"val/{figure}"], "val_loss": epochs[-1]["val/loss"], "epochs": len(epochs),
             f"{figure}_per_epoch": [r[f"val/{figure}"] for r in epochs]}
@@ -275,7 +310,8 @@ def budget(args, data: Path) -> dict:
 
 def ft_budget(args) -> dict:
     return {"ft_config": args.ft_config, "ft_epochs": args.ft_epochs, "ft_batch": args.ft_batch,
-            "ft_train_images": args.ft_train_images, "ft_data": "objects: colour-texture, 18 classes"}
+            "ft_train_images": args.ft_train_images, "ft_data": "objects: colour-texture, 18 classes",
+            "dense_epochs": args.dense_epochs, "dense_val": args.dense_val}
 
 
 def commit() -> str:
@@ -344,6 +380,12 @@ def main(argv=None) -> int:
                    help="labelled images to fine-tune on (object-centric, 18 classes in turn; 150 = 10 %% of "
                         "--num-images, SwAV's semi-supervised protocol)")
     p.add_argument("--ft-batch", type=int, default=16, help="fine-tuning micro batch (lr scales with it)")
+    p.add_argument("--dense-epochs", type=int, default=4,
+                   help="epochs of the detection and segmentation fine-tunings (configs/det_demo.yaml, seg_demo.yaml)")
+    p.add_argument("--dense-val", type=int, default=100, help="validation images of the dense fine-tunings")
+    p.add_argument("--ft-tasks", nargs="*", default=list(TASKS), choices=list(TASKS),
+                   help="fine-tuning tasks to run: objects (single-label), scenes (multi-label), detection, "
+                        "segmentation")
     p.add_argument("--ft-variants", nargs="*", default=["full"],
                    help="variant slugs whose students are fine-tuned (next to a random init), among those pre-trained")
     args = p.parse_args(argv)
@@ -380,6 +422,8 @@ def main(argv=None) -> int:
                 save(results_file, results)
         tuned = [RANDOM, *(v for v in variants if slug(v) in args.ft_variants)]
         for key, task in FT_RESULTS.items() if args.ft_epochs > 0 and len(tuned) > 1 else ():
+            if task not in args.ft_tasks:
+                continue
             for name in tuned:
                 if s not in results[key].setdefault(name, {}):
                     run_dir = finetune(name, seed, args, data, task)
@@ -443,12 +487,14 @@ def tables(results: dict) -> str:
         ft, fig = results.get(key), TASKS[task]
         if not ft:
             continue
-        what = "top-1 (%)" if fig == "top1" else "mAP (%)"
+        what = {"top1": "top-1 (%)", "mAP": "mAP (%)", "bbox_AP": "box AP (%)", "mIoU": "mIoU (%)"}[fig]
+        second = SECOND.get(fig)
+        extra = f" {second.replace('_', ' ')} (%), last epoch | Δ vs random init |" if second else ""
         lines += ["", f"| initialisation ({task}) | seeds | {what}, last epoch | Δ vs random init | "
                       "Δ vs full (same seeds) | "
-                      f"{what}, first epoch | Δ vs random init | {what}, mean over epochs | Δ vs random init | "
-                      "linear-probe mAP | kNN mAP |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                      f"{what}, first epoch | Δ vs random init | {what}, mean over epochs | Δ vs random init |"
+                      f"{extra} linear-probe mAP | kNN mAP |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if second else "") + "---:|"]
         figures = {"last": lambda r, f=fig: r[f], "first": lambda r, f=fig: r[f"{f}_per_epoch"][0],
                    "mean": lambda r, f=fig: statistics.fmean(r[f"{f}_per_epoch"])}  # mean: area under the curve
         for name in [n for n in [RANDOM, *VARIANTS] if ft.get(n)]:
@@ -460,6 +506,9 @@ def tables(results: dict) -> str:
                 if figure == "last":  # what removing an objective does, against the full model's same seeds
                     full = {s: r for s, r in ft.get(FULL, {}).items() if s in ft.get(name, {})}
                     cells.append("" if name in (RANDOM, FULL) else delta(col, column(full, get)))
+            if second:
+                col, base = (column(ft.get(n, {}), lambda r: r[second]) for n in (name, RANDOM))
+                cells += [pm(col), "" if name == RANDOM else delta(col, base)]
             lines.append(f"| {name} | {len(ft.get(name, {}))} | " + " | ".join(cells) +
                          f" | {pm(lin[name])} | {pm(column(runs, lambda r: r['knn_map']))} |")
     keys = []

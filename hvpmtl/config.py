@@ -274,6 +274,13 @@ class FTModelConfig(Section):
     random_init: bool = False  # true: no init file (the from-scratch baseline)
     drop_path_rate: Float = Field(0.1, ge=0, lt=1)
     global_pool: Literal["avg", "token"] = "avg"  # avg: mean of the last feature map, as pre-training
+    # dense tasks: the neck and heads on the backbone's four levels (hvpmtl/models/pyramid.py)
+    fpn_channels: int = Field(256, ge=8, le=MAX_WIDTH)  # detection: FPN width
+    rpn_proposals: int = Field(1000, ge=1, le=100_000)  # detection: RPN proposals kept per image (torchvision: 1000)
+    roi_samples: int = Field(512, ge=1, le=100_000)  # detection: RoIs sampled per image for the box head's loss
+    decoder_channels: int = Field(512, ge=8, le=MAX_WIDTH)  # segmentation: UperNet width
+    aux_head: bool = True  # segmentation: mmseg's auxiliary FCN head on stride 16 (loss weight aux_weight)
+    aux_weight: Float = Field(0.4, ge=0, le=10)
 
 
 TASKS = ("classification", "multilabel", "detection", "segmentation")

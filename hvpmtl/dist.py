@@ -103,6 +103,19 @@ def reduce_step(losses: dict[str, torch.Tensor], sums: dict[str, torch.Tensor], 
                       preempt=host[2 * n] > 0, sums=out_sums)
 
 
+def average_buffers(module: torch.nn.Module, world_size: int) -> int:
+    """Each floating-point buffer (BatchNorm's running statistics) set to its mean over ranks, as mmengine's
+    SyncBuffersHook does before evaluation: gradients are reduced, buffers are not, so without it every rank
+    would evaluate (and save) its own statistics. Returns how many buffers were averaged."""
+    if not distributed(world_size):
+        return 0
+    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    for b in bufs:
+        dist.all_reduce(b)
+        b.div_(world_size)
+    return len(bufs)
+
+
 def distributed(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
 

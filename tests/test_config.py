@@ -15,9 +15,24 @@ CONFIGS = sorted(ROOT.joinpath("configs").rglob("*.yaml"))
 FINETUNE_REQUIRED = ["model.random_init=true", "data.train_dir=/data/train", "data.val_dir=/data/val"]
 
 
+# the dense tasks' shipped configs: what each leaves to the command line (paper recipes) or nothing (demos)
+DENSE_REQUIRED = {
+    "det_": ["model.random_init=true", "data.train_ann=a.json", "data.train_images=a", "data.val_ann=b.json",
+             "data.val_images=b"],
+    "seg_": ["model.random_init=true", "data.root=/data/ADEChallengeData2016"],
+}
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load(path):
-    if path.name.startswith("finetune"):
+    dense = next((v for k, v in DENSE_REQUIRED.items() if path.name.startswith(k)), None)
+    if dense is not None:
+        cfg = load_config(path, dense, schema=FinetuneConfig)
+        assert cfg.resolved_task == ("detection" if path.name.startswith("det_") else "segmentation")
+        assert cfg.tracking.experiment == "hvpmtl-finetune"
+        with pytest.raises(ConfigError, match="model.init"):
+            load_config(path, dense[1:], schema=FinetuneConfig)
+    elif path.name.startswith("finetune"):
         cfg = load_config(path, FINETUNE_REQUIRED, schema=FinetuneConfig)
         assert isinstance(cfg, FinetuneConfig) and cfg.tracking.experiment == "hvpmtl-finetune"
         with pytest.raises(ConfigError, match="model.init"):  # the file alone names what is missing

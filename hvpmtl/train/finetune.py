@@ -1,86 +1,48 @@
-"""Fine-tuning of a pre-trained backbone through DeepSpeed (SimMIM's recipe): single-label on an ImageFolder,
-or multi-label on list files (the pre-training's format).
+"""Fine-tuning of a pre-trained backbone through DeepSpeed, every downstream task on the one loop of
+hvpmtl/train/runtime.py. The config's `task` picks model, data and metric (hvpmtl/train/tasks/):
+
+    classification  ImageFolder, top-1/top-5           (SimMIM's recipe; configs/finetune_simmim.yaml)
+    multilabel      list files, mAP                    (data.train_list / data.val_list)
+    detection       COCO layout, Mask R-CNN, box/mask AP (COCOeval)    (configs/det_*.yaml)
+    segmentation    ADE20K layout, UperNet, mIoU/mAcc/aAcc             (configs/seg_*.yaml)
 
 Started on every rank by launchers/finetune.py (deepspeed, torchrun or srun):
 
     deepspeed launchers/finetune.py --config configs/finetune_simmim.yaml \
         --set model.init=runs/x/backbone.safetensors --set data.train_dir=... --set data.val_dir=...
 
-A timm model with a fresh `num_classes` head is initialised from an exported backbone (timm
-resamples position embeddings / relative-position tables when the size differs) or at random;
-AdamW with layer-wise LR decay (timm's param_groups_layer_decay), the LR schedule of pre-training
-(hvpmtl/train/schedules.py: linear warm-up from warmup_lr, cosine to min_lr, per step); label
-smoothing, optional mixup/cutmix (timm.data.Mixup); top-1 (and top-5) on data.val_dir after every
-epoch. Multi-label (data.train_list / data.val_list): binary cross-entropy on the lists' confidences (or
-multi-hot at data.label_threshold), no label smoothing or mixup; mAP (%, as hvpmtl.eval's probes) over
-every image of data.val_list after every epoch, each rank scoring its share of the classes. Set-up,
-checkpoints, MLflow, preemption and exit codes as pre-training (hvpmtl/train/runtime.py).
+The backbone comes from model.init (an `hvpmtl export` file, read by the launcher's reader: hvpmtl/train
+never imports hvpmtl/eval) or at random (model.random_init); AdamW with layer-wise LR decay; the learning
+rate warms up from optim.warmup_lr, then follows optim.schedule (cosine, poly or step) to the end of
+optim.epochs or optim.max_steps. After every epoch the task evaluates on all ranks; the best figure is kept
+and the model's predictions are logged as an image panel. At the end the fine-tuned model is written as
+safetensors (model.safetensors). Set-up, checkpoints, MLflow, preemption and exit codes as pre-training.
 """
 from __future__ import annotations
 
 import json
-import math
-import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from hvpmtl.config import ConfigError, FinetuneConfig
-from hvpmtl.data.issues import DataError
-from hvpmtl.dist import StepResult, all_gather_rows, reduce_step, sum_to_host
-from hvpmtl.metrics import average_precision
+from hvpmtl.config import FinetuneConfig
+from hvpmtl.dist import StepResult, average_buffers, reduce_step
 from hvpmtl.train import checkpoint, runtime
 from hvpmtl.train.args import finetune_parser
 from hvpmtl.train.runtime import Trainer, seed_everything
 from hvpmtl.train.schedules import lambda_lr, lr_schedule
 
 
-def build_model(cfg: FinetuneConfig, num_classes: int, read_weights=None) -> nn.Module:
-    """timm classifier; weights from model.init unless random_init. `read_weights(path) -> (timm state dict,
-    metadata)` reads the exported file: launchers/finetune.py hands over hvpmtl.eval.export.read_backbone_file
-    (every `hvpmtl export` format); hvpmtl/train itself never imports hvpmtl/eval."""
-    import timm
-    from safetensors.torch import save_file
-
-    m = cfg.model
-    kw = dict(num_classes=num_classes, img_size=m.img_size, drop_path_rate=m.drop_path_rate, global_pool=m.global_pool)
-    if m.backbone.startswith("vit_") and m.global_pool == "avg":
-        kw["fc_norm"] = False  # keep the pre-trained final norm, pool after it (as the pre-training features)
-    if m.random_init:
-        return timm.create_model(m.backbone, pretrained=False, **kw)
-    if read_weights is None:
-        raise ConfigError(f"model.init {m.init}: no reader of exported backbones was given; start fine-tuning "
-                          "through launchers/finetune.py (or pass read_weights)")
-    try:
-        state, _ = read_weights(m.init)
-    except (ValueError, checkpoint.CheckpointError) as e:  # unreadable, or a file that would run code
-        raise ConfigError(f"model.init: {e}") from None
-    with tempfile.TemporaryDirectory() as tmp:  # timm's file loader adapts sizes; give it safetensors
-        f = Path(tmp) / "init.safetensors"
-        save_file({k: v.float().contiguous() for k, v in state.items()}, str(f))
-        model = timm.create_model(m.backbone, pretrained=True, pretrained_cfg_overlay=dict(file=str(f)), **kw)
-    own = model.state_dict()
-    unexpected = sorted(set(state) - set(own))
-    head = {k for k in own if k.startswith(("head.", "fc_norm."))}
-    missing = sorted(set(own) - set(state) - head)
-    if unexpected or missing:
-        raise ConfigError(f"model.init {m.init}: does not fit timm '{m.backbone}' (missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}); was it exported from another architecture?")
-    return model
-
-
-def param_groups(model: nn.Module, cfg: FinetuneConfig, lr: float) -> list[dict]:
-    """Layer-wise LR decay groups; each group's lr is lr x its layer scale (the schedule multiplies it)."""
-    from timm.optim import param_groups_layer_decay
-
-    nwd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
-    groups = param_groups_layer_decay(model, cfg.optim.weight_decay, no_weight_decay_list=nwd,
-                                      layer_decay=cfg.optim.layer_decay)
-    for g in groups:
-        g["lr"] = lr * g["lr_scale"]
-    return groups
+def make_task(trainer):
+    task = trainer.cfg.resolved_task
+    if task == "detection":
+        from hvpmtl.train.tasks.detection import DetectionTask
+        return DetectionTask(trainer)
+    if task == "segmentation":
+        from hvpmtl.train.tasks.segmentation import SegmentationTask
+        return SegmentationTask(trainer)
+    from hvpmtl.train.tasks.classification import ClassificationTask
+    return ClassificationTask(trainer)
 
 
 def peak_lr(cfg: FinetuneConfig, global_batch: int) -> float:
@@ -95,88 +57,47 @@ class Finetuner(Trainer):
 
     def __init__(self, cfg: FinetuneConfig, resume: str = "auto", read_weights=None):
         super().__init__(cfg, resume)
-        self.max_epochs = cfg.optim.epochs
+        o = cfg.optim
+        self.max_epochs = o.epochs
         self.checkpoint_every_epochs = cfg.run.checkpoint_every_epochs
-        self.multilabel = bool(cfg.data.train_list)
-        self.metric = "val/mAP" if self.multilabel else "val/top1"  # the one "best" follows
-        classes = self._build_loaders()
-        d, o = cfg.data, cfg.optim
+        self.task = make_task(self)
+        self.metric = self.task.metric
+        self.task.build_loaders()  # data errors surface here, before any model or engine exists
+        self.loader, self.num_classes = self.task.loader, self.task.num_classes
 
         seed_everything(cfg.run.seed)  # identical head initialisation on every rank
-        model = build_model(cfg, self.num_classes, read_weights)
+        model = self.task.build_model(read_weights)
         self.lr = peak_lr(cfg, self.global_batch)
         self.steps_per_epoch = max(1, len(self.loader) // o.grad_accum_steps)
         self.total_steps = o.epochs * self.steps_per_epoch
-        optimizer = torch.optim.AdamW(param_groups(model, cfg, self.lr), lr=self.lr, betas=tuple(o.betas))
-        schedule = lr_schedule(o, self.lr, self.steps_per_epoch, start=o.warmup_lr)
+        if o.max_steps:
+            self.total_steps = min(self.total_steps, o.max_steps)
+        optimizer = torch.optim.AdamW(self.task.param_groups(model, self.lr), lr=self.lr, betas=tuple(o.betas))
+        schedule = lr_schedule(o, self.lr, self.steps_per_epoch, start=o.warmup_lr, total_steps=self.total_steps,
+                               length=self.total_steps)
         self.engine = self.build_engine(model, optimizer, lambda_lr(optimizer, schedule))
-        self.mixup = None
-        if d.mixup > 0 or d.cutmix > 0:
-            from timm.data import Mixup
-            self.mixup = Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=d.mixup_prob,
-                               switch_prob=d.mixup_switch_prob, mode="batch", label_smoothing=d.label_smoothing,
-                               num_classes=self.num_classes)
 
         self.best = 0.0
         seed_everything(cfg.run.seed + 1000 * self.rank + 1)  # ranks draw their own drop-path / mixup
         resumed = self.resume(self.loader)
         if resumed:
             self.best = resumed[0].get("best", resumed[0].get("best_top1", 0.0))  # best_top1: before multi-label
-        self.start_run(resumed, {"backbone": cfg.model.backbone, "init": cfg.model.init or "random"})
+        self.start_run(resumed, {"backbone": cfg.model.backbone, "init": cfg.model.init or "random",
+                                 "task": cfg.resolved_task})
         if self.is_main:
-            (self.out_dir / "classes.json").write_text(json.dumps(classes))
-
-    def _build_loaders(self) -> list[str]:
-        """Train and val loaders, self.num_classes; returns the class names."""
-        from hvpmtl.data.imagefolder import build_imagefolder_loader
-        from hvpmtl.data.multilabel import build_multilabel_loader, class_names
-
-        cfg = self.cfg
-        d, o, size = cfg.data, cfg.optim, cfg.model.img_size
-        common = dict(device=d.device, num_threads=d.num_threads, local_rank=self.local_rank, dtype=self.input_dtype,
-                      rank=self.rank, world_size=self.world)
-        if self.multilabel:
-            classes = class_names(d.dictionary, cfg.model.num_classes)  # the config check: one of them is set
-            self.num_classes = len(classes)
-            lists = dict(num_classes=self.num_classes, batch_size=o.micro_batch_size, img_size=size,
-                         label_threshold=d.label_threshold, skip_corrupt=d.skip_corrupt, skip_list=d.skip_list,
-                         log=self.log, **common)
-            self.loader = build_multilabel_loader(d.train_list, d.root, train=True, seed=d.seed, **lists)
-            self.val_loader = build_multilabel_loader(d.val_list, d.root, train=False, **lists)
-            return classes
-        self.loader = build_imagefolder_loader(d.train_dir, o.micro_batch_size, size, train=True, seed=d.seed,
-                                                     **common)
-        self.val_loader = build_imagefolder_loader(d.val_dir, o.micro_batch_size, size, train=False, **common)
-        classes = self.loader.classes
-        if self.val_loader.classes != classes:
-            raise ConfigError(f"data.val_dir {d.val_dir}: class folders differ from data.train_dir {d.train_dir}")
-        self.num_classes = cfg.model.num_classes or len(classes)
-        if self.num_classes < len(classes):
-            raise ConfigError(f"model.num_classes={self.num_classes} but {d.train_dir} has {len(classes)} classes")
-        return classes
+            (self.out_dir / "classes.json").write_text(json.dumps(self.task.classes))
 
     def save(self) -> Path:
         return self.save_checkpoint(self.loader, {"best": self.best}, {})
 
-    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self.multilabel:  # target [B, C]: confidences in [0, 1] (or multi-hot)
-            return F.binary_cross_entropy_with_logits(logits, target)
-        if target.ndim == 2:  # mixup/cutmix soft targets (label smoothing included)
-            return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        return F.cross_entropy(logits, target, label_smoothing=self.cfg.data.label_smoothing)
-
     # ------------------------------------------------------------------ the step, for runtime's loop
     def train_micro_batch(self, batch) -> StepResult:
-        """One collective and one host read per micro-batch: the loss, its finiteness and the preemption flag of
-        every rank; a non-finite loss on any rank means no rank back-propagates (runtime's policy counts it)."""
-        x = batch["image"].to(self.device, non_blocking=True)
-        y = batch["labels" if self.multilabel else "label"].to(self.device, non_blocking=True)
-        if self.mixup is not None:
-            x, y = self.mixup(x, y)
+        """One collective and one host read per micro-batch: the loss (and its parts), their finiteness and the
+        preemption flag of every rank; a non-finite loss on any rank means no rank back-propagates (runtime's
+        policy counts it)."""
         boundary = self.engine.is_gradient_accumulation_boundary()
-        loss = self._loss(self.engine(x), y)
-        result = reduce_step({"loss": loss}, {}, self.preemption.requested, self.world)
+        loss, parts = self.task.loss(self.engine, batch)
+        result = reduce_step({"loss": loss, **parts}, {}, self.preemption.requested, self.world)
         result.boundary = boundary
         if not result.nonfinite:
             self.engine.backward(loss)
@@ -187,76 +108,23 @@ class Finetuner(Trainer):
         return max(self.engine.get_lr())  # the head's (layer decay scales the rest)
 
     def evaluate_epoch(self) -> dict[str, float]:
-        metrics = self.evaluate()
+        model = self.engine.module
+        average_buffers(model, self.world)  # one BatchNorm state on every rank, evaluated and saved
+        was_training = model.training
+        model.eval()
+        try:
+            metrics = self.task.evaluate(model)
+            panel = self.task.panel(model) if self.is_main else None
+        finally:
+            model.train(was_training)
+        if panel is not None:
+            self.tracker.log_image(panel, f"panels/{self.cfg.resolved_task}_step{self.step:07d}.png")
         self.best = max(self.best, metrics[self.metric])
-        metrics[self.metric.replace("val/", "val/best_")] = self.best
+        metrics[self.metric.replace("/", "/best_", 1)] = self.best
         return metrics
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        return self.evaluate_multilabel() if self.multilabel else self.evaluate_single_label()
-
-    @torch.no_grad()
-    def evaluate_multilabel(self) -> dict[str, float]:
-        """mAP (percent; over the classes with a positive, label > 0, in the val list) and mean binary
-        cross-entropy over every validation image, the same numbers on every rank. The loss adds up over ranks,
-        AP does not: each rank gathers from all ranks the scores of its own share of the classes (r, r+W, ...),
-        so no rank holds more than N x C/W of them (a 125k-image, 9.6k-class val set is 4.8 GB of scores)."""
-        model = self.engine.module
-        was_training = model.training
-        model.eval()
-        scores, labels = [], []
-        try:
-            for batch in self.val_loader:
-                scores.append(model(batch["image"].to(self.device, self.input_dtype)).float())
-                labels.append(batch["labels"].to(self.device).float())
-        finally:
-            model.train(was_training)
-        empty = torch.zeros(0, self.num_classes, device=self.device)
-        logits, target = (torch.cat(scores), torch.cat(labels)) if scores else (empty, empty)
-        ap_sum, ap_count = 0.0, 0
-        for r in range(self.world):
-            cols = torch.arange(r, self.num_classes, self.world, device=self.device)
-            part = all_gather_rows(torch.cat([logits[:, cols], target[:, cols]], dim=1), self.world)
-            if r == self.rank:
-                part = part.cpu().numpy()  # float32: average_precision widens one column at a time
-                aps = [average_precision(part[:, j], part[:, len(cols) + j]) for j in range(len(cols))]
-                aps = [a for a in aps if not math.isnan(a)]  # no positive of this class in the val list
-                ap_sum, ap_count = sum(aps), len(aps)
-        loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
-        images, loss_sum, ap_sum, ap_count = sum_to_host(torch.tensor(
-            [len(target), loss.item(), ap_sum, ap_count], dtype=torch.float64, device=self.device))
-        if ap_count == 0:
-            raise DataError(f"data.val_list {self.cfg.data.val_list}: no class has a positive label; mAP is undefined")
-        return {"val/mAP": 100 * ap_sum / ap_count, "val/loss": loss_sum / max(1.0, images * self.num_classes),
-                "val/images": images}
-
-    @torch.no_grad()
-    def evaluate_single_label(self) -> dict[str, float]:
-        """top-1 / top-5 (percent) and mean cross-entropy over every validation image, all ranks summed."""
-        model = self.engine.module
-        was_training = model.training
-        model.eval()
-        k = min(5, self.num_classes)
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # n, top1, top5, loss
-        try:
-            for batch in self.val_loader:
-                x = batch["image"].to(self.device, self.input_dtype)
-                y = batch["label"].to(self.device)
-                logits = model(x).float()
-                topk = logits.topk(k, dim=1).indices
-                sums[0] += y.numel()
-                sums[1] += (topk[:, 0] == y).sum()
-                sums[2] += (topk == y[:, None]).any(dim=1).sum()
-                sums[3] += F.cross_entropy(logits, y, reduction="sum")
-        finally:
-            model.train(was_training)
-        images, top1, topk, loss = sum_to_host(sums)
-        n = max(1.0, images)
-        return {"val/top1": 100 * top1 / n, f"val/top{k}": 100 * topk / n, "val/loss": loss / n, "val/images": images}
-
     def export_model(self) -> Path | None:
-        """The fine-tuned classifier as timm safetensors (fp32 master weights under bf16/fp16)."""
+        """The fine-tuned model as safetensors (fp32 master weights under bf16/fp16)."""
         from safetensors.torch import save_file
 
         if not self.is_main:
@@ -265,16 +133,16 @@ class Finetuner(Trainer):
         if self.precision != "fp32":  # the module holds rounded copies: the checkpoint's fp32 master weights
             state = checkpoint.read_weights(checkpoint.candidates(self.ckpt_dir)[0], "student")[0]
         path = self.out_dir / "model.safetensors"
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(path),
-                  metadata={"format": "pt", "timm_model": self.cfg.model.backbone,
-                            "img_size": str(self.cfg.model.img_size), "num_classes": str(self.num_classes)})
+        meta = {"format": "pt", "timm_model": self.cfg.model.backbone, "img_size": str(self.cfg.model.img_size),
+                "num_classes": str(self.num_classes), "task": self.cfg.resolved_task, **self.task.export_metadata()}
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(path), metadata=meta)
         self.tracker.log_artifact(path, "model")
         return path
 
     def describe(self) -> str:
-        return (f"{self.world} rank(s), {self.precision}, {self.cfg.optim.epochs} epochs x {self.steps_per_epoch} "
-                f"steps, global batch {self.global_batch}, peak lr {self.lr:.3g}, {self.num_classes} classes "
-                f"({'multi-label, mAP' if self.multilabel else 'single-label, top-1'}), from epoch {self.epoch}")
+        return (f"{self.world} rank(s), {self.precision}, {self.cfg.resolved_task}: {self.cfg.optim.epochs} epochs "
+                f"x {self.steps_per_epoch} steps ({self.total_steps} in all), global batch {self.global_batch}, "
+                f"peak lr {self.lr:.3g}, {self.task.describe()}, from epoch {self.epoch}")
 
     def finish(self) -> None:
         if (path := self.export_model()) is not None:

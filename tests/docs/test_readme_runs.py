@@ -33,6 +33,7 @@ QUICK_DEMO = 'make demo ARGS="--set run.eval_every=4"'  # 256 images / 32 per st
 # the README's placeholders for a user's data and a cluster run, and what stands for them here
 DATA_PLACES = {"/data/ml-images": ".", "/data/shards": "../runs/shards"}  # run from demo_data/
 RUN_PLACES = {"runs/swin_b_mlimages": "runs/demo"}
+DENSE_DEMOS = {"det_demo": ("eval/bbox_AP", "eval/segm_AP"), "seg_demo": ("eval/mIoU",)}  # config -> its figures
 
 
 def git(*args, cwd=REPO) -> str:
@@ -209,9 +210,16 @@ def test_the_readme_cpu_commands_run_on_a_fresh_clone(tmp_path):
             away = run(root, f"cd {tmp_path} && {line.replace('runs/demo', str(root / 'runs/demo'))}")
             assert json.loads(away.stdout.strip().splitlines()[-1])["value"] == res["value"]
         elif "launchers/finetune.py" in line:
-            cp = run(root, line, timeout=900)
-            assert "val/top1=" in cp.stdout + cp.stderr, (cp.stdout + cp.stderr)[-3000:]
-            assert (root / "runs/finetune_demo/model.safetensors").is_file()
+            cp = run(root, line, timeout=1200)
+            task = next((t for t in DENSE_DEMOS if f"configs/{t}.yaml" in line), "finetune_demo")
+            figures = DENSE_DEMOS.get(task, ("val/top1",))
+            out = root / "runs" / task
+            for f in figures:  # on the console and in metrics.jsonl
+                assert f"{f}=" in cp.stdout + cp.stderr, (cp.stdout + cp.stderr)[-3000:]
+                assert any(f in json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()), f
+            assert (out / "model.safetensors").is_file()
+            if task in DENSE_DEMOS:  # the demo's backbone, every weight of it
+                assert "backbone from runs/demo/backbone.safetensors" in cp.stdout + cp.stderr
         else:
             cp = run(root, line)
             if "to-shards" in line:

@@ -1,0 +1,1 @@
+"""Fine-tuning tasks: what each downstream task supplies to hvpmtl/train/finetune.py (base.py says what)."""
