@@ -3,9 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hvpmtl-installed
 
-.PHONY: setup demo demo-clean test test-fast test-local bench bench-gpu clean
+.PHONY: setup demo demo-clean test test-fast test-local bench bench-gpu clean constraints
 setup: $(STAMP)
-$(STAMP): requirements.txt setup.py tools/setup_env.sh
+$(STAMP): requirements.txt constraints.txt setup.py tools/setup_env.sh
 	bash tools/setup_env.sh $(VENV)
 
 demo: setup
@@ -40,3 +40,10 @@ bench-gpu: setup
 
 clean:
 	rm -rf runs demo_data mlruns mlflow.db .pytest_cache bench_gpu
+
+# Refresh constraints.txt: a fresh venv with the newest versions requirements.txt admits, then its exact versions
+# (docs/INSTALL.md). Run the tests on it before committing the new file.
+constraints:
+	rm -rf .venv-refresh && HVPMTL_NO_CONSTRAINTS=1 bash tools/setup_env.sh .venv-refresh
+	{ sed -n '1,2p' constraints.txt; .venv-refresh/bin/python -m pip freeze --exclude-editable | grep -v '^hvpmtl'; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .venv-refresh

@@ -56,7 +56,7 @@ def fresh_clone(where: Path) -> Path:
     stamp = VENV_ROOT / ".hvpmtl-installed"
     if stamp.exists():
         old = stamp.stat().st_mtime - 60
-        for f in ("requirements.txt", "setup.py", "tools/setup_env.sh"):
+        for f in ("requirements.txt", "constraints.txt", "setup.py", "tools/setup_env.sh"):
             os.utime(root / f, (old, old))
     plan = subprocess.run(["make", "-n", "demo"], cwd=root, capture_output=True, text=True).stdout
     assert "setup_env.sh" not in plan, f"the venv running the tests was not made by `make setup`:\n{plan}"
