@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -17,7 +17,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
     Like SyncBatchNorm, so a step does not depend on how the global batch is split over ranks (1 rank
     of 2B = 2 ranks of B), but on every device: forward all-reduces [sum, sum of squares, count] once,
-    and autograd's twin of that all-reduce (torch.distributed.nn) sums the statistics' gradients in
+    and autograd's twin of that all-reduce (torch's functional collectives) sums the statistics' gradients in
     backward, which is exactly SyncBatchNorm's backward. nn.SyncBatchNorm itself refuses CPU tensors.
     The sums are accumulated in float64 (E[x^2] - E[x]^2 in fp32 would cancel); the same formula runs
     with one rank, so 1-rank and N-rank runs differ only by summation order. Eval mode uses the running
@@ -37,7 +37,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         x64 = x.double()
         local = torch.cat([x64.sum(0), (x64 * x64).sum(0), x64.new_full((1,), x.shape[0])])
         if _distributed(self.group):
-            local = dist_nn.all_reduce(local, group=self.group)
+            local = funcol.all_reduce(local, "sum", self.group if self.group is not None else dist.group.WORLD)
         d = self.num_features
         n = local[-1]
         mean = local[:d] / n
