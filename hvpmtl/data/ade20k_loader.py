@@ -39,7 +39,7 @@ from PIL import Image
 from hvpmtl.data.ade20k import IGNORE_INDEX, Ade20kSplit
 from hvpmtl.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from hvpmtl.data.issues import DataError
-from hvpmtl.data.loader import epoch_batches
+from hvpmtl.data.sample_order import SampleOrder
 
 MEAN = np.asarray(IMAGENET_MEAN, np.float32)
 STD = np.asarray(IMAGENET_STD, np.float32)
@@ -136,17 +136,17 @@ def pad_to(image: torch.Tensor, label: Optional[torch.Tensor], h: int, w: int):
     return image, label
 
 
-class SegTrainLoader:
+class SegTrainLoader(SampleOrder):
     """Training batches {"image": float32 [B,3,h,w], "label": int64 [B,h,w] (255 = ignore), "index": int64 [B]}
     with (h, w) = crop_size; the project's loader interface (set_epoch, __len__, __iter__, state_dict,
     load_state_dict). `scale` is mmseg's base (long, short) size; the random ratio is `ratio_range`."""
+
+    what = "ADE20K loader"
 
     def __init__(self, split: Ade20kSplit, batch_size: int, crop_size: Size, rank: int, world_size: int, seed: int,
                  *, scale: Sequence[int] = (2048, 512), ratio_range: Sequence[float] = (0.5, 2.0),
                  cat_max_ratio: float = 0.75, flip_prob: float = 0.5, photometric: bool = True,
                  num_threads: int = 2, prefetch: int = 2):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         if len(scale) != 2 or min(scale) < 1:
             raise ValueError(f"scale is the base (long, short) size in pixels, e.g. (2048, 512), got {tuple(scale)}; "
                              "the random factor is ratio_range")
@@ -154,51 +154,17 @@ class SegTrainLoader:
             raise ValueError(f"ratio_range must be 0 < low <= high, got {tuple(ratio_range)}")
         if not 0 < cat_max_ratio <= 1:
             raise ValueError(f"cat_max_ratio must be in (0, 1], got {cat_max_ratio}")
-        self.split, self.batch_size, self.rank, self.world_size, self.seed = split, batch_size, rank, world_size, seed
+        super().__init__(split, batch_size, rank, world_size, seed, lambda: split.describe())
+        self.split = split
         self.crop = _hw(crop_size, "crop_size")
         self.scale, self.ratio_range = (float(max(scale)), float(min(scale))), tuple(float(r) for r in ratio_range)
         self.cat_max_ratio, self.flip_prob, self.photometric = cat_max_ratio, flip_prob, photometric
-        self.num_samples = len(split)
-        if len(self) == 0:
-            raise DataError(f"{split.describe()}: {self.num_samples} images make no batch of {batch_size} on each of "
-                            f"{world_size} ranks")
-        self.epoch, self.start, self.consumed = 0, 0, 0
         self.prefetch = max(1, prefetch)
         self._pool = ThreadPoolExecutor(max_workers=max(1, num_threads), thread_name_prefix="hvpmtl-ade")
 
-    def __len__(self) -> int:
-        """Batches per epoch on each rank (the same on every rank; the last N mod (B*W) images wait)."""
-        return self.num_samples // (self.batch_size * self.world_size)
-
-    def _pass_len(self) -> int:
-        return (self.num_samples - self.start) // (self.batch_size * self.world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.start, self.consumed = epoch, 0, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "start": self.start, "position": self.consumed, "rank": self.rank,
-                "world_size": self.world_size, "batch_size": self.batch_size, "num_samples": self.num_samples,
-                "seed": self.seed}
-
-    def load_state_dict(self, sd: dict) -> None:
-        if sd["num_samples"] != self.num_samples or sd["seed"] != self.seed:
-            raise DataError(f"ADE20K loader state is for {sd['num_samples']} images and seed {sd['seed']}, this loader "
-                            f"has {self.num_samples} and {self.seed}: the data set or seed changed since the checkpoint")
-        self.epoch = int(sd["epoch"])
-        if (sd["world_size"], sd["batch_size"]) == (self.world_size, self.batch_size):
-            self.start, self.consumed = int(sd["start"]), int(sd["position"])
-        else:  # same global sample position, re-split over this run's ranks; the draws are per sample
-            self.start = int(sd["start"]) + int(sd["position"]) * sd["batch_size"] * sd["world_size"]
-            self.consumed = 0
-
     def __iter__(self):
-        if self.consumed >= self._pass_len():
-            self.start, self.consumed = 0, 0  # a finished epoch runs again unless set_epoch moved on
         epoch = self.epoch
-        batches = epoch_batches(self.num_samples, self.batch_size, self.world_size, self.rank, self.seed, epoch,
-                                self.start)
+        batches = self.pass_batches()
         queue: collections.deque = collections.deque()
         nxt = self.consumed
         while self.consumed < len(batches):

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from hvpmtl.data.coco import CocoSplit, decode_masks
 from hvpmtl.data.issues import DataError
-from hvpmtl.data.loader import epoch_batches
+from hvpmtl.data.sample_order import SampleOrder
 
 log = logging.getLogger(__name__)
 
@@ -59,49 +59,16 @@ def flip_draw(seed: int, epoch: int, i: int) -> bool:
     return bool(np.random.default_rng([seed, epoch, i, FLIP_STREAM]).random() < 0.5)
 
 
-class CocoTrainLoader:
+class CocoTrainLoader(SampleOrder):
     """Yields {"images": [float [3,H,W] in 0..1], "targets": [{"boxes" [n,4] xyxy float32, "labels" [n] int64
     in 1..K, "masks" [n,H,W] uint8}], "image_ids": [int]} of `batch_size` images, rank-disjoint."""
 
+    what = "COCO loader"
+
     def __init__(self, split: CocoSplit, batch_size: int, rank: int, world_size: int, seed: int, flip: bool = True,
                  num_threads: int = 2):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.split, self.batch_size, self.rank, self.world_size = split, batch_size, rank, world_size
-        self.seed, self.flip, self.num_threads = seed, flip, num_threads
-        self.num_samples = len(split)
-        if len(self) == 0:
-            raise DataError(f"{split.ann_file}: {self.num_samples} images make no batch of {batch_size} on each of "
-                            f"{world_size} ranks")
-        self.epoch, self.start, self.consumed = 0, 0, 0
-
-    def __len__(self) -> int:
-        """Batches per epoch on each rank (the same on every rank)."""
-        return self.num_samples // (self.batch_size * self.world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.start, self.consumed = epoch, 0, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "start": self.start, "position": self.consumed, "rank": self.rank,
-                "world_size": self.world_size, "batch_size": self.batch_size, "num_samples": self.num_samples,
-                "seed": self.seed}
-
-    def load_state_dict(self, sd: dict) -> None:
-        if sd["num_samples"] != self.num_samples or sd["seed"] != self.seed:
-            raise DataError(f"COCO loader state is for {sd['num_samples']} images and seed {sd['seed']}, this loader "
-                            f"has {self.num_samples} and {self.seed}: the data set or seed changed since the checkpoint")
-        self.epoch = int(sd["epoch"])
-        if (sd["world_size"], sd["batch_size"]) == (self.world_size, self.batch_size):
-            self.start, self.consumed = int(sd["start"]), int(sd["position"])
-        else:  # another split of the global batch: the same images from the saved global position on
-            self.start = int(sd["start"]) + int(sd["position"]) * sd["batch_size"] * sd["world_size"]
-            self.consumed = 0
-            log.info("COCO loader resumes epoch %d at image %d of its permutation (world size %d -> %d)",
-                     self.epoch, self.start, sd["world_size"], self.world_size)
+        super().__init__(split, batch_size, rank, world_size, seed, lambda: split.ann_file)
+        self.split, self.flip, self.num_threads = split, flip, num_threads
 
     def _sample(self, i: int) -> tuple[torch.Tensor, dict]:
         image, target = load_image(self.split, i), load_target(self.split, i)
@@ -110,12 +77,7 @@ class CocoTrainLoader:
         return image, target
 
     def __iter__(self):
-        batches = epoch_batches(self.num_samples, self.batch_size, self.world_size, self.rank, self.seed, self.epoch,
-                                self.start)
-        if self.consumed >= len(batches):  # a finished epoch runs again unless set_epoch moved on
-            self.start, self.consumed = 0, 0
-            batches = epoch_batches(self.num_samples, self.batch_size, self.world_size, self.rank, self.seed,
-                                    self.epoch)
+        batches = self.pass_batches()
         with ThreadPoolExecutor(max_workers=max(1, self.num_threads), thread_name_prefix="hvpmtl-coco") as pool:
             while self.consumed < len(batches):
                 ids = [int(i) for i in batches[self.consumed]]
