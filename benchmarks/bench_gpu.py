@@ -1,16 +1,24 @@
 """`make bench-gpu`: everything worth measuring on one GPU, in under 8 minutes, as JSON + a markdown table.
 
-Sections (each in its own process, under its own time budget, so one hang or crash costs only its budget):
-  peak        bf16 matmul peak of the card (8192^3, CUDA events): the denominator of every MFU below
-  step_vit    ViT-B/16 full HVP-MTL step under ZeRO-2 (benchmarks/train_step.py): img/s, MFU, peak memory
-  step_swin   Swin-B, the same
-  data        synthetic JPEGs (~2x ImageNet size) as a list file and as webdataset shards
-  dali        the DALI GPU pipeline alone (2 views + mask + labels, RandAugment on), from the list and the shards
-  dali_loop   the ViT-B step fed by DALI vs the same step on a batch already on the GPU: the slowdown
-  kernels     benchmarks/kernels.py --check (Triton kernels against float64 references)
+Sections (each in its own process, under its own time budget, so one hang, crash or out-of-memory costs only its
+budget):
+  peak            bf16 matmul peak of the card (8192^3): the denominator of every MFU below
+  data            synthetic JPEGs (~2x ImageNet size) as a list file and as webdataset shards
+  dali            the DALI GPU pipeline alone at 224 px with the paper configs' augmentations (2 views + mask +
+                  labels, RandAugment), from the list and from the shards
+  step_<b>_<v>    the paper config of backbone <b> (vit: configs/pretrain_vit_b.yaml, swin: pretrain_swin_b.yaml),
+                  its whole step (teacher, student, four objectives, DeepSpeed) fed by the DALI loader, in
+                  variant <v>, each one change from `zero2` (the config as shipped: ZeRO-2, its own micro-batch, no
+                  accumulation, view 1 unmasked for SwAV):
+                    zero2   as shipped       zero1 / zero0   ZeRO stage 1 / no ZeRO (ds_configs/zero{1,0}.json)
+                    accum   micro-batch 16 with accumulation to the same batch per optimizer step (16 x 8 for 128)
+                    masked  objectives.swav.view1=masked (one backbone forward and backward less)
+                  -> img/s, MFU (FLOPs per image counted with FlopCounterMode on this step), the share of the step
+                     spent waiting for data, peak allocated and reserved memory
+  kernels         benchmarks/kernels.py --check (Triton kernels against float64 references)
 
     python benchmarks/bench_gpu.py --out bench_gpu/          # on a GPU (make bench-gpu)
-    python benchmarks/bench_gpu.py --tiny --out /tmp/b       # CPU, tiny model, CPU DALI, Triton interpreter:
+    python benchmarks/bench_gpu.py --tiny --out /tmp/b       # CPU, tiny models, CPU DALI, Triton interpreter:
                                                              # the same code paths, in the tests
 Writes OUT/bench_gpu.json and OUT/bench_gpu.md. Exit code 0 when every section ran and every kernel check
 passed, 1 otherwise (the files are written either way).
@@ -31,24 +39,33 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _bootstrap import ROOT, import_package  # noqa: E402
 
+# the step variants: (backbone, ZeRO stage, batching, SwAV's view 1); each is one change from "zero2"
+STEP_VARIANTS = {
+    f"step_{b}_{v}": (b, stage, batching, view1) for b in ("vit", "swin")
+    for v, stage, batching, view1 in (("zero2", 2, "micro", "unmasked"), ("zero1", 1, "micro", "unmasked"),
+                                      ("zero0", 0, "micro", "unmasked"), ("accum", 2, "accum", "unmasked"),
+                                      ("masked", 2, "micro", "masked"))}
 # seconds per section on one GPU; the sum stays under 8 minutes with the start-up of each process included
-BUDGET_S = {"peak": 30, "step_vit": 100, "step_swin": 100, "data": 40, "dali": 60, "dali_loop": 90, "kernels": 50}
+BUDGET_S = {"peak": 15, "data": 30, "dali": 40,
+            **{k: 32 if v[0] == "vit" else 40 for k, v in STEP_VARIANTS.items()}, "kernels": 35}
 SECTIONS = list(BUDGET_S)
 TOTAL_LIMIT_S = 480
 
-# what each section runs: full size on the GPU, tiny on the CPU
-FULL = {"vit": dict(backbone="vit_base_patch16_224", batch=128, img_size=224, classes=11166, decoder_groups=128,
-                    decoder_layers=2, steps=8, warmup=3),
-        "swin": dict(backbone="swin_base_patch4_window7_224", batch=64, img_size=224, classes=11166,
-                     decoder_groups=128, decoder_layers=2, steps=8, warmup=3),
-        "data": dict(num_images=1024, upscale=2.0, shard_size=256, batch=128, batches=12, warmup=3, threads=8),
-        "loop": dict(steps=8, warmup=3)}
-TINY = {"vit": dict(backbone="vit_tiny_patch16_224", batch=2, img_size=32, classes=24, decoder_groups=0,
-                    decoder_layers=1, steps=1, warmup=1, config="configs/test_tiny.yaml"),
-        "swin": dict(backbone="swin_tiny_patch4_window7_224", batch=2, img_size=64, classes=24, decoder_groups=0,
-                     decoder_layers=1, steps=1, warmup=1, config="configs/test_tiny.yaml"),
-        "data": dict(num_images=16, upscale=1.0, shard_size=8, batch=4, batches=2, warmup=1, threads=1),
-        "loop": dict(steps=1, warmup=1)}
+# what each section runs: full size on the GPU, tiny on the CPU. "micro": the micro-batch of the variants
+# without accumulation (None: the config's own optim.micro_batch_size); "accum_micro": the accumulation variant's
+FULL = {"vit": dict(config="configs/pretrain_vit_b.yaml", sets=[], micro=None, accum_micro=16, steps=4, warmup=2),
+        "swin": dict(config="configs/pretrain_swin_b.yaml", sets=[], micro=None, accum_micro=16, steps=4, warmup=2),
+        "data": dict(num_images=1024, upscale=2.0, shard_size=256, batch=128, batches=12, warmup=3, threads=8,
+                     img_size=224, config="configs/pretrain_vit_b.yaml")}
+_TINY_HEADS = ["data.num_classes=24"]
+TINY = {"vit": dict(config="configs/test_tiny.yaml", micro=2, accum_micro=1, steps=1, warmup=1,
+                    sets=["model.backbone=vit_tiny_patch16_224", "model.img_size=32", "data.img_size=32",
+                          *_TINY_HEADS]),
+        "swin": dict(config="configs/test_tiny.yaml", micro=2, accum_micro=1, steps=1, warmup=1,
+                     sets=["model.backbone=swin_tiny_patch4_window7_224", "model.img_size=64", "data.img_size=64",
+                           *_TINY_HEADS]),
+        "data": dict(num_images=16, upscale=1.0, shard_size=8, batch=4, batches=2, warmup=1, threads=1, img_size=64,
+                     config="configs/pretrain_vit_b.yaml")}
 
 
 def _sync(device) -> None:
@@ -79,28 +96,6 @@ def section_peak(tiny: bool) -> dict:
             "tflops": 2 * n**3 / t / 1e12}
 
 
-def _train_step_args(spec: dict, peak: float, precision: str):
-    import train_step
-    args = ["--backbone", spec["backbone"], "--batch", str(spec["batch"]), "--img-size", str(spec["img_size"]),
-            "--classes", str(spec["classes"]), "--decoder-groups", str(spec["decoder_groups"]),
-            "--decoder-layers", str(spec["decoder_layers"]), "--steps", str(spec["steps"]),
-            "--warmup", str(spec["warmup"]), "--precision", precision, "--peak-tflops", str(peak)]
-    if spec.get("config"):
-        args += ["--config", str(ROOT / spec["config"])]
-    p = argparse.ArgumentParser()
-    train_step.add_arguments(p)
-    return p.parse_args(args)
-
-
-def section_step(tiny: bool, which: str, peak: float) -> dict:
-    import torch
-
-    import train_step
-    spec = (TINY if tiny else FULL)[which]
-    a = _train_step_args(spec, peak, "fp32" if tiny or not torch.cuda.is_available() else "bf16")
-    return train_step.run(a, "zero2")
-
-
 def section_data(tiny: bool, work: Path) -> dict:
     import data_pipeline
 
@@ -113,47 +108,79 @@ def section_data(tiny: bool, work: Path) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
-def _data_cfg(tiny: bool, data: dict, fmt: str, img_size: int):
+def _on_gpu(tiny: bool) -> bool:
     import torch
+    return torch.cuda.is_available() and not tiny
 
-    from hvpmtl.config import DataConfig
+
+def _data_sets(tiny: bool, data: dict, fmt: str) -> list[str]:
+    """Overrides that point a paper config's data section at the generated data set (its augmentations kept)."""
     spec = (TINY if tiny else FULL)["data"]
-    return DataConfig(format=fmt, root=data["root"], list_file=data["list_file"], shards=data["shards"],
-                      num_classes=24, img_size=img_size, num_threads=spec["threads"], rand_augment_n=2,
-                      mask_patch_size=32, device="cpu" if tiny or not torch.cuda.is_available() else "gpu")
+    return [f"data.format={fmt}", f"data.root={data['root']}", f"data.list_file={data['list_file']}",
+            f"data.shards={data['shards']}", "data.dictionary=''", "data.index=''", "data.index_auto_build=1000000",
+            "data.skip_list=''", "data.holdout_list=''", f"data.num_threads={spec['threads']}",
+            f"data.device={'gpu' if _on_gpu(tiny) else 'cpu'}"]
 
 
 def section_dali(tiny: bool, data: dict) -> dict:
+    """DALI alone at the paper configs' augmentations (crop, flip, colour jitter, rotation, RandAugment n=2 m=9;
+    tiny: at 64 px on the CPU)."""
     import torch
 
     import data_pipeline
+    from hvpmtl.config import load_config
     spec = (TINY if tiny else FULL)["data"]
-    img = 64 if tiny else 224
     out = {}
     for fmt in ("tencent", "shards"):
-        cfg = _data_cfg(tiny, data, fmt, img)
+        cfg = load_config(ROOT / spec["config"], [*_data_sets(tiny, data, fmt), f"data.img_size={spec['img_size']}",
+                                                  f"model.img_size={spec['img_size']}", "data.num_classes=24"]).data
         dtype = torch.float32 if cfg.device == "cpu" else torch.bfloat16
         ips, info = data_pipeline.bench_dali(cfg, spec["batch"], spec["batches"], spec["warmup"], 16, dtype)
-        out["list" if fmt == "tencent" else "shards"] = {"img_per_s": ips, "device": cfg.device, "batch": spec["batch"],
-                                                         "rand_augment_n": cfg.rand_augment_n, "info": info}
+        out["list" if fmt == "tencent" else "shards"] = {
+            "img_per_s": ips, "device": cfg.device, "batch": spec["batch"], "img_size": cfg.img_size,
+            "rand_augment_n": cfg.rand_augment_n, "rand_augment_m": cfg.rand_augment_m,
+            "rotation_deg": cfg.rotation_deg, "color_jitter": cfg.color_jitter, "info": info}
     return out
 
 
-def section_dali_loop(tiny: bool, data: dict, peak: float) -> dict:
-    """The ViT step fed by the DALI loader, then the same step on the last batch again (already on the device):
-    the ratio is what the input pipeline costs the step."""
+def load_paper_config(which: str, tiny: bool = False):
+    from hvpmtl.config import load_config
+    spec = (TINY if tiny else FULL)[which]
+    return load_config(ROOT / spec["config"], spec["sets"])
+
+
+def step_config(tiny: bool, name: str, data: dict, out_dir: str):
+    """The experiment config of step variant `name`: the paper config (tiny: test_tiny's heads on a tiny backbone)
+    fed by the generated data through DALI, at one rank, with the variant's ZeRO stage, batching and view 1."""
+    from hvpmtl.config import load_config
+    which, stage, batching, view1 = STEP_VARIANTS[name]
+    spec = (TINY if tiny else FULL)[which]
+    shipped = load_paper_config(which, tiny)
+    micro = spec["micro"] or shipped.optim.micro_batch_size
+    micro, accum = (micro, 1) if batching == "micro" else (spec["accum_micro"], micro // spec["accum_micro"])
+    return load_config(ROOT / spec["config"], [
+        *spec["sets"], *_data_sets(tiny, data, "tencent"), f"run.output_dir={out_dir}",
+        f"run.ds_config={ROOT / 'ds_configs' / f'zero{stage}.json'}",
+        f"run.precision={'bf16' if _on_gpu(tiny) else 'fp32'}",
+        "tracking.enabled=false", "run.progress_bar=false", f"optim.micro_batch_size={micro}",
+        f"optim.grad_accum_steps={accum}", "optim.global_batch_size=0", f"objectives.swav.view1={view1}"])
+
+
+def section_step(tiny: bool, name: str, peak: float, data: dict) -> dict:
+    """One step variant fed by the DALI loader: warm-up, one optimizer step under FlopCounterMode (FLOPs per
+    image), then timed optimizer steps; data wait = time blocked on the loader (each micro-batch reads the
+    device once, so the host cannot run ahead of the GPU and hide it)."""
+    import resource
+
     import torch
 
-    import train_step
+    import flops
     from hvpmtl.train.pretrain import Pretrainer
-    spec = (TINY if tiny else FULL)["vit"]
-    loop = (TINY if tiny else FULL)["loop"]
-    a = _train_step_args(spec, peak, "fp32" if tiny or not torch.cuda.is_available() else "bf16")
-    cfg = train_step.make_cfg(a, tempfile.mkdtemp(prefix="hvpmtl-bench-"))
-    dc = _data_cfg(tiny, data, "tencent", spec["img_size"])
-    for k in ("format", "root", "list_file", "num_threads", "rand_augment_n", "device", "mask_patch_size"):
-        setattr(cfg.data, k, getattr(dc, k))
+    spec = (TINY if tiny else FULL)[STEP_VARIANTS[name][0]]
+    cfg = step_config(tiny, name, data, tempfile.mkdtemp(prefix="hvpmtl-bench-"))
     t = Pretrainer(cfg, resume="none")
+    micro, accum = cfg.optim.micro_batch_size, cfg.optim.grad_accum_steps
+    step_no = cfg.objectives.swav.freeze_prototypes_steps  # the steady state: prototypes no longer frozen
 
     def batches():
         epoch = 0
@@ -161,31 +188,51 @@ def section_dali_loop(tiny: bool, data: dict, peak: float) -> dict:
             t.loader.set_epoch(epoch)
             yield from t.loader
             epoch += 1
-
-    def step(batch):
-        assert not t.meta.forward_backward(batch, step=1).nonfinite
-        t.meta.update_teacher(t.momentum[1])
-
     it = batches()
-    batch = None
-    for _ in range(loop["warmup"]):
-        batch = next(it)
-        step(batch)
+
+    def optimizer_step() -> float:
+        wait = 0.0
+        for _ in range(accum):
+            t0 = time.perf_counter()
+            batch = next(it)
+            wait += time.perf_counter() - t0
+            r = t.meta.forward_backward(batch, step=step_no)
+            assert not r.nonfinite, r.nonfinite
+        assert r.boundary
+        t.meta.update_teacher(t.momentum[0])
+        return wait
+
+    for _ in range(spec["warmup"]):
+        optimizer_step()
+    with flops.flop_counter() as counter:
+        optimizer_step()
+    flop_per_image = counter.get_total_flops() / (micro * accum)
     _sync(t.device)
-    t0 = time.perf_counter()
-    for _ in range(loop["steps"]):
-        batch = next(it)
-        step(batch)
-    _sync(t.device)
-    fed = (time.perf_counter() - t0) / loop["steps"]
-    t0 = time.perf_counter()
-    for _ in range(loop["steps"]):
-        step(batch)
-    _sync(t.device)
-    synthetic = (time.perf_counter() - t0) / loop["steps"]
-    b = cfg.optim.micro_batch_size
-    return {"backbone": cfg.model.backbone, "batch": b, "dali_device": cfg.data.device,
-            "img_per_s_dali": b / fed, "img_per_s_synthetic": b / synthetic, "slowdown": fed / synthetic}
+    if t.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(t.device)
+    times, waits = [], []
+    for _ in range(spec["steps"]):
+        t0 = time.perf_counter()
+        waits.append(optimizer_step())
+        _sync(t.device)
+        times.append(time.perf_counter() - t0)
+    if t.device.type == "cuda":
+        mem = torch.cuda.max_memory_allocated(t.device) / 2**30
+        reserved = torch.cuda.max_memory_reserved(t.device) / 2**30
+    else:  # the process's peak RSS: an upper bound of what the step holds on the CPU
+        mem = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    img_per_s = micro * accum * len(times) / sum(times)
+    m = cfg.model
+    return {"variant": name.split("_", 2)[2], "backbone": m.backbone, "img_size": m.img_size,
+            "zero_stage": t.engine.zero_optimization_stage(), "micro": micro, "accum": accum,
+            "view1": cfg.objectives.swav.view1, "classes": cfg.data.num_classes,
+            "decoder": f"{m.decoder_layers} layers, "
+                       + (f"{m.decoder_groups} groups" if m.decoder_groups else "per class"),
+            "precision": t.precision, "img_per_s": img_per_s, "step_ms": 1e3 * statistics.median(times),
+            "tflop_per_image": flop_per_image / 1e12, "achieved_tflops": flop_per_image * img_per_s / 1e12,
+            "mfu": flop_per_image * img_per_s / (peak * 1e12) if peak else None, "peak_tflops": peak or None,
+            "data_wait_frac": sum(waits) / sum(times), "peak_mem_gib": mem, "reserved_gib": reserved,
+            "data_device": cfg.data.device}
 
 
 def section_kernels(tiny: bool) -> dict:
@@ -204,16 +251,12 @@ def run_section(name: str, tiny: bool, work: Path, peak: float, data: dict) -> d
     import_package()
     if name == "peak":
         return section_peak(tiny)
-    if name == "step_vit":
-        return section_step(tiny, "vit", peak)
-    if name == "step_swin":
-        return section_step(tiny, "swin", peak)
+    if name in STEP_VARIANTS:
+        return section_step(tiny, name, peak, data)
     if name == "data":
         return section_data(tiny, work)
     if name == "dali":
         return section_dali(tiny, data)
-    if name == "dali_loop":
-        return section_dali_loop(tiny, data, peak)
     if name == "kernels":
         return section_kernels(tiny)
     raise SystemExit(f"unknown section {name}")
@@ -231,30 +274,49 @@ def markdown(report: dict) -> str:
            "| section | result | seconds (budget) |", "|---|---|---|"]
 
     def row(name, text):
-        sec = s.get(name, {})
+        if name not in s:  # not asked for (--sections)
+            return
+        sec = s[name]
         status = sec.get("error")
         out.append(f"| {name} | {('FAILED: ' + status) if status else text} | "
-                   f"{_f(sec.get('seconds'), '{:.0f}')} ({BUDGET_S[name]}) |")
+                   f"{_f(sec.get('seconds'), '{:.0f}')} ({r['budget_s'].get(name, BUDGET_S[name])}) |")
     pk = s.get("peak", {}).get("result", {})
     row("peak", f"{_f(pk.get('tflops'))} TFLOP/s ({pk.get('dtype')} matmul {pk.get('n')}³)")
-    for name in ("step_vit", "step_swin"):
-        x = s.get(name, {}).get("result", {})
-        mfu = f"{100 * x['mfu']:.1f}%" if x.get("mfu") else "n/a"
-        row(name, f"{x.get('backbone')} batch {x.get('batch')}: **{_f(x.get('img_per_s'))} img/s**, "
-                  f"{_f(x.get('step_ms'))} ms/step, MFU {mfu} ({_f(x.get('tflop_per_step'), '{:.2f}')} TFLOP/step), "
-                  f"peak {_f(x.get('peak_mem_gib'))} GiB")
     d = s.get("data", {}).get("result", {})
     row("data", f"{d.get('images')} JPEGs as a list file and as shards")
     dl = s.get("dali", {}).get("result", {})
-    row("dali", " / ".join(f"{k}: {_f(v.get('img_per_s'))} img/s ({v.get('device')}, RandAugment n="
-                           f"{v.get('rand_augment_n')})" for k, v in dl.items()) or "n/a")
-    lp = s.get("dali_loop", {}).get("result", {})
-    row("dali_loop", f"{lp.get('backbone')}: {_f(lp.get('img_per_s_dali'))} img/s fed by DALI vs "
-                     f"{_f(lp.get('img_per_s_synthetic'))} on a resident batch: slowdown ×{_f(lp.get('slowdown'), '{:.2f}')}")
+    row("dali", " / ".join(f"{k}: {_f(v.get('img_per_s'))} img/s ({v.get('device')}, {v.get('img_size')} px, "
+                           f"RandAugment n={v.get('rand_augment_n')} m={v.get('rand_augment_m')})"
+                           for k, v in dl.items()) or "n/a")
+    for name in STEP_VARIANTS:
+        x = s.get(name, {}).get("result", {})
+        row(name, f"{x.get('backbone')}: **{_f(x.get('img_per_s'))} img/s**, MFU {_pct(x.get('mfu'))}"
+                  if x else "n/a")
     k = s.get("kernels", {}).get("result", {})
     row("kernels", f"{k.get('rows')} checks, {k.get('failed')} FAIL" + (
         "" if not k.get("fail_rows") else ": " + "; ".join(k["fail_rows"][:3])))
+    out += ["", "## The step: paper configs, one change at a time", "",
+            "| backbone | variant | ZeRO | micro x accum | view 1 | decoder | img/s | step ms | TFLOP/img | MFU | "
+            "data wait | peak GiB | reserved GiB |", "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, (which, stage, batching, view1) in STEP_VARIANTS.items():
+        if name not in s:
+            continue
+        sec = s[name]
+        x = sec.get("result")
+        if not x:
+            out.append(f"| {which} | {name.split('_', 2)[2]} | {stage} | {batching} | {view1} | | "
+                       f"FAILED: {sec.get('error', 'not run')} | | | | | | |")
+            continue
+        out.append(f"| {x['backbone']} {x['img_size']} | {x['variant']} | {x['zero_stage']} | "
+                   f"{x['micro']} x {x['accum']} | "
+                   f"{x['view1']} | {x['decoder']} | **{_f(x['img_per_s'])}** | {_f(x['step_ms'])} | "
+                   f"{_f(x['tflop_per_image'], '{:.3f}')} | {_pct(x.get('mfu'))} | {_pct(x['data_wait_frac'])} | "
+                   f"{_f(x['peak_mem_gib'])} | {_f(x['reserved_gib'])} |")
     return "\n".join(out) + "\n"
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "n/a"
 
 
 def main(argv=None) -> int:

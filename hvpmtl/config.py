@@ -445,8 +445,15 @@ def _check_optim(o: OptimSection, source: str) -> None:
 
 def check_batch_sizes(cfg, world_size: int) -> int:
     """Global batch = micro x accumulation x world size. Fills in optim.grad_accum_steps when it is null
-    (derived from optim.global_batch_size, else 1); a message naming the keys when the sizes do not fit."""
+    (derived from optim.global_batch_size, else 1), lowering optim.micro_batch_size to the ranks' share when that
+    is smaller (no accumulation unless the global batch needs it); a message naming the keys when the sizes do
+    not fit."""
     o = cfg.optim
+    # optim.micro_batch_size is the most a rank takes (what fits its GPU); when the ranks' share of the global
+    # batch is smaller, each takes that share with no accumulation (64 GPUs x 16 = 1024)
+    if (o.grad_accum_steps is None and o.global_batch_size and o.micro_batch_size * world_size > o.global_batch_size
+            and o.global_batch_size % world_size == 0):
+        o.micro_batch_size = o.global_batch_size // world_size
     per_step = o.micro_batch_size * world_size
     if o.grad_accum_steps is None:
         if o.global_batch_size and o.global_batch_size % per_step:

@@ -27,6 +27,7 @@ COMMANDS = [c for doc in DOCS for c in documented_commands(REPO / doc, REPO)]
 CONFIG_LOADERS = {
     "launchers/pretrain.py": "hvpmtl.config:ExperimentConfig",
     "launchers/finetune.py": "hvpmtl.config:FinetuneConfig",
+    "launchers/doctor.py": "hvpmtl.config:ExperimentConfig",
 }
 # shell commands of the cluster docs that only make sense there: the program and nothing more is checked
 CLUSTER_SHELL = {"squeue", "tail", "mkdir", "scancel"}
