@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import contextlib
 import mmap
 import os
+import secrets
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -40,7 +43,10 @@ import pyarrow as pa
 
 from hvpmtl.data.issues import CODES, DataError, Issue, make_issue
 from hvpmtl.data.tars import INDEX_VERSION, LABELS, MANIFEST, load_shard_set, split_name
-from hvpmtl.data.tencent import find_duplicates, iter_list_blocks
+from hvpmtl.data.tencent import find_duplicates, iter_list_blocks, norm_path
+from hvpmtl.fileio import atomic_file, sha256_file
+from hvpmtl.locks import (create_lock_file, describe_holder, holder_record, local_holder_gone, parse_holder,
+                          process_alive, read_lock_file, take_over)  # the run lock's primitives
 
 MAGIC = b"HVPIDX\x00\x01"
 FORMAT = "hvpmtl-data-index-v1"
@@ -49,7 +55,7 @@ ALIGN = 64
 CHUNK_ROWS = 1 << 20  # rows per streamed chunk when writing
 # verdict byte -> code; 0 = not checked, 1 = fine; the rest are the validator's issue codes
 VERDICTS = ("unchecked", "ok", "grayscale", "cmyk", "missing-file", "unreadable", "zero-byte", "truncated",
-            "corrupt-jpeg", "not-jpeg", "bad-shard", "duplicate-path", "oversized")
+            "corrupt-jpeg", "not-jpeg", "bad-shard", "duplicate-path", "oversized", "bad-path")
 VERDICT = {c: i for i, c in enumerate(VERDICTS)}
 UNCHECKED, OK = 0, 1
 USABLE = (VERDICT["ok"], VERDICT["grayscale"], VERDICT["cmyk"])
@@ -68,15 +74,22 @@ def file_key(path: str | os.PathLike, content_hash: bool = True) -> dict:
     return key
 
 
-def sha256_file(path: str | os.PathLike, block: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- the file format
+
+# Every array's name and the dtypes it may have: a header naming anything else is refused before mapping
+# (numpy would otherwise build whatever dtype a damaged header names, objects included).
+ARRAY_DTYPES = {
+    "path_offsets": ("<i4", "<i8"), "path_blob": ("|u1",), "lines": ("<i4", "<i8"), "indptr": ("<i4", "<i8"),
+    "classes": ("<i4",), "confs": ("|u1", "<f4"), "verdict": ("|u1",), "width": ("<u2",), "height": ("<u2",),
+    "shard": ("<i4",), "shard_pos": ("<i4",), "issue_code": ("|u1",), "issue_line": ("<i8",),
+    "issue_file": ("<i4",), "issue_detail_offsets": ("<i8",), "issue_detail_blob": ("|u1",),
+    "issue_path_offsets": ("<i8",), "issue_path_blob": ("|u1",),
+}
+PER_SAMPLE = ("lines", "verdict", "width", "height")  # one value per sample
+MAX_HEADER = 256 << 20  # bytes of JSON header; 17.6k shard names take ~1 MB
+TRAILER_MAGIC = b"HVPSUM\x00\x01"  # then the sha256 of every byte before the trailer
+TRAILER = len(TRAILER_MAGIC) + 32
+REBUILD = "rebuild it with `hvpmtl data index` (never edit or overwrite an index in place)"
 
 
 class Streamed:
@@ -95,9 +108,28 @@ def _as_streamed(a) -> Streamed:
                                                                                                  CHUNK_ROWS * 8)))
 
 
+def _header_text(head: dict, data_len: int) -> tuple[bytes, int]:
+    """(the JSON header, where the arrays start): the header records the file's final size, which
+    depends on the header's own length, so lay it out until both agree."""
+    base = 4096
+    for _ in range(8):
+        text = json.dumps(dict(head, file_size=base + data_len + TRAILER, checksum="sha256"),
+                          separators=(",", ":")).encode()
+        need = -(-(16 + len(text)) // 4096) * 4096
+        if need == base:
+            return text, base
+        base = need
+    raise RuntimeError("index header layout does not settle")  # cannot happen: base only grows
+
+
+def _temp_name(path: Path, kind: str) -> str:
+    """A temporary name beside `path` that says whose it is: `.<name>.<kind>-<host>-<pid>`."""
+    return f".{path.name}.{kind}-{socket.gethostname()}-{os.getpid()}"
+
+
 def write_index_file(path: str | os.PathLike, header: dict, arrays: dict) -> Path:
-    """Write header + arrays to `path` atomically (a temporary file renamed over it, fsync'ed):
-    readers see the old file or the new one, never half of one."""
+    """Write header + arrays + a sha256 trailer to a new file renamed over `path` (fsync'ed): readers
+    see the old file or the new one, never half of one, and a job that maps the old one keeps it."""
     path = Path(path)
     specs = {k: _as_streamed(v) for k, v in arrays.items()}
     layout, pos = {}, 0
@@ -105,71 +137,170 @@ def write_index_file(path: str | os.PathLike, header: dict, arrays: dict) -> Pat
         pos = -(-pos // ALIGN) * ALIGN
         layout[k] = [pos, s.dtype.str, s.length]
         pos += s.length * s.dtype.itemsize
-    head = dict(header, format=FORMAT, arrays=layout)
     # the arrays start after the header, at a 4 KiB boundary: offsets in the JSON are relative to it
-    text = json.dumps(head, separators=(",", ":")).encode()
-    base = -(-(16 + len(text)) // 4096) * 4096
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + len(text).to_bytes(8, "little") + text)
-            for k, s in specs.items():
-                f.seek(base + layout[k][0])
-                n = 0
-                for c in s.chunks():
-                    c = np.ascontiguousarray(c, s.dtype)
-                    f.write(memoryview(c).cast("B"))
-                    n += c.size
-                if n != s.length:
-                    raise RuntimeError(f"index array {k}: wrote {n} of {s.length} values")
-            f.truncate(base + pos)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # the rename itself survives a crash once the folder is synced
-        fd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
+    text, base = _header_text(dict(header, format=FORMAT, arrays=layout), pos)
+    h = hashlib.sha256()
+    with atomic_file(path, _temp_name(path, "tmp"), mode=0o644) as f:
+        def put(b) -> None:
+            h.update(b)
+            f.write(b)
+        put(MAGIC + len(text).to_bytes(8, "little") + text)
+        at = 16 + len(text)
+        for k, s in specs.items():
+            put(bytes(base + layout[k][0] - at))  # zero padding: hashed like the rest
+            n = 0
+            for c in s.chunks():
+                c = np.ascontiguousarray(c, s.dtype)
+                put(memoryview(c).cast("B"))
+                n += c.size
+            if n != s.length:
+                raise RuntimeError(f"index array {k}: wrote {n} of {s.length} values")
+            at = base + layout[k][0] + n * s.dtype.itemsize
+        put(bytes(base + pos - at))
+        f.write(TRAILER_MAGIC + h.digest())
     return path
 
 
+def _is_int(v, lo: int = 0, hi: int = 2**62) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
 class DataIndex:
-    """A mapped index. Arrays are read-only numpy views of the mapping; nothing is copied."""
+    """A mapped index. Arrays are read-only numpy views of the mapping; nothing is copied.
+
+    Nothing in the file is trusted before it is checked: the header's length, every array's name,
+    dtype (a closed list) and extent against the file's size, the lengths against the sample count,
+    the end points of the CSR offsets; all before the arrays are mapped (O(1): no array is scanned).
+    The file stays open: `check_unchanged()` (one fstat, called before each batch's rows are read)
+    turns an index truncated or rewritten in place under a running job into a DataError instead of
+    a SIGBUS. `verify()` checks the whole-file checksum and every array's invariants (offline)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._mm = None
         try:
             f = open(self.path, "rb")
         except FileNotFoundError:
             raise DataError(f"{self.path}: no data index") from None
         except OSError as e:
             raise DataError(f"{self.path}: cannot read the data index: {e.strerror}") from None
-        with f:
-            head = f.read(16)
-            if len(head) < 16 or head[:8] != MAGIC:
-                raise DataError(f"{self.path}: not an hvpmtl data index (rebuild it with `hvpmtl data index`)")
-            n = int.from_bytes(head[8:], "little")
-            try:
-                self.header = json.loads(f.read(n))
-            except ValueError:
-                raise DataError(f"{self.path}: damaged data index header (rebuild it with `hvpmtl data index`)") \
-                    from None
-            size = os.fstat(f.fileno()).st_size
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        if self.header.get("format") != FORMAT:
-            raise DataError(f"{self.path}: index format {self.header.get('format')}, expected {FORMAT}; rebuild it")
+        try:
+            self._open(f)
+        except BaseException:
+            f.close()
+            raise
+        self._file = f
+
+    def _damaged(self, what: str) -> DataError:
+        return DataError(f"{self.path}: damaged data index: {what}; {REBUILD}")
+
+    def _open(self, f) -> None:
+        st = os.fstat(f.fileno())
+        size = st.st_size
+        head = f.read(16)
+        if len(head) < 16 or head[:8] != MAGIC:
+            raise DataError(f"{self.path}: not an hvpmtl data index (rebuild it with `hvpmtl data index`)")
+        n = int.from_bytes(head[8:], "little")
+        if n > min(size - 16, MAX_HEADER):
+            raise self._damaged(f"header length {n} runs past the file's {size} bytes")
+        try:
+            self.header = json.loads(f.read(n))
+        except (ValueError, RecursionError):
+            raise self._damaged("the header is not JSON") from None
+        h = self.header
+        if not isinstance(h, dict) or h.get("format") != FORMAT:
+            fmt = h.get("format") if isinstance(h, dict) else None
+            raise DataError(f"{self.path}: index format {str(fmt)[:80]}, expected {FORMAT}; rebuild it")
+        self.has_checksum = h.get("checksum") == "sha256"
+        if "file_size" in h and h["file_size"] != size:
+            raise DataError(f"{self.path}: truncated or changed data index ({size} bytes, written as "
+                            f"{h['file_size']}); {REBUILD}")
+        if not _is_int(h.get("num_samples")) or h.get("kind") not in ("list", "shards") or \
+                not isinstance(h.get("arrays"), dict):
+            raise self._damaged("header fields kind, num_samples or arrays are missing or of the wrong type")
         base = -(-(16 + n) // 4096) * 4096
+        end = size - (TRAILER if self.has_checksum else 0)
+        layout = {}
+        for k, spec in h["arrays"].items():
+            if k not in ARRAY_DTYPES:
+                raise self._damaged(f"unknown array '{str(k)[:40]}'")
+            if not (isinstance(spec, list) and len(spec) == 3 and _is_int(spec[0]) and _is_int(spec[2])
+                    and spec[1] in ARRAY_DTYPES[k]):
+                raise self._damaged(f"array {k}: layout {str(spec)[:80]} (dtypes allowed: "
+                                    f"{', '.join(ARRAY_DTYPES[k])})")
+            off, dt, length = spec
+            if base + off + length * np.dtype(dt).itemsize > end:
+                raise DataError(f"{self.path}: truncated data index (array {k} runs past the end); {REBUILD}")
+            layout[k] = (off, dt, length)
+        self._check_lengths(layout)
+        self._size, self._mtime = size, st.st_mtime_ns
+        self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        if self._mm is not None and len(self._mm) != size:  # changed between fstat and mmap
+            raise DataError(f"{self.path}: the data index changed while it was opened; open it again")
         self.arrays: dict[str, np.ndarray] = {}
-        for k, (off, dt, length) in self.header["arrays"].items():
-            if base + off + length * np.dtype(dt).itemsize > size:
-                raise DataError(f"{self.path}: truncated data index (array {k}); rebuild it")
+        for k, (off, dt, length) in layout.items():
             self.arrays[k] = np.frombuffer(self._mm, dt, length, base + off) if length else np.zeros(0, dt)
+        self._check_ends()
+
+    def _check_lengths(self, layout: dict) -> None:
+        h = self.header
+        n = h["num_samples"]
+        need = dict.fromkeys(("path_offsets", "indptr"), n + 1)
+        need.update(dict.fromkeys(PER_SAMPLE, n))
+        need.update(classes=None, confs=None, path_blob=None)
+        if h["kind"] == "shards":
+            need.update(shard=n, shard_pos=n)
+        for k, want in need.items():
+            if k not in layout:
+                raise self._damaged(f"array {k} is missing")
+            if want is not None and layout[k][2] != want:
+                raise self._damaged(f"array {k} holds {layout[k][2]} values, {want} expected for {n} samples")
+        nnz = h.get("nnz")
+        if not _is_int(nnz) or layout["classes"][2] != nnz or layout["confs"][2] != nnz:
+            raise self._damaged(f"{layout['classes'][2]} classes and {layout['confs'][2]} confidences for nnz {nnz}")
+        table = h.get("conf_table")
+        if layout["confs"][1] == "|u1":
+            if not (isinstance(table, list) and len(table) <= 256 and (table or nnz == 0) and
+                    all(isinstance(v, (int, float)) and 0 < v <= 1 for v in table)):
+                raise self._damaged("the confidence table is missing or holds values outside (0, 1]")
+        if not _is_int(h.get("max_class", -1), -1, 2**31 - 1):
+            raise self._damaged(f"max_class {str(h.get('max_class'))[:40]}")
+        if not _is_int(h.get("max_labels", 0), 0, 2**31):
+            raise self._damaged(f"max_labels {str(h.get('max_labels'))[:40]}")
+        issues = [k for k in layout if k.startswith("issue_")]
+        if issues:
+            m = layout["issue_code"][2] if "issue_code" in layout else -1
+            for k in ("issue_code", "issue_line", "issue_file"):
+                if layout.get(k, (0, 0, -2))[2] != m:
+                    raise self._damaged(f"issue arrays of different lengths ({k})")
+            for k in ("issue_detail_offsets", "issue_path_offsets"):
+                if layout.get(k, (0, 0, -2))[2] != m + 1:
+                    raise self._damaged(f"issue arrays of different lengths ({k})")
+            files = h.get("issue_files", [])
+            if not isinstance(files, list) or not all(isinstance(x, str) for x in files):
+                raise self._damaged("issue_files is not a list of names")
+
+    def _check_ends(self) -> None:
+        """The CSR end points (a few values): every row's slice must lie inside its values array."""
+        a = self.arrays
+        for ptr, values in (("indptr", "classes"), ("path_offsets", "path_blob"),
+                            ("issue_detail_offsets", "issue_detail_blob"), ("issue_path_offsets", "issue_path_blob")):
+            if ptr in a and (int(a[ptr][0]) != 0 or int(a[ptr][-1]) != len(a[values])):
+                raise self._damaged(f"{ptr} runs from {int(a[ptr][0])} to {int(a[ptr][-1])}, not 0 to {len(a[values])}")
+
+    def check_unchanged(self) -> None:
+        """DataError when the file under the mapping was truncated or rewritten in place (one fstat).
+        A new file renamed over the path is fine: this mapping keeps the old one."""
+        f = self.__dict__.get("_file")
+        if f is None or f.closed:
+            return
+        st = os.fstat(f.fileno())
+        if st.st_size != self._size or st.st_mtime_ns != self._mtime:
+            what = "truncated" if st.st_size < self._size else "rewritten"
+            raise DataError(f"{self.path} was {what} in place while this job was reading it ({self._size} -> "
+                            f"{st.st_size} bytes): the job stops before it reads damaged labels. A data index must "
+                            "never be overwritten in place: build a new one (`hvpmtl data index` writes a new file "
+                            "and renames it), then restart the job")
 
     def __getattr__(self, name):
         arrays = self.__dict__.get("arrays", {})
@@ -205,6 +336,9 @@ class DataIndex:
         codes, lines, fid = self.issue_code, self.issue_line, self.issue_file
         do, db, po, pb = self.issue_detail_offsets, self.issue_detail_blob, self.issue_path_offsets, self.issue_path_blob
         for j in range(len(codes)):
+            if codes[j] >= len(ISSUE_CODES) or not 0 <= fid[j] < len(files) or not do[j] <= do[j + 1] <= len(db) \
+                    or not po[j] <= po[j + 1] <= len(pb):
+                raise self._damaged(f"stored issue {j} is out of range")
             code = ISSUE_CODES[codes[j]]
             if errors_only and CODES[code][0] != "error":
                 continue
@@ -215,6 +349,58 @@ class DataIndex:
                 break
         return out
 
+    def verify(self, progress=None) -> list[str]:
+        """Every problem a full read finds (offline: `hvpmtl data index --verify`, the validator): the
+        whole-file checksum, then each array's invariants in chunks (offsets rising, classes and
+        confidence codes in range, per-sample sizes), which also covers indexes without a checksum."""
+        problems = []
+        if self.has_checksum:
+            h = hashlib.sha256()
+            want = bytes(self._mm[self._size - 32:])
+            with open(self.path, "rb") as f:  # read(), not the mapping: no SIGBUS if it shrinks meanwhile
+                left = self._size - TRAILER
+                while left > 0 and (chunk := f.read(min(8 << 20, left))):
+                    h.update(chunk)
+                    left -= len(chunk)
+                    if progress is not None:
+                        progress.add(len(chunk))
+            if bytes(self._mm[self._size - TRAILER:self._size - 32]) != TRAILER_MAGIC or h.digest() != want:
+                problems.append("the sha256 checksum does not match the content")
+        a, hd = self.arrays, self.header
+        top = hd.get("max_class", -1)
+        rows = hd.get("max_labels")
+        for s in range(0, len(self) + 1, CHUNK_ROWS * 8):
+            for ptr in ("indptr", "path_offsets"):
+                d = np.diff(a[ptr][s:s + CHUNK_ROWS * 8 + 1].astype(np.int64))
+                if len(d) and d.min() < 0:
+                    problems.append(f"{ptr} falls at sample {s + int(np.argmax(d < 0))}")
+                if ptr == "indptr" and rows is not None and len(d) and d.max() > rows:
+                    problems.append(f"sample {s + int(np.argmax(d > rows))} has more than max_labels {rows} labels")
+        table = hd.get("conf_table")
+        for s in range(0, len(a["classes"]), CHUNK_ROWS * 8):
+            c = a["classes"][s:s + CHUNK_ROWS * 8]
+            if len(c) and (int(c.min()) < 0 or int(c.max()) > top):
+                problems.append(f"class ids outside [0, {top}] at label {s + int(np.argmax((c < 0) | (c > top)))}")
+            f = a["confs"][s:s + CHUNK_ROWS * 8]
+            bad = (f >= len(table)) if a["confs"].dtype == np.uint8 else ~((f > 0) & (f <= 1))
+            if bad.any():
+                problems.append(f"confidences out of range at label {s + int(np.argmax(bad))}")
+        if "shard" in a:
+            n_sh = len(hd.get("shards", []))
+            for s in range(0, len(self), CHUNK_ROWS * 8):
+                x = a["shard"][s:s + CHUNK_ROWS * 8]
+                if len(x) and (int(x.min()) < -1 or int(x.max()) >= n_sh):
+                    problems.append(f"shard numbers outside [-1, {n_sh}) at sample {s}")
+        try:
+            self.issues()
+        except DataError as e:
+            problems.append(str(e))
+        v = a["verdict"]
+        for s in range(0, len(v), CHUNK_ROWS * 8):
+            if len(v[s:s + CHUNK_ROWS * 8]) and int(v[s:s + CHUNK_ROWS * 8].max()) >= len(VERDICTS):
+                problems.append(f"verdict codes outside the table near sample {s}")
+        return problems
+
     def close(self) -> None:
         self.arrays = {}
         if self._mm is not None:
@@ -222,6 +408,9 @@ class DataIndex:
                 self._mm.close()
             except BufferError:  # views still alive: the mapping goes with them
                 pass
+        f = self.__dict__.get("_file")
+        if f is not None:
+            f.close()
 
 
 def _issue_arrays(issues: list[Issue], files: list[str]) -> dict:
@@ -257,17 +446,52 @@ def _smallest_int(max_value: int):
 # ----------------------------------------------------------------------------- building from a list file
 
 
+@contextlib.contextmanager
+def build_lock(index_path: Path, wait_s: float = 600.0, log: Callable[[str], None] = print):
+    """Hold the index's build lock (waiting up to wait_s for a live builder; a dead one's lock is taken
+    over) and clear what killed builds left beside it."""
+    lock = BuildLock(index_path.with_name(index_path.name + ".lock"), log)
+    start = time.monotonic()
+    while True:
+        try:
+            if lock.try_acquire():
+                break
+        except OSError as e:
+            raise DataError(f"cannot create {lock.path} to build the data index: {e.strerror}; write the index "
+                            "to a writable place (--out, or data.index)") from None
+        if time.monotonic() - start > wait_s:
+            raise DataError(f"{index_path} is being built by {lock.holder()} (lock {lock.path}) for more than "
+                            f"{wait_s:.0f} s; wait for it, or stop that build")
+        time.sleep(0.2)
+    try:
+        clean_leftovers(index_path, log)
+        yield lock
+    finally:
+        lock.release()
+
+
 def build_list_index(list_file: str | os.PathLike, out: str | os.PathLike | None = None, *,
-                     num_classes: Optional[int] = None, progress=None, threads: Optional[int] = None) -> Path:
-    """Parse a list file (streaming, vectorised) into its index; returns the index path. Peak memory:
-    a few parse blocks plus the duplicate-path check (pyarrow's hash table over the paths)."""
+                     num_classes: Optional[int] = None, progress=None, threads: Optional[int] = None,
+                     wait_s: float = 600.0, log: Callable[[str], None] = print) -> Path:
+    """Parse a list file (streaming, vectorised) into its index, under the index's build lock;
+    returns the index path. Peak memory: a few parse blocks plus the duplicate-path check."""
+    out = Path(out) if out else default_index_path(list_file)
+    with build_lock(out, wait_s, log):
+        return _build_list_index(list_file, out, num_classes=num_classes, progress=progress, threads=threads)
+
+
+def _build_list_index(list_file: str | os.PathLike, out: Path, *, num_classes: Optional[int] = None, progress=None,
+                      threads: Optional[int] = None) -> Path:
     src = Path(list_file)
-    out = Path(out) if out else default_index_path(src)
     try:
         before = os.stat(src)
     except OSError as e:
         raise DataError(f"cannot read list file {src}: {e.strerror}") from None
-    tmpdir = Path(tempfile.mkdtemp(prefix=".hvpidx-build-", dir=out.parent))
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=_temp_name(out, "build") + "-", dir=out.parent))
+    except OSError as e:
+        raise DataError(f"cannot write the data index beside {out}: {e.strerror}; write it to a writable place "
+                        "(--out, or data.index)") from None
     try:
         names = ("paths", "plens", "lines", "counts", "classes", "confs", "codes", "hashes")
         files = {k: open(tmpdir / k, "wb") for k in names}
@@ -309,7 +533,7 @@ def build_list_index(list_file: str | os.PathLike, out: str | os.PathLike | None
         path_off = np.zeros(rows + 1, np.int64)
         np.cumsum(mm["plens"], out=path_off[1:])
         keep = np.ones(rows, bool)
-        dup, first = find_duplicates(mm["hashes"], lambda r: bytes(mm["paths"][path_off[r]:path_off[r + 1]]))
+        dup, first = find_duplicates(mm["hashes"], lambda r: norm_path(bytes(mm["paths"][path_off[r]:path_off[r + 1]])))
         for r, f in zip(dup.tolist(), first.tolist()):
             p = bytes(mm["paths"][path_off[r]:path_off[r + 1]]).decode(errors="backslashreplace")
             issues.append(Issue("duplicate-path", str(src), int(mm["lines"][r]), f"already on line {int(mm['lines'][f])}",
@@ -363,7 +587,8 @@ def _sample_arrays(header: dict, blob: np.ndarray, path_off: np.ndarray, lines: 
     max_class = -1
     for i in range(0, len(classes), CHUNK_ROWS * 8):
         max_class = max(max_class, int(classes[i:i + CHUNK_ROWS * 8].max()))
-    header.update(num_samples=n, nnz=nnz, conf_table=table, max_class=max_class,
+    max_labels = max((int(k_counts[i:i + CHUNK_ROWS * 8].max()) for i in range(0, n, CHUNK_ROWS * 8)), default=0)
+    header.update(num_samples=n, nnz=nnz, conf_table=table, max_class=max_class, max_labels=max_labels,
                   **verdict_stats(np.zeros(0, np.uint8), np.zeros(0, np.uint16), np.zeros(0, np.uint16), n))
 
     def rows_chunks():
@@ -467,12 +692,21 @@ def shard_sources(folder: Path, manifest: dict, content_hash: bool = True) -> di
 
 def build_shard_index(folder: str | os.PathLike, out: str | os.PathLike | None = None, *,
                       verdicts: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
-                      verdict_meta: Optional[dict] = None, extra_issues: Iterable[Issue] = ()) -> Path:
+                      verdict_meta: Optional[dict] = None, extra_issues: Iterable[Issue] = (),
+                      wait_s: float = 600.0, log: Callable[[str], None] = print) -> Path:
     """Index a shard folder from its manifest, labels.npz and DALI index files (no tar content is
-    read). Sample i of the index is stored id i; `shard`/`shard_pos` say where it lies (-1: in no tar).
-    `verdicts` (verdict, width, height by id) replace the checks to-shards recorded."""
-    folder = Path(folder)
+    read), under the index's build lock. Sample i of the index is stored id i; `shard`/`shard_pos`
+    say where it lies (-1: in no tar). `verdicts` (verdict, width, height by id) replace the checks
+    to-shards recorded."""
     out = Path(out) if out else default_index_path(folder)
+    with build_lock(out, wait_s, log):
+        return _build_shard_index(folder, out, verdicts=verdicts, verdict_meta=verdict_meta,
+                                  extra_issues=extra_issues)
+
+
+def _build_shard_index(folder: str | os.PathLike, out: Path, *, verdicts=None, verdict_meta=None,
+                       extra_issues: Iterable[Issue] = ()) -> Path:
+    folder = Path(folder)
     ss = load_shard_set(folder)
     key = shard_sources(folder, ss.manifest)
     rec = ss.record()
@@ -567,8 +801,11 @@ def staleness(index: DataIndex, source: str | os.PathLike, num_classes: Optional
     if num_classes is not None and h.get("num_classes") is None and h.get("max_class", -1) >= num_classes:
         return f"it holds class index {h['max_class']} >= data.num_classes {num_classes}"
     source = Path(source)
+    key = h.get("key")
+    if not isinstance(key, dict) or not all(_is_int(key.get(k)) for k in ("size", "mtime_ns")) and \
+            h["kind"] == "list" or h["kind"] == "shards" and not isinstance(key.get("manifest"), dict):
+        return "its record of the source (key) is damaged"
     if h["kind"] == "list":
-        key = h["key"]
         try:
             st = os.stat(source)
         except OSError as e:
@@ -594,6 +831,30 @@ def staleness(index: DataIndex, source: str | os.PathLike, num_classes: Optional
     return ""
 
 
+def up_to_date(index_path: Path, kind: str, source, num_classes: Optional[int], progress=None) -> str:
+    """'' when the index at `index_path` is exactly what building it now would give (the source's
+    content hash recomputed, not trusting size and mtime; the same num_classes; the checksum and
+    invariants verified), else why not. What `hvpmtl data index` checks before it rebuilds."""
+    try:
+        idx = DataIndex(index_path)
+    except DataError as e:
+        return str(e)
+    try:
+        if idx.kind != kind:
+            return f"it indexes {idx.kind}, not {kind}"
+        if idx.header.get("num_classes") != num_classes:
+            return f"it was built for num_classes {idx.header.get('num_classes')}, not {num_classes}"
+        why = staleness(idx, source, num_classes)
+        if not why and kind == "list" and sha256_file(source) != idx.header["key"].get("sha256"):
+            why = f"{source}'s content differs from what was indexed (although its size and mtime match)"
+        if not why:
+            problems = idx.verify(progress)
+            why = "damaged: " + "; ".join(problems) if problems else ""
+        return why
+    finally:
+        idx.close()
+
+
 def index_command(kind: str, source: str | os.PathLike, num_classes: Optional[int], out: Optional[str] = None) -> str:
     what = f"--list {source}" if kind == "list" else f"--shards {source}"
     cls = f" --num-classes {num_classes}" if num_classes is not None else ""
@@ -601,7 +862,10 @@ def index_command(kind: str, source: str | os.PathLike, num_classes: Optional[in
     return f"hvpmtl data index {what}{cls}{o}"
 
 
-def open_fresh(index_path: Path, kind: str, source, num_classes) -> tuple[Optional[DataIndex], str]:
+def open_fresh(index_path: Path, kind: str, source, num_classes,
+               verify: bool = False) -> tuple[Optional[DataIndex], str]:
+    """(the index, '') when it is usable for `source`, else (None, why not). `verify`: also read it
+    whole (checksum and invariants; offline callers)."""
     try:
         idx = DataIndex(index_path)
     except DataError as e:
@@ -609,7 +873,13 @@ def open_fresh(index_path: Path, kind: str, source, num_classes) -> tuple[Option
     if idx.kind != kind:
         return None, f"{index_path} indexes {idx.kind}, not {kind}"
     why = staleness(idx, source, num_classes)
-    return (idx, "") if not why else (None, f"{index_path} is stale: {why}")
+    if not why and verify:
+        problems = idx.verify()
+        why = "damaged: " + "; ".join(problems) if problems else ""
+    if why:
+        idx.close()
+        return None, f"{index_path} is stale: {why}"
+    return idx, ""
 
 
 def count_samples(kind: str, source: Path, limit: int) -> int:
@@ -631,53 +901,53 @@ def count_samples(kind: str, source: Path, limit: int) -> int:
 
 def ensure_index(kind: str, source: str | os.PathLike, *, index_path: str | os.PathLike | None = None,
                  num_classes: Optional[int] = None, auto_build_max: int = 1_000_000, wait_s: float = 600.0,
-                 builder: bool = True, log: Callable[[str], None] = print) -> DataIndex:
+                 builder: bool = True, log: Callable[[str], None] = print, verify: bool = False) -> DataIndex:
     """The fresh index of a list file (kind 'list') or shard folder ('shards').
 
     Missing or stale: a DataError naming the command to run, unless the source has at most
-    `auto_build_max` samples; then one process builds it, under `<index>.lock` (created with
-    O_CREAT|O_EXCL, atomic on local file systems and NFSv3+), and the others poll for the renamed
-    file. Only processes with `builder` (one per node: local rank 0) try the lock, so one process
-    per file system builds: node-local or shared alike. A failed build leaves `<index>.failed`
-    with its message, which the waiting processes raise; a lock older than `wait_s` is named in the
-    error (its holder's host and pid are in it) and left for a person to remove.
+    `auto_build_max` samples; then one process builds it under the build lock (BuildLock: a dead
+    holder's lock is taken over at once, a killed build's leftovers are removed) and the others poll
+    for the renamed file. Only processes with `builder` (one per node: local rank 0) try the lock, so
+    one process per file system builds: node-local or shared alike. A failed build leaves
+    `<index>.failed` with its message, which the waiting processes raise; waiting longer than
+    `wait_s` for a live builder is a DataError naming it. `verify`: a damaged index (checksum) is
+    stale too (the validator).
     """
     source = Path(source)
     path = Path(index_path) if index_path else default_index_path(source)
-    idx, why = open_fresh(path, kind, source, num_classes)
+    idx, why = open_fresh(path, kind, source, num_classes, verify)
     if idx is not None:
         return idx
     cmd = index_command(kind, source, num_classes, str(path) if index_path else None)
     if auto_build_max <= 0 or count_samples(kind, source, auto_build_max) > auto_build_max:
         raise DataError(f"{why}.\nBuild the data index once with `{cmd}` (data sets of more than "
                         f"data.index_auto_build={auto_build_max} samples are not indexed at start-up).")
-    lock, failed = path.with_name(path.name + ".lock"), path.with_name(path.name + ".failed")
-    start = time.time()
+    lock, failed = BuildLock(path.with_name(path.name + ".lock"), log), path.with_name(path.name + ".failed")
+    start, t0 = time.monotonic(), time.time()
     while True:
         if builder:
             try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                fd = None
+                got = lock.try_acquire()
             except OSError as e:
-                raise DataError(f"cannot create {lock} to build the data index: {e.strerror}; build it with "
+                raise DataError(f"cannot create {lock.path} to build the data index: {e.strerror}; build it with "
                                 f"`{cmd}` or set data.index to a writable place") from None
-            if fd is not None:
-                os.write(fd, f"{socket.gethostname()} pid {os.getpid()} since {time.ctime()}\n".encode())
-                os.close(fd)
+            if got:
                 try:
-                    idx, why = open_fresh(path, kind, source, num_classes)  # another node may just have built it
+                    # another node may just have built it
+                    idx, why = open_fresh(path, kind, source, num_classes, verify)
                     if idx is None:
                         failed.unlink(missing_ok=True)
+                        clean_leftovers(path, log)
                         log(f"building the data index {path} ({why})")
                         t = time.perf_counter()
                         try:
                             if kind == "list":
-                                build_list_index(source, path, num_classes=num_classes)
+                                _build_list_index(source, path, num_classes=num_classes)
                             else:
-                                build_shard_index(source, path)
+                                _build_shard_index(source, path)
                         except DataError as e:
-                            failed.write_text(str(e))
+                            with contextlib.suppress(OSError):
+                                failed.write_text(str(e))
                             raise
                         log(f"data index {path} built in {time.perf_counter() - t:.1f} s")
                         idx, why = open_fresh(path, kind, source, num_classes)
@@ -685,24 +955,168 @@ def ensure_index(kind: str, source: str | os.PathLike, *, index_path: str | os.P
                             raise DataError(f"the data index {path} was built but is not usable: {why}")
                     return idx
                 finally:
-                    lock.unlink(missing_ok=True)
+                    lock.release()
         idx, _ = open_fresh(path, kind, source, num_classes)
         if idx is not None:
             return idx
         try:
-            if failed.stat().st_mtime >= start - 1:
-                raise DataError(failed.read_text())
+            if failed.stat().st_mtime >= t0 - 1:
+                raise DataError(failed.read_text(errors="replace"))
         except FileNotFoundError:
             pass
-        now = time.time()
-        try:
-            st = lock.stat()
-            holder = lock.read_text().strip()
-            if now - st.st_mtime > wait_s:
-                raise DataError(f"{lock} (held by {holder}) is older than {wait_s:.0f} s: if no build is running, "
-                                f"remove it, or build the index with `{cmd}`")
-        except FileNotFoundError:
-            holder = "nobody yet"
-        if now - start > wait_s:
-            raise DataError(f"waited {wait_s:.0f} s for the data index {path} (lock: {holder}); build it with `{cmd}`")
+        if time.monotonic() - start > wait_s:
+            raise DataError(f"waited {wait_s:.0f} s for the data index {path}, being built by {lock.holder()} "
+                            f"(lock {lock.path}); if that build is hung, stop it; or build the index with `{cmd}`")
         time.sleep(0.2)
+
+
+# ----------------------------------------------------------------------------- the build lock
+
+LOCK_HEARTBEAT_S = 5.0  # the builder touches its lock this often
+LOCK_STALE_S = 60.0  # a lock of another host whose mtime has not moved for this long (watched here) is dead
+GARBAGE_GRACE_S = 5.0  # a lock whose content is not a holder record is dead once this old (its creator writes at once)
+TAKEOVER_STALE_S = 10.0  # a takeover takes milliseconds: a leftover `.takeover` file this old is removed
+LEFTOVER_IDLE_S = 900.0  # build leftovers of another host (or of an older hvpmtl) untouched this long are removed
+
+
+class BuildLock:
+    """`<index>.lock`: who builds an index now. The lock file, its holder record (host, pid, the pid's
+    start time, a nonce, since), its atomic create and the takeover are hvpmtl/locks.py's, shared with
+    the run lock. The holder touches it every LOCK_HEARTBEAT_S. A lock is
+    dead, and taken over at once, when its holder is on this host and its process is gone (pid
+    reuse: the start time differs), or when its content is not a holder record (a warning says so);
+    a lock of another host is dead when its mtime stays still for LOCK_STALE_S while we watch (the
+    file server stamps mtime, so no clock is compared across hosts). Takeovers are serialised by a
+    second lock file (`.takeover`) and remove the lock only if it still holds what was judged dead."""
+
+    def __init__(self, path: Path, log: Callable[[str], None] = print):
+        self.path, self.log = Path(path), log
+        self.nonce = secrets.token_hex(8)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._seen: tuple = (None, None, 0.0)  # (content, mtime, when we first saw them unchanged)
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free or dead; False while a live holder has it."""
+        for _ in range(3):
+            if self._create_safe():
+                return True
+            content, mtime = self._read()
+            if content is None:
+                continue  # released meanwhile
+            why = self._dead(content, mtime)
+            if not why:
+                return False
+            self._take_over(content, why)
+        return False
+
+    def _create_safe(self) -> bool:
+        if not create_lock_file(self.path, holder_record(self.nonce)):
+            return False
+        self._thread = threading.Thread(target=self._beat, name="hvpmtl-index-lock", daemon=True)
+        self._thread.start()
+        return True
+
+    def _read(self) -> tuple[Optional[bytes], Optional[float]]:
+        return read_lock_file(self.path)
+
+    def holder(self) -> str:
+        content, _ = self._read()
+        if content is None:
+            return "nobody now"
+        h = parse_holder(content)
+        return describe_holder(h) if h else f"unreadable content {content[:60]!r}"
+
+    def _dead(self, content: bytes, mtime: float) -> str:
+        """Why the lock's holder is dead ('' while it may be alive)."""
+        h = parse_holder(content)
+        now = time.monotonic()
+        if (content, mtime) != self._seen[:2]:
+            self._seen = (content, mtime, now)
+        still = now - self._seen[2]
+        if h is None:
+            if time.time() - mtime > GARBAGE_GRACE_S or still > GARBAGE_GRACE_S:
+                self.log(f"WARNING: {self.path} holds no holder record ({content[:60]!r}): taken as stale")
+                return "unreadable lock"
+            return ""
+        gone = local_holder_gone(h)
+        if gone is not None:
+            return f"its holder ({describe_holder(h)}) is gone" if gone else ""
+        if still > LOCK_STALE_S:
+            return f"its holder's heartbeat ({describe_holder(h)}) has not moved for {still:.0f} s"
+        return ""
+
+    def _take_over(self, content: bytes, why: str) -> None:
+        try:
+            taken = take_over(self.path, content, leftover_after_s=TAKEOVER_STALE_S)
+        except OSError:
+            return  # cannot write here: try_acquire's create reports it
+        if taken:
+            self.log(f"took over the lock {self.path}: {why}")
+        else:
+            time.sleep(0.1)  # another process is taking it over, or it changed: look again
+
+    def _beat(self) -> None:
+        while not self._stop.wait(LOCK_HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass  # removed (taken over after a freeze) or a transient error: nothing to hold
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is None:
+            return
+        self._thread.join(timeout=1)
+        self._thread = None
+        h = parse_holder(self._read()[0])
+        if h is not None and h.get("nonce") == self.nonce:
+            self.path.unlink(missing_ok=True)
+
+
+def _owner(name: str, prefix: str, random_suffix: bool) -> tuple[str, int]:
+    """(host, pid) of a leftover named `<prefix><host>-<pid>[-<random>]`; ('', 0) when it names none."""
+    parts = name[len(prefix):].rsplit("-", 2 if random_suffix else 1)
+    if len(parts) == (3 if random_suffix else 2) and parts[1].isdigit():
+        return parts[0], int(parts[1])
+    return "", 0
+
+
+def _idle_s(p: Path) -> float:
+    """Seconds since anything in `p` (a file, or a folder and its files) was written."""
+    try:
+        newest = p.stat().st_mtime
+        if p.is_dir():
+            for q in p.iterdir():
+                newest = max(newest, q.stat().st_mtime)
+    except OSError:
+        return 0.0
+    return time.time() - newest
+
+
+def clean_leftovers(index_path: Path, log: Callable[[str], None] = print) -> int:
+    """Remove what killed builds of `index_path` left beside it: build folders and temporary index
+    files of dead processes on this host, and those of other hosts (or of hvpmtl before 2026-12,
+    `.hvpidx-build-*`) untouched for LEFTOVER_IDLE_S. Called by the builder, under the lock."""
+    host, removed = socket.gethostname(), 0
+    try:
+        entries = list(index_path.parent.iterdir())
+    except OSError:
+        return 0
+    for p in entries:
+        name = p.name
+        for prefix, rnd in ((f".{index_path.name}.build-", True), (f".{index_path.name}.tmp-", False),
+                            (".hvpidx-build-", None)):
+            if not name.startswith(prefix):
+                continue
+            h, pid = _owner(name, prefix, rnd) if rnd is not None else ("", 0)
+            if h == host and pid == os.getpid():
+                break
+            dead = (h == host and pid and not process_alive(pid, None)) or _idle_s(p) > LEFTOVER_IDLE_S
+            if dead:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed += 1
+            break
+    if removed:
+        log(f"removed {removed} leftover(s) of killed index builds beside {index_path}")
+    return removed

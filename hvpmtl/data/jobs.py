@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from hvpmtl.data.issues import DataError
+from hvpmtl.fileio import atomic_write
 
 
 def default_workers() -> int:
@@ -51,12 +52,10 @@ def process_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def save_npz_atomic(path: Path, **arrays) -> None:
-    """A work file appears whole or not at all (written aside, then renamed)."""
+    """A work file appears whole or not at all (hvpmtl.fileio.atomic_write)."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write(path, buf.getvalue())
 
 
 def load_npz(path: Path) -> Optional[dict]:

@@ -6,6 +6,15 @@ batch k is perm[k*B*W : (k+1)*B*W] and rank r takes its r-th B ids, so ranks are
 in lock step, and drop only the last N mod (B*W) ids. One DALI pipeline per epoch, seeded from
 (seed, rank, epoch); a resume restores its DALI checkpoint (RNG state and position), so a resumed
 loader yields the very batches, pixels included, that an uninterrupted one would.
+
+A changed data set on resume (issue 23): the saved state names its population, the samples' stable ids
+(positions in the data index: dense id i is position keep[i]) as the index size, the positions left out and
+a probe of paths. Samples left out since (skip list, skip_corrupt, a validator verdict) or added at the end
+change the population, not the data set: the rest of the epoch is the saved epoch's remaining samples by
+stable id, those still usable, then the added ones (shuffled), and the next epoch is a plain permutation
+again. A saved state inside such an epoch carries the state it was derived from (`remap`), so a second
+resume rebuilds the same order. Another list (the probe's paths differ, or the index shrank) or another
+seed is a DataError before the model is built (`check_resume`).
 """
 from __future__ import annotations
 
@@ -52,17 +61,117 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] % (2**31 - 1))
 
 
-def epoch_batches(num_samples: int, batch_size: int, world_size: int, rank: int, seed: int, epoch: int,
-                  start: int = 0) -> np.ndarray:
-    """This rank's batches [L, B] of sample ids for `epoch`, from global position `start` on.
-
-    The permutation is default_rng([seed, epoch]).permutation(N), made in int32 where N allows (the
-    same shuffle of the same values: half the transient memory at 17.6M samples)."""
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """default_rng([seed, epoch]).permutation(N), made in int32 where N allows (the same shuffle of the same
+    values: half the transient memory at 17.6M samples)."""
     perm = np.arange(num_samples, dtype=np.int32 if num_samples < 2**31 else np.int64)
     np.random.default_rng([seed, epoch]).shuffle(perm)
+    return perm
+
+
+def epoch_batches(num_samples: int, batch_size: int, world_size: int, rank: int, seed: int, epoch: int,
+                  start: int = 0, order: Optional[np.ndarray] = None) -> np.ndarray:
+    """This rank's batches [L, B] of sample ids for `epoch`, from global position `start` on.
+
+    The epoch's order is epoch_permutation(N, seed, epoch), or `order` (a resumed epoch over a changed
+    population: see EpochLoader.load_state_dict)."""
+    perm = epoch_permutation(num_samples, seed, epoch) if order is None else order
+    num_samples = len(perm)
     g = batch_size * world_size
     n = (num_samples - start) // g
     return perm[start:start + n * g].reshape(n, world_size, batch_size)[:, rank].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- the population on resume
+
+PROBE_SAMPLES = 32  # paths kept in a saved state to tell the same list (with samples left out or added) from another
+REMAP_STREAM = 23  # default_rng([seed, epoch, REMAP_STREAM]) shuffles the samples added on a resume
+
+
+def _index_of(labels):
+    return getattr(labels, "index", None)
+
+
+def _stable_total(labels) -> int:
+    index = _index_of(labels)
+    return int(index.num_samples) if index is not None else len(labels)
+
+
+def _at_position(labels, pos: int) -> tuple[int, str]:
+    """(line, path) of the sample at stable position `pos` (kept or not)."""
+    index = _index_of(labels)
+    if index is None:
+        return int(labels.line(pos)), labels.path(pos)
+    o = index.path_offsets
+    return int(index.lines[pos]), bytes(index.path_blob[int(o[pos]):int(o[pos + 1])]).decode(errors="backslashreplace")
+
+
+def population_of(labels) -> dict:
+    """The samples a loader serves, by stable id: the index size, the positions left out (a tensor: a
+    checkpoint holds plain data) and [position, line, path] at PROBE_SAMPLES evenly spread positions."""
+    total = _stable_total(labels)
+    keep = getattr(labels, "keep", None)
+    if keep is None:
+        left_out = np.zeros(0, np.int64)
+    else:
+        mask = np.ones(total, bool)
+        mask[keep] = False
+        left_out = np.flatnonzero(mask).astype(np.int64)
+    probe = [[int(q), *_at_position(labels, int(q))] for q in np.unique(np.linspace(0, total - 1, PROBE_SAMPLES)
+                                                                          .astype(np.int64))]
+    return {"total": total, "left_out": torch.from_numpy(left_out), "probe": probe}
+
+
+def kept_positions(pop: dict) -> np.ndarray:
+    """Sorted stable positions of a population's samples: dense id i is kept_positions(pop)[i]."""
+    left = np.asarray(pop["left_out"], np.int64)
+    mask = np.ones(int(pop["total"]), bool)
+    mask[left] = False
+    return np.flatnonzero(mask).astype(np.int64)
+
+
+def same_population(a: dict, b: dict) -> bool:
+    return int(a["total"]) == int(b["total"]) and np.array_equal(np.asarray(a["left_out"], np.int64),
+                                                                 np.asarray(b["left_out"], np.int64))
+
+
+def population_mismatch(saved: dict, labels) -> str:
+    """'' when `labels` holds the saved population's data set (samples may be left out or added at the end),
+    else what differs."""
+    total = _stable_total(labels)
+    if total < int(saved["total"]):
+        return (f"its index holds {total} samples, the checkpoint's held {saved['total']}: lines were removed "
+                "(leave bad samples out with data.skip_list or data.skip_corrupt instead: their lines keep their place)")
+    for pos, line, path in saved["probe"]:
+        now_line, now = _at_position(labels, int(pos))
+        if now != path:
+            return f"sample {pos} was '{path}' (line {line}), it is now '{now}' (line {now_line})"
+    return ""
+
+
+def remap_order(remaining: np.ndarray, old: dict, new: dict, seed: int, epoch: int) -> tuple[np.ndarray, int, int]:
+    """The rest of an epoch over a changed population, in stable positions: the saved epoch's `remaining`
+    samples still in `new`, then those `new` adds (shuffled from seed and epoch); with how many of the
+    remaining were dropped and how many were added."""
+    new_keep = kept_positions(new)
+    still = np.isin(remaining, new_keep)
+    added = np.setdiff1d(new_keep, kept_positions(old), assume_unique=True)
+    added = np.random.default_rng([seed, epoch, REMAP_STREAM]).permutation(added)
+    return np.concatenate([remaining[still], added]), int(len(remaining) - still.sum()), int(len(added))
+
+
+def pass_order(sd: dict) -> np.ndarray:
+    """Stable positions, in order, of the pass a saved state stands in (its `start` counts from the first)."""
+    if sd.get("remap") is None:
+        return kept_positions(sd["population"])[epoch_permutation(int(sd["num_samples"]), sd["seed"], sd["epoch"])]
+    return remap_order(remaining_order(sd["remap"]), sd["remap"]["population"], sd["population"], sd["seed"],
+                       sd["epoch"])[0]
+
+
+def remaining_order(sd: dict) -> np.ndarray:
+    """Stable positions of the samples of the saved epoch that the saved state had not consumed yet."""
+    consumed = int(sd["start"]) + int(sd["position"]) * int(sd["batch_size"]) * int(sd["world_size"])
+    return pass_order(sd)[consumed:]
 
 
 class FileReader:
@@ -249,6 +358,10 @@ class EpochLoader:
             raise DataError(f"{self.num_samples} samples make no batch of {batch_size} on each of {world_size} ranks")
         self.pos = LoaderPosition()
         self._live: Optional[LivePipeline] = None
+        self._population: Optional[dict] = None
+        self._order: Optional[np.ndarray] = None  # this epoch's dense ids after a resume over a changed population
+        self._base: Optional[dict] = None  # the saved state that order derives from (kept in state_dict)
+        self.resume_note = ""  # what the last load_state_dict changed, for the trainer's log
 
     # -- subclass hooks --------------------------------------------------------------
 
@@ -281,6 +394,7 @@ class EpochLoader:
             if self._live is not None and not self._live.ended:  # a pass left early: its batches are in flight
                 self._close()
             self.pos.move_to(epoch)
+            self._order = self._base = None
 
     def state_dict(self) -> dict:
         """This rank's position: save one per rank (the DALI part holds this rank's RNG state)."""
@@ -288,17 +402,48 @@ class EpochLoader:
         cp = p.restore
         if self._live is not None and 0 < p.consumed < self._pass_len():
             cp = self._live.it.checkpoints()[0]
-        return {"epoch": p.epoch, "start": p.start, "position": p.consumed, "rank": self.rank,
-                "world_size": self.world_size, "batch_size": self.batch_size, "num_samples": self.num_samples,
-                "seed": self.seed, "format": "shards" if self.shards else "list", "dali": cp}
+        sd = {"epoch": p.epoch, "start": p.start, "position": p.consumed, "rank": self.rank,
+              "world_size": self.world_size, "batch_size": self.batch_size, "num_samples": self.num_samples,
+              "seed": self.seed, "format": "shards" if self.shards else "list", "dali": cp}
+        if self.shards is None:
+            sd["population"], sd["remap"] = self.population(), self._base
+        return sd
+
+    def population(self) -> dict:
+        if self._population is None:
+            self._population = population_of(self.labels)
+        return self._population
+
+    def check_resume(self, sd: dict) -> None:
+        """A DataError when a saved state belongs to another data set or data order (cheap: a trainer calls it
+        before building the model); samples left out or added at the end are not another data set."""
+        options = ("Resume with the data set and data.seed the checkpoint was trained on, or start a new run on "
+                   "this data: --resume fresh (moves this run's files to superseded/) or another run.output_dir")
+        if sd["seed"] != self.seed:
+            raise DataError(f"the checkpoint's data order was drawn with data.seed {sd['seed']}, this run has "
+                            f"{self.seed}: the order cannot continue. {options}")
+        saved = sd.get("population")
+        if self.shards is not None or saved is None:  # shards, or a checkpoint from before populations
+            if sd["num_samples"] != self.num_samples:
+                raise DataError(f"data loader state is for {sd['num_samples']} samples, this loader has "
+                                f"{self.num_samples}: the data set changed since the checkpoint. {options}")
+            return
+        why = population_mismatch(saved, self.labels)
+        if why:
+            raise DataError(f"{self.labels.source} is not the data set this run was trained on: {why}. {options}")
 
     def load_state_dict(self, sd: dict) -> None:
         self._close()
-        if sd["num_samples"] != self.num_samples or sd["seed"] != self.seed:
-            raise DataError(f"data loader state is for {sd['num_samples']} samples and seed {sd['seed']}, this loader "
-                            f"has {self.num_samples} and {self.seed}: the data set or seed changed since the checkpoint")
+        self.check_resume(sd)
         p = self.pos
         p.move_to(int(sd["epoch"]))
+        self._order = self._base = None
+        self.resume_note = ""
+        saved = sd.get("population")
+        if self.shards is None and saved is not None and (sd.get("remap") is not None or
+                                                          not same_population(saved, self.population())):
+            if self._resume_over(sd):
+                return
         same_split = (sd["world_size"], sd["batch_size"]) == (self.world_size, self.batch_size)
         usable_cp = bool(same_split and sd["rank"] == self.rank and sd.get("dali") and sd["position"] > 0)
         consumed = sd["start"] + sd["position"] * sd["batch_size"] * sd["world_size"]
@@ -316,6 +461,31 @@ class EpochLoader:
             log.warning("shard loader state was saved with another world size or batch size: epoch %d restarts",
                         p.epoch)
 
+    def _resume_over(self, sd: dict) -> bool:
+        """Resume inside an epoch whose order is not the plain permutation: the population changed since the
+        checkpoint (True: the position is set, a pass over the rest starts), or the checkpoint was itself
+        taken inside such an epoch (False: its order is restored here, the position as usual)."""
+        cur = self.population()
+        keep = getattr(self.labels, "keep", None)
+
+        def dense(stable):
+            return stable if keep is None else np.searchsorted(keep, stable).astype(np.int64)
+        if same_population(sd["population"], cur):
+            self._order, self._base = dense(pass_order(sd)), sd["remap"]
+            return False
+        remaining, dropped, added = remap_order(remaining_order(sd), sd["population"], cur, self.seed, int(sd["epoch"]))
+        self._order = dense(remaining)
+        self._base = {k: v for k, v in sd.items() if k != "dali"}
+        was, now = len(kept_positions(sd["population"])), self.num_samples
+        self.resume_note = (f"the data set changed since the checkpoint: {was} -> {now} samples "
+                            f"({len(np.setdiff1d(kept_positions(sd['population']), kept_positions(cur)))} left out, "
+                            f"{added} added); epoch {sd['epoch']} continues by sample id with its "
+                            f"{len(remaining) - added + dropped} samples not yet seen, {dropped} of them now left out, "
+                            f"plus the {added} added: {len(self._order)} samples, "
+                            f"{len(self._order) // (self.batch_size * self.world_size)} batches per rank")
+        log.warning("data loader: %s", self.resume_note)
+        return True
+
     def __iter__(self):
         p = self.pos
         if p.consumed >= self._pass_len() and p.restore is None:
@@ -326,7 +496,7 @@ class EpochLoader:
         elif live is not None and live.ended and self.shards is None and p.restore is None and p.consumed == 0:
             # the list pipeline is reused across epochs: new ids for the source, then DALI's reset
             live.source.batches = epoch_batches(self.num_samples, self.batch_size, self.world_size, self.rank,
-                                                self.seed, p.epoch, p.start)
+                                                self.seed, p.epoch, p.start, self._order)
             live.it.reset()
             live.ended, live.key = False, key
         else:
@@ -355,7 +525,8 @@ class EpochLoader:
     # -- internals ---------------------------------------------------------------------
 
     def _pass_len(self) -> int:
-        return (self.num_samples - self.pos.start) // (self.batch_size * self.world_size)
+        n = self.num_samples if self._order is None else len(self._order)
+        return (n - self.pos.start) // (self.batch_size * self.world_size)
 
     def _open(self) -> None:
         self._close()
@@ -367,7 +538,7 @@ class EpochLoader:
         reader = source = None
         if self.shards is None:
             batches = epoch_batches(self.num_samples, self.batch_size, self.world_size, self.rank, self.seed,
-                                    p.epoch, p.start)
+                                    p.epoch, p.start, self._order)
             reader = FileReader(self.root, self.labels, threads=max(2, self.num_threads), max_pixels=self.max_pixels,
                                 skip_corrupt=self.skip_corrupt, skipped=self.skipped)
             source = BatchSource(batches, reader)

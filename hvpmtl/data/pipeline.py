@@ -23,6 +23,7 @@ from hvpmtl.data.issues import DataError
 from hvpmtl.data.labels import LabelTable
 from hvpmtl.data.loader import EpochLoader, EvalLoader, to_device
 from hvpmtl.data.masks import SimMIMMaskGenerator
+from hvpmtl.data.object_store import is_s3
 from hvpmtl.data.prepare import IndexOptions, Prepared, prepare_list, prepare_shards
 from hvpmtl.data.tencent import read_dictionary
 
@@ -38,6 +39,7 @@ class PretrainLoader(EpochLoader):
 
     def __init__(self, cfg: DataConfig, *, patch_size: int, **kw):
         self.cfg = cfg
+        self.bucket = getattr(kw.get("data"), "bucket", None)  # issue 22: shards in a bucket (shard_cache.py)
         super().__init__(device=cfg.device, num_threads=cfg.num_threads, skip_corrupt=cfg.skip_corrupt,
                          max_pixels=_max_pixels(cfg), **kw)
         self.mask_gen = SimMIMMaskGenerator(cfg.img_size, cfg.mask_patch_size, patch_size, cfg.mask_ratio)
@@ -50,6 +52,35 @@ class PretrainLoader(EpochLoader):
         return (augment.pretrain_view(images, self.cfg, half=self.half),
                 augment.pretrain_view(images, self.cfg, half=self.half))
 
+    # -- issue 22: shards in a bucket: this epoch's paths (cached copies or s3:// URIs), and DALI's S3 errors
+    # named as such (not as a decode failure) ------------------------------------------------------------------
+
+    def _open(self) -> None:
+        if self.bucket is None:
+            return super()._open()
+        self.shards.tars = self.bucket.paths_for(self.rank, self.world_size, self.pos.epoch)
+        try:
+            super()._open()
+        except RuntimeError as e:
+            raise self._bucket_error(e) from e
+
+    def _next(self) -> dict:
+        try:
+            return super()._next()
+        except DataError as e:
+            if self.bucket is not None and isinstance(e.__cause__, RuntimeError) and _s3_failure(e.__cause__):
+                raise self._bucket_error(e.__cause__) from e
+            raise  # a decode failure: loader.py's message (validate --full-decode) fits it
+
+    def _bucket_error(self, e: BaseException) -> DataError:
+        said = " ".join(str(e).split())
+        if not _s3_failure(e):
+            return DataError(f"DALI failed while reading the shards of {self.bucket.uri}: {said[:1500]}")
+        return DataError(f"reading the shards of {self.bucket.uri} from {self.bucket.store.where} failed after the "
+                         "S3 client's retries (AWS_MAX_ATTEMPTS): the job stops; restarting it resumes from the last "
+                         "checkpoint at its exact data position. If an object is missing, run `hvpmtl data validate "
+                         f"--shards {self.bucket.uri}`.\nDALI said: {said[:1500]}")
+
     def _finish(self, out: dict, ids: torch.Tensor) -> dict:
         index = to_device(ids, self.device)
         return {"view1": to_device(out["view1"], self.device, self.dtype),
@@ -57,6 +88,11 @@ class PretrainLoader(EpochLoader):
                 "mask": self.mask_gen(index, self.seed, self.epoch),
                 "labels": self.table.dense(ids, self.device),
                 "index": index}
+
+
+def _s3_failure(e: BaseException) -> bool:
+    """Whether a DALI error comes from its S3 client (issue 22)."""
+    return any(w in str(e) for w in ("S3", "s3://", "curl", "AWS"))
 
 
 def _max_pixels(cfg: DataConfig) -> int:
@@ -84,6 +120,12 @@ def prepare_pretrain_data(cfg: DataConfig, *, local_rank: int = 0, log=None) -> 
     if cfg.format == "shards":
         if not cfg.shards:
             raise DataError("data.format is 'shards' but data.shards (the shard folder) is empty")
+        if is_s3(cfg.shards):  # issue 22: a bucket prefix (hvpmtl/data/shard_cache.py)
+            from hvpmtl.data.shard_cache import prepare_bucket_shards
+            return prepare_bucket_shards(cfg.shards, cache_dir=cfg.cache_dir, cache_limit_gb=cfg.cache_limit_gb,
+                                         num_classes=cfg.num_classes, skip_corrupt=cfg.skip_corrupt,
+                                         skip_list=cfg.skip_list, max_pixels=_max_pixels(cfg), index=opt,
+                                         log_fn=opt.log)
         return prepare_shards(cfg.shards, num_classes=cfg.num_classes, skip_corrupt=cfg.skip_corrupt,
                               skip_list=cfg.skip_list, max_pixels=_max_pixels(cfg), index=opt)
     if cfg.format not in LIST_FORMATS:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,7 +23,7 @@ import numpy as np
 from hvpmtl.data import jpeg
 from hvpmtl.data.index import VERDICTS, DataIndex, ensure_index
 from hvpmtl.data.issues import DataError, Issue, make_issue, refusal
-from hvpmtl.data.tars import filter_index, load_shard_set
+from hvpmtl.data.tars import diagnose, filter_index, load_shard_set
 from hvpmtl.data.tencent import LabelList
 
 FIRST_ERROR = 4  # verdict bytes from here on are errors (index.VERDICTS)
@@ -67,12 +68,25 @@ class Skipped:
 
 class IndexedSamples:
     """The usable samples: dense ids 0..len-1 at index positions `keep` (None: all of them). Paths and
-    labels are read from the mapped index; nothing per sample is copied."""
+    labels are read from the mapped index; nothing per sample is copied.
+
+    Each batch's reads are checked first, on that batch's values only (the index is not scanned): the
+    file still the one mapped (one fstat: an index overwritten in place is a DataError, not a SIGBUS),
+    label rows inside the label arrays and no longer than the longest row written, class ids in
+    [0, max_class], confidence codes inside the table, path slices inside the path blob. A damaged
+    index is a DataError naming the index and the sample."""
+
+    MAX_PATH = 4096  # bytes: PATH_MAX on Linux
 
     def __init__(self, index: DataIndex, keep: Optional[np.ndarray] = None, source: Optional[str] = None):
         self.index, self.keep = index, keep
         self.source = source or index.source
         self._lines = None
+        h = index.header
+        self._nnz, self._top = int(h.get("nnz", 0)), int(h.get("max_class", -1))
+        self._max_labels = int(h.get("max_labels", self._nnz))
+        table = h.get("conf_table")
+        self._codes = len(table) if table is not None and index.confs.dtype == np.uint8 else None
 
     def __len__(self) -> int:
         return self.index.num_samples if self.keep is None else len(self.keep)
@@ -84,9 +98,23 @@ class IndexedSamples:
     def position(self, i: int) -> int:
         return int(i) if self.keep is None else int(self.keep[int(i)])
 
+    def _damaged(self, pos: int, what: str) -> DataError:
+        idx = self.index
+        try:
+            where = f"{self.source}:{int(idx.lines[pos])}"
+        except (IndexError, ValueError):
+            where = self.source
+        return DataError(f"{idx.path}: damaged data index at sample {pos} ({where}): {what}. Rebuild it with "
+                         f"`hvpmtl data index ... --force` (into a new file: never overwrite an index in place), "
+                         "then restart")
+
     def path_bytes(self, i: int) -> bytes:
+        self.index.check_unchanged()
         p, o = self.position(i), self.index.path_offsets
-        return bytes(self.index.path_blob[o[p]:o[p + 1]])
+        a, b = int(o[p]), int(o[p + 1])
+        if not 0 <= a <= b <= len(self.index.path_blob) or b - a > self.MAX_PATH:
+            raise self._damaged(p, f"its path runs from byte {a} to {b} of {len(self.index.path_blob)}")
+        return bytes(self.index.path_blob[a:b])
 
     def path(self, i: int) -> str:
         return os.fsdecode(self.path_bytes(i))
@@ -102,13 +130,32 @@ class IndexedSamples:
         return self._lines
 
     def label_rows(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        self.index.check_unchanged()
         pos = self.positions(ids)
         ptr = self.index.indptr
-        start = ptr[pos].astype(np.int64)
-        return start, ptr[pos + 1].astype(np.int64) - start
+        start, end = ptr[pos].astype(np.int64), ptr[pos + 1].astype(np.int64)
+        count = end - start
+        bad = (start < 0) | (count < 0) | (end > self._nnz) | (count > self._max_labels)
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise self._damaged(int(pos[j]), f"its labels are rows {int(start[j])} to {int(end[j])} of {self._nnz} "
+                                             f"(at most {self._max_labels} per sample were written)")
+        return start, count
 
     def label_values(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.index.classes[pos].astype(np.int64), self.index.conf_values(pos)
+        idx = self.index
+        cls = idx.classes[pos]
+        bad = (cls < 0) | (cls > self._top)
+        raw = idx.confs[pos]
+        bad_conf = (raw >= self._codes) if self._codes is not None else ~((raw > 0) & (raw <= 1))
+        if bad.any() or bad_conf.any():
+            at = int(pos[int(np.argmax(bad | bad_conf))])
+            sample = int(np.searchsorted(idx.indptr, at, side="right")) - 1
+            what = f"class id {int(cls[np.argmax(bad)])} outside [0, {self._top}]" if bad.any() else \
+                f"confidence {'code ' if self._codes is not None else ''}{raw[np.argmax(bad_conf)]} outside " + \
+                (f"its table of {self._codes}" if self._codes is not None else "(0, 1]")
+            raise self._damaged(sample, what)
+        return cls.astype(np.int64), idx.conf_values(pos)
 
     def labels(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         s, c = self.label_rows([i])
@@ -332,8 +379,14 @@ def prepare_shards(folder: str, *, num_classes: Optional[int], skip_corrupt: boo
     if num_classes is not None and ss.manifest.get("num_classes") not in (None, num_classes):
         raise DataError(f"{folder}: shards were written for {ss.manifest['num_classes']} classes, "
                         f"data.num_classes is {num_classes}")
-    idx = ensure_index("shards", folder, index_path=opt.path or None, num_classes=num_classes,
-                       auto_build_max=opt.auto_build_max, wait_s=opt.wait_s, builder=opt.builder, log=opt.log)
+    try:
+        idx = ensure_index("shards", folder, index_path=opt.path or None, num_classes=num_classes,
+                           auto_build_max=opt.auto_build_max, wait_s=opt.wait_s, builder=opt.builder, log=opt.log)
+    except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError, zipfile.BadZipFile, EOFError) as e:
+        # building the index read a damaged manifest, labels.npz or .idx: name the file (tars.diagnose)
+        raise diagnose(folder) or DataError(f"{folder}: the shard metadata cannot be indexed ({type(e).__name__}: "
+                                            f"{e}); `hvpmtl data validate --shards {folder}` checks every file") \
+            from None
     notes: list = []
     shard_issues = idx.issues(errors_only=True)
     bad_pos, bad_codes = bad_samples(idx, max_pixels)

@@ -20,7 +20,7 @@ import os
 import shutil
 import tarfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -107,9 +107,10 @@ def write_shards(list_file: str, root: str, out_dir: str, shard_size: int, *, se
                  num_classes: Optional[int] = None, skip_corrupt: bool = False, skip_list: str = "",
                  max_pixels: int = jpeg.DEFAULT_MAX_PIXELS, workers: Optional[int] = None,
                  part: Optional[tuple[int, int]] = None, merge_only: bool = False, progress: bool = False,
-                 index_path: str = "") -> Optional[dict]:
+                 index_path: str = "", on_written: Optional[Callable[[int], None]] = None) -> Optional[dict]:
     """Convert a list file to shuffled shards of `shard_size` samples (the last may be smaller).
-    Returns the manifest, or None after a `part` (run `merge_only` once every part is done)."""
+    Returns the manifest, or None after a `part` (run `merge_only` once every part is done).
+    `on_written(shard)` runs in this process after each shard is written (issue 22: its upload)."""
     if shard_size <= 0:
         raise ValueError("shard_size must be > 0")
     data = prepare_list(list_file, root, num_classes=num_classes, skip_corrupt=skip_corrupt, skip_list=skip_list,
@@ -141,11 +142,15 @@ def write_shards(list_file: str, root: str, out_dir: str, shard_size: int, *, se
     if workers <= 1 or len(args) <= 1 or n < SMALL:
         for a in args:
             write_one_shard(*a)
+            if on_written is not None:
+                on_written(a[4])
             prog.add(1)
     else:
         with process_pool(min(workers, len(args))) as pool:
-            for f in [pool.submit(write_one_shard, *a) for a in args]:
+            for f, a in [(pool.submit(write_one_shard, *a), a) for a in args]:
                 f.result()
+                if on_written is not None:
+                    on_written(a[4])
                 prog.add(1)
     prog.close()
     if part is not None:
@@ -184,3 +189,93 @@ def _merge(out: Path, list_file, root, samples: IndexedSamples, order, num_shard
     build_shard_index(out)
     shutil.rmtree(out / WORK, ignore_errors=True)
     return manifest
+
+
+# ----------------------------------------------------------------------------- issue 22: --out s3://bucket/prefix
+
+
+def default_stage(uri: str) -> Path:
+    from hvpmtl.data.object_store import S3Uri
+    u = S3Uri.parse(uri)
+    return Path(".hvpmtl-stage") / u.bucket / (u.key or "_bucket_root")
+
+
+def _is_placeholder(p: Path) -> bool:
+    """An uploaded tar replaced by a sparse file of its size (no disk blocks)."""
+    st = p.stat()
+    return st.st_size > 0 and st.st_blocks == 0
+
+
+def write_shards_to_bucket(list_file: str, root: str, out_uri: str, shard_size: int, *, stage_dir: str = "",
+                           part: Optional[tuple[int, int]] = None, merge_only: bool = False, **kw) -> Optional[dict]:
+    """write_shards to `s3://bucket/prefix`, through a local staging folder (`stage_dir`, default
+    .hvpmtl-stage/<bucket>/<prefix>): each shard's tar and .idx are uploaded as soon as they are written and
+    the staged tar becomes a sparse placeholder (the stage holds the shards in flight, not the data set);
+    labels.npz, then manifest.json go up last (a folder with a manifest is complete). A killed run
+    resumes: shards recorded in the stage are not written again, and any the bucket lacks are uploaded.
+    `--part i/N` on several machines: each uploads its shards and their work records to <prefix>/.work/;
+    `--merge` fetches the records and indices and writes the folder's metadata."""
+    from hvpmtl.data.object_store import ObjectStore
+    store, uri = ObjectStore.for_uri(out_uri)
+    store.check(uri.child(MANIFEST).key)  # endpoint, credentials and bucket, before any work
+    stage = Path(stage_dir) if stage_dir else default_stage(out_uri)
+    (stage / WORK).mkdir(parents=True, exist_ok=True)
+    present = store.list(uri.key)
+
+    def upload_shard(s: int) -> None:
+        name = f"shard-{s:06d}"
+        for f in (stage / f"{name}.idx", stage / f"{name}.tar"):  # the tar last: it marks the shard uploaded
+            have = present.get(f.name)
+            if have is not None and have.size == f.stat().st_size:
+                continue
+            if f.suffix == ".tar" and _is_placeholder(f):
+                raise DataError(f"{uri.child(f.name)}: uploaded earlier but not in {store.where} now; remove "
+                                f"{stage / WORK / (name + '.npz')} and run the command again to rewrite it")
+            store.upload(f, uri.child(f.name).key)
+        if part is not None:
+            store.upload(stage / WORK / f"{name}.npz", uri.child(f"{WORK}/{name}.npz").key)
+        tar = stage / f"{name}.tar"
+        if not _is_placeholder(tar):
+            size = tar.stat().st_size
+            with open(tar, "r+b") as fh:  # free the disk: keep a sparse file of the size (build_shard_index reads it)
+                fh.truncate(0)
+                fh.truncate(size)
+
+    def staged_shards() -> list[int]:
+        return sorted(int(p.stem.split("-")[1]) for p in (stage / WORK).glob("shard-*.npz"))
+
+    if merge_only:
+        _fetch_parts(store, uri, stage)
+    else:
+        for s in staged_shards():  # a killed run: shards written but maybe not uploaded
+            upload_shard(s)
+    manifest = write_shards(list_file, root, str(stage), shard_size, part=part, merge_only=merge_only,
+                            on_written=upload_shard, **kw)
+    if manifest is None:
+        return None
+    store.upload(stage / LABELS, uri.child(LABELS).key)
+    store.put_bytes(uri.child(MANIFEST).key, (stage / MANIFEST).read_bytes())
+    for k in [k for k in store.list(uri.child(WORK).key)]:
+        store.delete(uri.child(f"{WORK}/{k}").key)
+    return manifest
+
+
+def _fetch_parts(store, uri, stage: Path) -> None:
+    """For --merge: the parts' work records and DALI indices, and placeholders of their tars."""
+    records = store.list(uri.child(WORK).key)
+    present = store.list(uri.key)
+
+    def get(item):
+        name, info = item
+        dest = stage / WORK / name
+        if not dest.exists() or dest.stat().st_size != info.size:
+            store.download(uri.child(f"{WORK}/{name}").key, dest, expect_size=info.size)
+        base = name[:-len(".npz")]
+        idx = stage / f"{base}.idx"
+        if not idx.exists() and f"{base}.idx" in present:
+            store.download(uri.child(f"{base}.idx").key, idx)
+        tar = stage / f"{base}.tar"
+        if not tar.exists() and f"{base}.tar" in present:
+            with open(tar, "wb") as fh:
+                fh.truncate(present[f"{base}.tar"].size)
+    store.map(get, [(n, i) for n, i in records.items() if n.endswith(".npz")])

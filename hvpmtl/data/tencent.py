@@ -138,6 +138,14 @@ def path_problem(p: bytes) -> str:
     return ""
 
 
+def norm_path(p: bytes) -> bytes:
+    """The path as the duplicate check compares it: `./x.jpg`, `a//x.jpg` and `a/b/../x.jpg` name the
+    file that `x.jpg`, `a/x.jpg` and `a/x.jpg` name (normpath only where such a part occurs)."""
+    if b"./" in p or b"//" in p or p.endswith(b"/.") or p.endswith(b"/"):
+        return posixpath.normpath(p)
+    return p
+
+
 def _slow_line(line: bytes, n: int, src: str, num_classes: int | None, issues: list):
     """(path, {class: conf}) of one line, or None with its issue appended. The reference parser: the
     vectorised one must agree with it on every line it accepts."""
@@ -276,6 +284,8 @@ def _fast_lines(buf: np.ndarray, breaks: np.ndarray, num_classes: Optional[int])
     slow[tl[np.where(first, before | after, before == after)]] = True
     slow[tl[first][buf[ts[first]] == SLASH]] = True
     slow[np.searchsorted(breaks, np.flatnonzero((buf[:-1] == DOT) & (buf[1:] == DOT)))] = True
+    # './' and '//' (and so '/./'): the per-line parser normalises the path for the duplicate check
+    slow[np.searchsorted(breaks, np.flatnonzero(((buf[:-1] == DOT) | (buf[:-1] == SLASH)) & (buf[1:] == SLASH)))] = True
     if n and (buf.max() >= 0x80 or buf.min() == 0):
         slow[np.searchsorted(breaks, np.flatnonzero((buf >= 0x80) | (buf == 0)))] = True
     lab = np.flatnonzero(~first & ~slow[tl])  # idx, conf, idx, conf, ... in the lines still fast
@@ -340,6 +350,7 @@ def _parse_block(block: bytes, first_line: int, src: str, num_classes: Optional[
     else:
         slow, toks, path_tok, counts, classes, confs = fast
         paths = toks.take(pa.array(path_tok))
+    hash_paths = paths  # the paths the duplicate check hashes: normalised where the per-line parser saw them
     lines = np.flatnonzero(~slow).astype(np.int64) + first_line
     issues: list[Issue] = []
     slow_rows = np.flatnonzero(slow)
@@ -365,10 +376,12 @@ def _parse_block(block: bytes, first_line: int, src: str, num_classes: Optional[
             new_indptr, take = csr_take(indptr, order)
             classes = np.concatenate([classes, np.asarray(s_cls, np.int32)])[take]
             confs = np.concatenate([confs, np.asarray(s_conf, np.float32)])[take]
+            hash_paths = pa.concat_arrays([paths, pa.array([norm_path(x) for x in s_paths], pa.binary())]).take(
+                pa.array(order))
             paths = pa.concat_arrays([paths, pa.array(s_paths, pa.binary())]).take(pa.array(order))
             lines, counts = all_lines[order], all_counts[order]
     values, codes = np.unique(confs, return_inverse=True)
-    return ParsedBlock(paths, lines, np.asarray(counts, np.int64), classes, confs, issues, L, path_hashes(paths),
+    return ParsedBlock(paths, lines, np.asarray(counts, np.int64), classes, confs, issues, L, path_hashes(hash_paths),
                        values, codes.astype(np.uint16) if len(values) <= 65536 else None)
 
 
@@ -504,7 +517,7 @@ def read_list_file(path: str | Path, num_classes: int | None = None) -> tuple[La
     keep = np.ones(len(lines), bool)
     blob, offsets = binary_blob(paths)
     hashes = np.concatenate([b.hashes for b in blocks]) if blocks else np.zeros(0, np.uint64)
-    dup, first = find_duplicates(hashes, lambda r: blob[offsets[r]:offsets[r + 1]])
+    dup, first = find_duplicates(hashes, lambda r: norm_path(blob[offsets[r]:offsets[r + 1]]))
     if len(dup):
         flat = pa.concat_arrays([c.cast(pa.large_binary()) for c in paths.chunks])
         for r, f in zip(dup.tolist(), first.tolist()):
@@ -574,9 +587,15 @@ def read_dictionary(path: str | Path) -> Dictionary:
     """Parse a dictionary file; DataError naming file:line on a bad row, parent or cycle."""
     src = str(path)
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as e:
         raise DataError(f"cannot read dictionary {src}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(make_issue("bad-dictionary", src, line, f"not UTF-8 (byte 0x{raw[e.start]:02x}); save the "
+                                   "dictionary as UTF-8").format()) from None
     ids, names, parents = [], [], []
     for n, line in enumerate(text.splitlines(), start=1):
         if n == 1 and line.startswith("category_index"):

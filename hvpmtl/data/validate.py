@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -31,7 +33,7 @@ from hvpmtl.data.index import (USABLE, VERDICT, VERDICTS, DataIndex, build_shard
 from hvpmtl.data.issues import DataError, Issue, Report, format_report, make_issue  # noqa: F401 (re-exported)
 from hvpmtl.data.jobs import Progress, default_workers, load_npz, part_units, process_pool, save_npz_atomic
 from hvpmtl.data.prepare import SKIP_HEADER, read_skip_list  # noqa: F401 (re-exported)
-from hvpmtl.data.tars import load_shard_set, read_index, sample_key, tar_samples
+from hvpmtl.data.tars import load_shard_set, read_index, readable_samples, sample_key
 from hvpmtl.data.tencent import read_dictionary
 
 CHUNK = 8192  # samples per work unit of a list file, at most (fewer for small lists, so all cores get work)
@@ -50,10 +52,37 @@ def _work_dir(index_path: Path) -> Path:
 # ----------------------------------------------------------------------------- list files: one chunk
 
 
+class _RootGuard:
+    """Whether an image path resolves outside the image root (a symlink in it, or on the way to it),
+    at one lstat per image: the folders' real paths are cached (a folder holds many images)."""
+
+    def __init__(self, root: bytes):
+        self.real_root = os.path.realpath(root)
+        self.dirs: dict = {}
+
+    def outside(self, p: bytes) -> bytes:
+        """The real path when `p` resolves outside the root, else b''."""
+        try:
+            link = stat.S_ISLNK(os.lstat(p).st_mode)
+        except OSError:
+            link = False  # missing: the image check names it
+        d, name = os.path.split(p)
+        if link:
+            real = os.path.realpath(p)
+        else:
+            if d not in self.dirs:
+                self.dirs[d] = os.path.realpath(d)
+            real = os.path.join(self.dirs[d], name)
+        inside = real.startswith(self.real_root.rstrip(b"/") + b"/")
+        return b"" if inside else real
+
+
 def check_list_chunk(index_path: str, root: str, lo: int, hi: int, full_decode: bool, max_pixels: int,
-                     work_file: str, key: str) -> tuple[int, int, int]:
+                     work_file: str, key: str, allow_outside_root: bool = False) -> tuple[int, int, int]:
     """Check samples [lo, hi) of an index (in a worker process); results to `work_file`, reusing a
-    previous one's verdicts for files whose size and mtime did not change. Returns (lo, hi, re-checked)."""
+    previous one's verdicts for files whose size and mtime did not change. Returns (lo, hi, re-checked).
+    A path that resolves outside the root (through a symlink) is a `bad-path` error, as a textual
+    escape is, unless `allow_outside_root`."""
     idx = DataIndex(index_path)
     prev = load_npz(Path(work_file))
     if prev is not None and (str(prev["key"]) != key or int(prev["lo"]) != lo or int(prev["hi"]) != hi):
@@ -64,10 +93,18 @@ def check_list_chunk(index_path: str, root: str, lo: int, hi: int, full_decode: 
     full = np.zeros(n, bool)
     details = [b""] * n
     rootp = os.fsencode(root)
+    guard = None if allow_outside_root else _RootGuard(rootp)
     o, blob = idx.path_offsets, idx.path_blob
     redone = 0
     for j in range(n):
         p = os.path.join(rootp, bytes(blob[o[lo + j]:o[lo + j + 1]]))
+        real = guard.outside(p) if guard is not None else b""
+        if real:
+            verdict[j] = VERDICT["bad-path"]
+            details[j] = b"resolves to " + real + b", outside the image root (a symlink); such files are never " \
+                b"opened (validate_list(allow_outside_root=True) accepts them)"
+            redone += 1
+            continue
         try:
             st = os.stat(p)
             size[j], mtime[j] = st.st_size, st.st_mtime_ns
@@ -123,8 +160,9 @@ def _run(jobs: list, fn, workers: int, progress: Progress, unit_size, total: int
 def validate_list(list_file: str, root: str, *, dictionary: Optional[str] = None, num_classes: Optional[int] = None,
                   full_decode: bool = False, workers: Optional[int] = None, max_pixels: int = jpeg.DEFAULT_MAX_PIXELS,
                   index_path: Optional[str] = None, part: Optional[tuple[int, int]] = None, merge_only: bool = False,
-                  progress: bool = False) -> Report:
-    """Check a list file and its images. Without `part`: every chunk (re-using verdicts of unchanged
+                  progress: bool = False, allow_outside_root: bool = False) -> Report:
+    """Check a list file and its images (first the data index itself: a damaged one, by its checksum,
+    is rebuilt). Without `part`: every chunk (re-using verdicts of unchanged
     files), then the verdicts go into the index. With `part`: that share of the chunks only.
     `merge_only` (after all parts): checks nothing, assembles the work files into the index."""
     rep = Report()
@@ -138,16 +176,18 @@ def validate_list(list_file: str, root: str, *, dictionary: Optional[str] = None
         except DataError as e:
             rep.issues.append(Issue("bad-dictionary", dictionary, 0, str(e)))
     idx = ensure_index("list", list_file, index_path=index_path, num_classes=num_classes, auto_build_max=NEVER,
-                       log=lambda m: print(m, flush=True) if progress else None)
+                       log=lambda m: print(m, flush=True) if progress else None, verify=True)
     n = len(idx)
     work = _work_dir(idx.path)
     work.mkdir(exist_ok=True)
-    key = json.dumps([idx.header["key"]["sha256"], num_classes, str(Path(root).resolve())])
+    key = json.dumps([idx.header["key"]["sha256"], num_classes, str(Path(root).resolve())] +
+                     (["allow_outside_root"] if allow_outside_root else []))
     size = chunk_size(n)
     chunks = [(lo, min(n, lo + size)) for lo in range(0, n, size)]
     mine = [chunks[c] for c in part_units(len(chunks), part)]
     if not merge_only:
-        todo = [(str(idx.path), str(root), lo, hi, full_decode, max_pixels, str(_chunk_file(work, lo, hi)), key)
+        todo = [(str(idx.path), str(root), lo, hi, full_decode, max_pixels, str(_chunk_file(work, lo, hi)), key,
+                 allow_outside_root)
                 for lo, hi in (mine if part is not None else chunks)]
         prog = Progress(f"validate {Path(list_file).name}" + (f" part {part[0]}/{part[1]}" if part else ""),
                         sum(hi - lo for _, _, lo, hi, *_ in todo), enabled=progress)
@@ -211,10 +251,15 @@ def _no_label_issues(idx: DataIndex, file: str, lo: int, hi: int) -> list[Issue]
 
 
 def check_tar(folder: str, name: str, full_decode: bool, max_pixels: int, num_ids: int, num_classes: Optional[int],
-              work_file: str) -> None:
+              work_file: str, bucket: str = "") -> None:
     """Check one shard (in a worker process): the tar against its DALI index, every sample's members,
     image and label record. Results to `work_file`, reused while the tar and its index keep their
-    size and mtime."""
+    size and mtime. `bucket` (issue 22): `folder` is the local view of s3://bucket/prefix (shard_cache.py)
+    and the tar is downloaded to a temporary file to be checked."""
+    if bucket:
+        with tempfile.TemporaryDirectory(prefix=".check-", dir=Path(work_file).parent) as tmp:
+            return _check_bucket_tar(folder, name, full_decode, max_pixels, num_ids, num_classes, work_file, bucket,
+                                     Path(tmp))
     tar_path = Path(folder) / name
     idx_path = tar_path.with_suffix(".idx")
     stamp = []
@@ -229,19 +274,48 @@ def check_tar(folder: str, name: str, full_decode: bool, max_pixels: int, num_id
     if prev is not None and np.array_equal(prev["stamp"][:4], stamp[:4]) and \
             (prev["stamp"][4] >= stamp[4]) and prev["stamp"][5] == stamp[5]:
         return
+    _check_tar_file(tar_path, idx_path, folder, name, stamp, full_decode, max_pixels, num_ids, num_classes, work_file)
+
+
+def _check_bucket_tar(folder, name, full_decode, max_pixels, num_ids, num_classes, work_file, bucket, tmp: Path):
+    from hvpmtl.data.object_store import ObjectStore
+    store, uri = ObjectStore.for_uri(bucket)
+    view = Path(folder) / name
+    idx_path = view.with_suffix(".idx")
+    st, si = view.stat(), idx_path.stat()  # the view's placeholder: the object's size and Last-Modified
+    stamp = np.asarray([st.st_size, st.st_mtime_ns, si.st_size, si.st_mtime_ns, int(full_decode), max_pixels], np.int64)
+    prev = load_npz(Path(work_file))
+    if prev is not None and np.array_equal(prev["stamp"][:4], stamp[:4]) and \
+            (prev["stamp"][4] >= stamp[4]) and prev["stamp"][5] == stamp[5]:
+        return
+    local = tmp / name
+    try:
+        store.download(uri.child(name).key, local, expect_size=st.st_size)
+    except DataError as e:
+        save_npz_atomic(Path(work_file), stamp=stamp, ids=np.zeros(0, np.int64), verdict=np.zeros(0, np.uint8),
+                        width=np.zeros(0, np.uint16), height=np.zeros(0, np.uint16),
+                        issues=np.array(json.dumps([["bad-shard", name, 0, str(e), ""]])))
+        return
+    _check_tar_file(local, idx_path, bucket, name, stamp, full_decode, max_pixels, num_ids, num_classes, work_file)
+
+
+def _check_tar_file(tar_path: Path, idx_path: Path, folder: str, name: str, stamp, full_decode, max_pixels, num_ids,
+                    num_classes, work_file) -> None:
     issues: list[Issue] = []
     ids, verdict, width, height = [], [], [], []
     if stamp[0] < 0:
         issues.append(make_issue("bad-shard", name, 0, "listed in manifest.json but missing"))
     else:
         try:
-            samples = tar_samples(tar_path)
-        except (tarfile.TarError, OSError) as e:
-            samples = None
-            issues.append(make_issue("bad-shard", name, 0, f"not a readable tar: {e}"))
+            samples, damage = readable_samples(tar_path)
+        except OSError as e:
+            samples, damage = None, f"not a readable tar: {e.strerror or e}"
+        if damage:  # the samples after the damage are lost: reported by id in validate_shards
+            issues.append(make_issue("bad-shard", name, 0, f"{damage}; {len(samples or [])} complete samples before it"))
         if samples is not None:
-            if stamp[2] < 0:
-                issues.append(make_issue("missing-index", name, 0, f"{idx_path.name} not found"))
+            if stamp[2] < 0:  # training cannot read the shard without it: an error, as at training start
+                issues.append(make_issue("bad-shard", idx_path.name, 0, f"no DALI index beside {name}; write it with "
+                                         f"`hvpmtl data index-shards {folder}`"))
             else:
                 try:
                     if read_index(idx_path) != samples:
@@ -315,9 +389,9 @@ def _check_samples(tar_path: Path, samples, num_ids, num_classes, full_decode, m
 def validate_shards(folder: str, *, num_classes: Optional[int] = None, full_decode: bool = False,
                     workers: Optional[int] = None, max_pixels: int = jpeg.DEFAULT_MAX_PIXELS,
                     index_path: Optional[str] = None, part: Optional[tuple[int, int]] = None, merge_only: bool = False,
-                    progress: bool = False) -> Report:
+                    progress: bool = False, bucket: str = "") -> Report:
     """Check a shard folder, a tar per work unit; without `part`, the verdicts go into the shard
-    folder's data index (rebuilt from the current tars' DALI indices)."""
+    folder's data index (rebuilt from the current tars' DALI indices). `bucket`: see check_tar."""
     rep = Report()
     folder_p = Path(folder)
     try:
@@ -333,7 +407,7 @@ def validate_shards(folder: str, *, num_classes: Optional[int] = None, full_deco
     names = [s["name"] for s in ss.manifest["shards"]]
     mine = [names[u] for u in part_units(len(names), part)]
     if not merge_only:
-        todo = [(str(folder_p), nm, full_decode, max_pixels, num_ids, num_classes, str(work / f"{nm}.npz"))
+        todo = [(str(folder_p), nm, full_decode, max_pixels, num_ids, num_classes, str(work / f"{nm}.npz"), bucket)
                 for nm in (mine if part is not None else names)]
         prog = Progress(f"validate {folder_p.name}" + (f" part {part[0]}/{part[1]}" if part else ""), len(todo),
                         unit="shards", enabled=progress)
@@ -351,17 +425,41 @@ def validate_shards(folder: str, *, num_classes: Optional[int] = None, full_deco
             rep.issues.append(make_issue("bad-shard", extra, 0, "tar not listed in manifest.json"))
     verdict, width, height = np.zeros(num_ids, np.uint8), np.zeros(num_ids, np.uint16), np.zeros(num_ids, np.uint16)
     structural = False
+    verdict_seen = np.zeros(num_ids, bool)
     for r in results:
         for code, file, line, message, path in json.loads(str(r["issues"])):
             rep.issues.append(Issue(code, file, line, message, path))
             structural |= code in ("bad-shard", "missing-index") and line == 0
         verdict[r["ids"]], width[r["ids"]], height[r["ids"]] = r["verdict"], r["width"], r["height"]
+        verdict_seen[r["ids"]] = True
         rep.num_samples += len(r["ids"])
+    if part is None:
+        rep.issues += _lost_samples(ss, verdict_seen)
     rep.issues.sort(key=lambda i: (i.file, i.line))
     if part is None and not structural:
         build_shard_index(folder_p, out, verdicts=(verdict, width, height),
                           verdict_meta={"by": "validate", "full_decode": full_decode, "max_pixels": max_pixels})
     return rep
+
+
+def _lost_samples(ss, seen: np.ndarray) -> list[Issue]:
+    """Samples to-shards wrote that no readable tar holds now (a truncated or lost tar): errors named by the
+    shard and position they were written at, so that the skip list carries them (training leaves samples in
+    no tar out whenever it has a skip list, and refuses them without one)."""
+    rec = ss.record()
+    order = np.asarray(rec["order"], np.int64) if "order" in rec else np.zeros(0, np.int64)
+    counts = [int(s.get("samples", 0)) if isinstance(s.get("samples", 0), int) else 0 for s in ss.manifest["shards"]]
+    if sum(counts) != len(order) or (len(order) and (order.min() < 0 or order.max() >= len(seen))):
+        return []  # no usable record of where each sample was written
+    lost = np.flatnonzero(~seen[order])
+    starts = np.cumsum([0] + counts)
+    out = []
+    for j in lost.tolist():
+        s = int(np.searchsorted(starts, j, side="right") - 1)
+        sid = int(order[j])
+        out.append(make_issue("bad-shard", ss.manifest["shards"][s]["name"], j - int(starts[s]) + 1,
+                              f"sample id {sid} is in no readable tar (written here, lost since)", f"{sid:09d}"))
+    return out
 
 
 # ----------------------------------------------------------------------------- skip lists
@@ -377,3 +475,23 @@ def write_skip_list(path: str, issues: Iterable[Issue]) -> int:
                 f.write(f"{i.file}\t{i.line}\t{i.path}\t{i.code}\n")
                 n += 1
     return n
+
+
+# ----------------------------------------------------------------------------- issue 22: shards in a bucket
+
+
+def validate_bucket_shards(uri: str, *, cache_dir: str = "", **kw) -> Report:
+    """validate_shards for s3://bucket/prefix: on the node's view of it (shard_cache.py; synced first),
+    each tar downloaded to a temporary file in a worker; objects missing from the bucket or truncated
+    are bad-shard errors. The verdicts go into the view's data index, which training maps."""
+    from hvpmtl.data.object_store import ObjectStore
+    from hvpmtl.data.shard_cache import sync_view, view_folder
+    store, u = ObjectStore.for_uri(uri)
+    folder = view_folder(u, Path(cache_dir) / "views" if cache_dir else None)
+    problems = sync_view(store, u, folder, log_fn=lambda m: print(m, flush=True) if kw.get("progress") else None)
+    rep = validate_shards(str(folder), bucket=str(u), **kw)
+    for p in problems:  # "s3://bucket/prefix/shard-000001.tar: what is wrong"
+        obj, _, what = p.partition(": ")
+        rep.issues.append(make_issue("bad-shard", obj.rsplit("/", 1)[-1], 0, what))
+    rep.issues.sort(key=lambda i: (i.file, i.line))
+    return rep

@@ -84,10 +84,10 @@ def test_one_process_builds_the_others_wait(tmp_path):
     assert not default_index_path(p).with_name("train.txt.hvpidx.lock").exists()
 
 
-def test_waiters_get_the_builders_error_and_a_stale_lock_is_named(tmp_path):
+def test_waiters_get_the_builders_error_and_an_old_unreadable_lock_is_stale(tmp_path):
     p = _write(tmp_path)
     lock = default_index_path(p).with_name("train.txt.hvpidx.lock")
-    lock.write_text("node7 pid 123 since then\n")
+    lock.write_text("node7 pid 123 since then\n")  # the format before locks held JSON: no holder record
 
     def fail_later():
         time.sleep(0.5)
@@ -98,5 +98,7 @@ def test_waiters_get_the_builders_error_and_a_stale_lock_is_named(tmp_path):
     lock.with_name("train.txt.hvpidx.failed").unlink()
     old = time.time() - 3600
     os.utime(lock, (old, old))
-    with pytest.raises(DataError, match="hvpidx.lock \\(held by node7 pid 123.*\\) is older than 5 s"):
-        ensure_index("list", p, num_classes=50, builder=True, wait_s=5)
+    said = []
+    idx = ensure_index("list", p, num_classes=50, builder=True, wait_s=5, log=said.append)
+    assert len(idx) == 300 and not lock.exists()
+    assert any("holds no holder record" in m and "taken as stale" in m for m in said), said

@@ -185,3 +185,95 @@ def test_imagefolder_loaders(syn, tmp_path):
                                                                for i, lab in got)
     im = np.asarray(Image.open(root / ev.labels.path(0)).convert("RGB"))
     assert im.ndim == 3
+
+
+# ----------------------------------------------------------------------------- a changed data set on resume (issue 23)
+
+def _lines(loader, batches) -> list[int]:
+    """The list-file lines of a loader's batches: a sample's stable id, whatever the dense ids are."""
+    return [loader.labels.line(i) for b in batches for i in b["index"].tolist()]
+
+
+def _skip_list(tmp_path, syn, loader, lines) -> str:
+    name = Path(syn["list_file"]).name
+    rows = ["# hvpmtl skip list: file\tline\tpath-or-key\tcode"]
+    by_line = {loader.labels.line(i): loader.labels.path(i) for i in range(loader.num_samples)}
+    rows += [f"{name}\t{line}\t{by_line[line]}\ttruncated" for line in lines]
+    path = tmp_path / "skip.txt"
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_resume_after_samples_are_left_out_continues_the_epoch_by_sample_id(syn, make, tmp_path):
+    a = make(batch=4)
+    a.set_epoch(2)
+    it = iter(a)
+    head = [next(it) for _ in range(3)]
+    sd = a.state_dict()
+    tail = list(it)
+    seen, rest = _lines(a, head), _lines(a, tail)
+    # the validator's verdict on two samples: one already trained on in this epoch, one still to come
+    b = make(batch=4, skip_list=_skip_list(tmp_path, syn, a, [seen[5], rest[2]]))
+    assert b.num_samples == NUM_TRAIN - 2
+    b.load_state_dict(sd)
+    assert "40 -> 38 samples (2 left out, 0 added)" in b.resume_note and "1 of them now left out" in b.resume_note
+    it = iter(b)
+    first = next(it)
+    sd2 = b.state_dict()
+    resumed = [first, *it]
+    want = [line for line in rest if line != rest[2]]
+    want = want[:len(want) // 4 * 4]  # whole batches
+    assert _lines(b, resumed) == want  # the saved epoch's remaining samples, in their order, less the one left out
+    assert not set(_lines(b, resumed)) & set(seen)
+    # a state saved inside the remapped epoch resumes it again (same population: the DALI part applies)
+    assert sd2["remap"] is not None and sd2["position"] == 1
+    c = make(batch=4, skip_list=_skip_list(tmp_path, syn, a, [seen[5], rest[2]]))
+    c.load_state_dict(sd2)
+    assert _lines(c, list(c)) == want[4:]
+    # the next epoch is the plain permutation of the new population
+    c.set_epoch(3)
+    assert [i for x in c for i in x["index"].tolist()] == epoch_batches(NUM_TRAIN - 2, 4, 1, 0, 0, 3).reshape(-1).tolist()
+
+
+def test_resume_after_samples_are_added_at_the_end(tmp_path, tiny_cfg):
+    from hvpmtl.data.synthetic import make_synthetic
+    small = make_synthetic(tmp_path / "d", 16, seed=1)
+
+    def build():
+        cfg = tiny_cfg({**small, "holdout_list": ""})
+        return build_pretrain_loader(cfg, batch_size=2, patch_size=4, rank=0, world_size=1, local_rank=0, seed=0,
+                                     dtype=torch.float32)
+    a = build()
+    it = iter(a)
+    head = [next(it) for _ in range(3)]
+    sd = a.state_dict()
+    rest = _lines(a, list(it))
+    root, listing = Path(small["root"]), Path(small["list_file"])
+    lines = listing.read_text().splitlines()
+    for k, line in enumerate(lines[:2]):  # two more images, appended to the list
+        path, labels = line.split("\t", 1)
+        (root / f"added_{k}.jpg").write_bytes((root / path).read_bytes())
+        lines.append(f"added_{k}.jpg\t{labels}")
+    listing.write_text("\n".join(lines) + "\n")
+    b = build()
+    assert b.num_samples == 18
+    b.load_state_dict(sd)
+    assert "16 -> 18 samples (0 left out, 2 added)" in b.resume_note
+    got = _lines(b, list(b))
+    assert got[:len(rest)] == rest and sorted(got[len(rest):]) == [17, 18]
+    assert not set(got) & set(_lines(a, head))
+
+
+def test_another_list_or_seed_is_refused_naming_what_differs(syn, make, tmp_path, tiny_cfg):
+    from hvpmtl.data.issues import DataError
+    a = make(batch=4)
+    next(iter(a))
+    sd = a.state_dict()
+    with pytest.raises(DataError, match=r"data.seed 0, this run has 5.*--resume fresh"):
+        make(batch=4, seed=5).check_resume(sd)
+    other = tmp_path / "train.txt"  # the same images listed in another order: another data set by sample id
+    other.write_text("\n".join(reversed(Path(syn["list_file"]).read_text().splitlines())) + "\n")
+    b = make(batch=4, list_file=str(other))
+    with pytest.raises(DataError, match=r"train.txt is not the data set this run was trained on: sample 0 was "
+                                        r"'.*' \(line 1\), it is now '.*' \(line 1\).*--resume fresh"):
+        b.load_state_dict(sd)

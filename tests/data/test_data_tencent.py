@@ -157,3 +157,14 @@ def test_vectorised_parse_agrees_on_odd_shapes(tmp_path, monkeypatch, seed):
     assert [(i.code, i.line, i.message) for i in fast_issues] == [(i.code, i.line, i.message) for i in slow_issues]
     codes = {i.code for i in slow_issues}
     assert {"bad-path", "non-utf8-path", "malformed", "bad-index", "duplicate-path"} <= codes
+
+
+def test_a_latin1_dictionary_is_named_by_file_and_line(tmp_path):
+    """Issue 23: a dictionary saved as Latin-1 was a UnicodeDecodeError traceback in index, validate and training."""
+    from hvpmtl.data.issues import DataError
+    from hvpmtl.data.tencent import read_dictionary
+
+    p = tmp_path / "dictionary.txt"
+    p.write_bytes(b"category_index\tcategory_name\tparent_index\tname\n0\tn0\t-1\tcat\n1\tn1\t-1\tcaf\xe9\n")
+    with pytest.raises(DataError, match=rf"{p}:3: error \[bad-dictionary\]: not UTF-8 \(byte 0xe9\)"):
+        read_dictionary(p)
