@@ -164,6 +164,10 @@ class DataConfig(Section):
     index_auto_build: int = Field(1_000_000, ge=0, le=MAX_STEPS)  # a missing/stale index of at most this many samples is built at start-up; 0 = never
     index_wait_s: int = Field(600, ge=1, le=WEEK_S)  # how long ranks wait for the one process that builds it
     max_pixels: int = Field(67_108_864, ge=0, le=2**32)  # width x height (JPEG header) above which an image is an error; 0 = no bound
+    # issue 22, shards in a bucket (data.shards: s3://bucket/prefix): node-local copies of the shard metadata and,
+    # under cache_limit_gb (0 = no tar cache), of the tars read; "" = metadata in ~/.cache/hvpmtl/s3, no tar cache
+    cache_dir: PathStr = ""
+    cache_limit_gb: Float = Field(0.0, ge=0, le=1e6)
 
 
 class ASLConfig(Section):
@@ -819,7 +823,7 @@ def absolute_paths(cfg: BaseModel) -> dict:
         if isinstance(value, BaseModel):
             out[name] = absolute_paths(value)
         elif PATH in field.metadata and value:
-            out[name] = os.path.abspath(value)
+            out[name] = value if "://" in value else os.path.abspath(value)  # a bucket URI stays as it is
         else:
             out[name] = value.model_dump() if isinstance(value, BaseModel) else value
     return out

@@ -39,6 +39,20 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int, int]:
     return rank, local_rank, world
 
 
+def destroy_process_group() -> None:
+    """Tear the default process group down through DeepSpeed, which then forgets the groups it built on it (its
+    world clone, ZeRO's data-parallel group): torch's own teardown would leave those behind, and a process that
+    trains again (a second in-process run) would find them unregistered."""
+    if not dist.is_initialized():
+        return
+    import deepspeed.comm as ds_comm
+
+    if getattr(ds_comm, "cdb", None) is not None:
+        ds_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
+
+
 def apply_collective_timeout(timeout_s: int) -> int:
     """Gives every process group this rank belongs to the run's collective timeout; returns how many.
 
@@ -118,6 +132,58 @@ def average_buffers(module: torch.nn.Module, world_size: int) -> int:
 
 def distributed(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+# ----------------------------------------------------------------------------- object collectives
+# Small Python objects (verdicts, file entries, decisions) of the checkpoint code: a world of one, or no
+# process group at all (tools, tests), needs no collective.
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    if distributed(rank_world()[1]):
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """rank 0's object on every rank."""
+    if not distributed(rank_world()[1]):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's object, on every rank, in rank order."""
+    _, world = rank_world()
+    if not distributed(world):
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def on_rank0(fn, *args, errors: tuple = (), raise_as=RuntimeError):
+    """fn(*args) run on rank 0 only; its result reaches every rank. An exception of `errors` raised by fn is
+    raised on every rank as raise_as(its message), so all ranks stop together."""
+    rank, _ = rank_world()
+    result = None
+    if rank == 0:
+        try:
+            result = ("ok", fn(*args))
+        except errors as e:
+            result = ("error", str(e))
+    result = broadcast_object(result)
+    if result[0] == "error":
+        raise raise_as(result[1])
+    return result[1]
 
 
 def all_gather_rows(x: torch.Tensor, world_size: int) -> torch.Tensor:

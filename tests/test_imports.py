@@ -1,6 +1,6 @@
 """The package's import structure (issue 11): no two files of hvpmtl import each other, directly or through
-others (function-local imports included); hvpmtl/train never imports hvpmtl/eval; hvpmtl/eval takes from
-hvpmtl/train only the checkpoint reader. Read from the source with ast, nothing imported."""
+others (function-local imports included); hvpmtl/train and hvpmtl/eval never import each other;
+hvpmtl/checkpoint, which both use, imports neither. Read from the source with ast, nothing imported."""
 import ast
 from pathlib import Path
 
@@ -89,14 +89,18 @@ def test_cycle_finder_finds_a_function_local_cycle():
     assert cycles(g) == [frozenset({"a", "b", "c"})]
 
 
-def test_train_never_imports_eval_and_eval_takes_only_the_checkpoint_reader():
+def test_train_and_eval_never_import_each_other_and_checkpoint_lies_below_both():
     g = graph()
     train_to_eval = {(m, d) for m, deps in g.items() if m.startswith("hvpmtl.train") for d in deps
                      if d.startswith("hvpmtl.eval")}
     assert train_to_eval == set()
-    eval_to_train = {d for m, deps in g.items() if m.startswith("hvpmtl.eval") for d in deps
+    eval_to_train = {(m, d) for m, deps in g.items() if m.startswith("hvpmtl.eval") for d in deps
                      if d.startswith("hvpmtl.train")}
-    assert eval_to_train <= {"hvpmtl.train.checkpoint"}
+    assert eval_to_train == set()
+    checkpoint_up = {(m, d) for m, deps in g.items() if m.startswith("hvpmtl.checkpoint") for d in deps
+                     if d.startswith(("hvpmtl.train", "hvpmtl.eval"))}
+    assert checkpoint_up == set()
+    assert "hvpmtl.checkpoint" in g["hvpmtl.train.runtime"] and "hvpmtl.checkpoint" in g["hvpmtl.eval.export"]
 
 
 def test_kernels_import_only_their_references_and_references_no_kernel():

@@ -4,9 +4,9 @@
                   [--format timm|mmdet|mmseg|detectron2] [--prefix P] [--features-only] --out FILE
 
 The weights are read from a DeepSpeed checkpoint of the engine (<run>/checkpoints/step_*/, checked
-against its manifest and read weights-only) by hvpmtl.train.checkpoint.read_backbone: the student
+against its manifest and read weights-only) by hvpmtl.checkpoint.read_backbone: the student
 (fp32 master weights) or the EMA teacher; `auto` takes the teacher only once less than 1% of it is
-its random initialisation (checkpoint.default_weights), and the choice is printed. The format
+its random initialisation (hvpmtl.schedules.default_weights), and the choice is printed. The format
 follows the --out suffix (.safetensors: timm, .pkl: detectron2; .pth needs --format) and a
 mismatch is refused. Keys are always timm's own (`MaskableBackbone.model`); only a prefix differs:
 
@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-# torch, safetensors and hvpmtl.train.checkpoint are imported where they are used: `hvpmtl --help` (which builds
+# torch, safetensors and hvpmtl.checkpoint are imported where they are used: `hvpmtl --help` (which builds
 # this command's parser) answers without loading torch.
 
 FORMATS = ("timm", "mmdet", "mmseg", "detectron2")
@@ -72,7 +72,7 @@ def save_timm_backbone(backbone, path: str | Path, metadata: Optional[dict] = No
 def find_checkpoint(run_dir: str | Path, checkpoint: Optional[str | Path] = None) -> Path:
     """The given checkpoint (a tag folder or a tag name under <run>/checkpoints, checked complete) or the
     newest complete one."""
-    import hvpmtl.train.checkpoint as ckpt
+    import hvpmtl.checkpoint as ckpt
 
     ckpt_dir = Path(run_dir) / "checkpoints"
     try:
@@ -92,8 +92,8 @@ def find_checkpoint(run_dir: str | Path, checkpoint: Optional[str | Path] = None
 
 def read_run_backbone(run_dir: str | Path, checkpoint: Optional[str | Path] = None, which: str = "auto"):
     """(timm state dict fp32, the run's ExperimentConfig, info dict) from a run's checkpoint: see
-    hvpmtl.train.checkpoint.read_backbone. info names the weights (which, reason, checkpoint, step)."""
-    import hvpmtl.train.checkpoint as ckpt
+    hvpmtl.checkpoint.read_backbone. info names the weights (which, reason, checkpoint, step)."""
+    import hvpmtl.checkpoint as ckpt
 
     try:
         return ckpt.read_backbone(run_dir, checkpoint, which)
@@ -102,9 +102,9 @@ def read_run_backbone(run_dir: str | Path, checkpoint: Optional[str | Path] = No
 
 
 def read_backbone_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(timm state dict, metadata) from any export of this module (hvpmtl.train.checkpoint.read_backbone_file:
+    """(timm state dict, metadata) from any export of this module (hvpmtl.checkpoint.read_backbone_file:
     safetensors, weights-only .pth, numpy-only .pkl)."""
-    import hvpmtl.train.checkpoint as ckpt
+    import hvpmtl.checkpoint as ckpt
 
     try:
         return ckpt.read_backbone_file(path)
@@ -134,39 +134,73 @@ def _features_only_state(state: dict, name: str, img_size: int) -> dict[str, tor
     return {k: v.detach().contiguous() for k, v in m.state_dict().items()}
 
 
+def check_out(out: str | Path) -> Path:
+    """Refuse an --out that cannot be written, before the (slow) checkpoint read: a folder, a path under a
+    regular file, a folder this user cannot write (probed by creating the temporary file the export uses)."""
+    out = Path(out)
+    if out.is_dir():
+        raise ExportError(f"--out {out}: is a folder; name the file to write, e.g. {out / ('backbone' + out.suffix)}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ExportError(f"--out {out}: a part of {out.parent} is a regular file, not a folder") from None
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot create the folder {out.parent}: {e.strerror}") from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write in {out.parent}: {e.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return out
+
+
 def write_export(state: dict[str, torch.Tensor], out: str | Path, fmt: str, info: dict,
                  prefix: Optional[str] = None, features_only: bool = False) -> Path:
-    """Write `state` (timm keys) in `fmt`; `info` needs timm_model and img_size."""
-    import torch
-    from safetensors.torch import save_file
-
-    out = Path(out)
+    """Write `state` (timm keys) in `fmt`; `info` needs timm_model and img_size. The file is written under a
+    temporary name in the destination folder and renamed: a failed export (disk full) leaves no half file."""
+    out = check_out(out)
     fmt = format_for(out, fmt)
     if features_only and fmt not in ("mmdet", "mmseg"):
         raise ExportError("--features-only applies to the mmdet and mmseg formats")
     prefix = DEFAULT_PREFIX[fmt] if prefix is None else prefix
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "timm" and prefix:
+        raise ExportError("the timm format takes no --prefix: timm loads its own keys")
     meta = {k: v for k, v in info.items() if v is not None}
     meta.update(prefix=prefix, features_only=features_only, keys="timm")
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _write_format(state, tmp, fmt, out.suffix, info, meta, prefix, features_only)
+        _shared_mode(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _write_format(state, path: Path, fmt: str, suffix: str, info: dict, meta: dict, prefix: str,
+                  features_only: bool) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     if fmt == "timm":
-        if prefix:
-            raise ExportError("the timm format takes no --prefix: timm loads its own keys")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out),
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path),
                   metadata={"format": "pt", **{k: str(v) for k, v in meta.items()}})
-        return _shared_mode(out)
+        return
     if features_only:
         state = _features_only_state(state, info["timm_model"], int(info["img_size"]))
     keyed = {prefix + k: v for k, v in state.items()}
     if fmt in ("mmdet", "mmseg"):
-        torch.save({"state_dict": keyed, "meta": {"hvpmtl": meta}}, out)
-    elif out.suffix == ".pkl":
+        torch.save({"state_dict": keyed, "meta": {"hvpmtl": meta}}, path)
+    elif suffix == ".pkl":
         obj = {"model": {k: v.numpy() for k, v in keyed.items()}, "__author__": "hvpmtl",
                "matching_heuristics": True, "hvpmtl": meta}
-        with open(out, "wb") as f:
+        with open(path, "wb") as f:
             pickle.dump(obj, f)
     else:
-        torch.save({"model": keyed, "__author__": "hvpmtl", "matching_heuristics": True, "hvpmtl": meta}, out)
-    return _shared_mode(out)
+        torch.save({"model": keyed, "__author__": "hvpmtl", "matching_heuristics": True, "hvpmtl": meta}, path)
 
 
 def format_for(out: Path, fmt: Optional[str]) -> str:
@@ -192,6 +226,7 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: Optional[str] = None,
                features_only: bool = False) -> Path:
     """Export a run's backbone; `fmt` None: from the suffix of `out`."""
     fmt = format_for(Path(out), fmt)  # before the (slow) read: a wrong name fails at once
+    check_out(out)
     state, _, info = read_run_backbone(run_dir, checkpoint, which)
     return write_export(state, out, fmt, info, prefix, features_only)
 
@@ -231,6 +266,7 @@ def _main(args) -> int:
 
     try:
         fmt = format_for(Path(args.out), args.format)  # a wrong name fails before the (slow) read
+        check_out(args.out)  # and so does a destination that cannot be written
         print(f"hvpmtl export: reading {args.run_dir} ...", file=sys.stderr, flush=True)
         state, _, info = read_run_backbone(args.run_dir, args.checkpoint, args.which)
         print(f"hvpmtl export: using the {describe(info)}", file=sys.stderr, flush=True)

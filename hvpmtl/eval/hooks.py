@@ -7,7 +7,7 @@ launchers/pretrain.py (hvpmtl/train never imports hvpmtl/eval):
 
 A hook sees the trainer: cfg, step, rank, world, device, is_main, out_dir, tracker, engine, meta (the
 HVPMetaArch: student, teacher, eval_backbone) and log(). The backbone evaluated and exported is the one
-`hvpmtl export`/`hvpmtl eval` take by default at that step (checkpoint.default_weights: the student until
+`hvpmtl export`/`hvpmtl eval` take by default at that step (hvpmtl.schedules.default_weights: the student until
 the EMA teacher has left its random start).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 def evaluated_backbone(trainer):
     """(backbone, 'teacher'|'student', why) at the trainer's current step."""
-    from hvpmtl.train.checkpoint import default_weights
+    from hvpmtl.schedules import default_weights
 
     which, why = default_weights(trainer.cfg, trainer.step, trainer.meta.teacher is not None)
     return trainer.meta.eval_backbone(which), which, why

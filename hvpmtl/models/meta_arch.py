@@ -215,7 +215,7 @@ class HVPMetaArch:
 
     def eval_backbone(self, which: str = "student") -> MaskableBackbone:
         """The backbone of the EMA 'teacher' or of the 'student'. Which one is evaluated and exported is
-        hvpmtl.train.checkpoint.default_weights's choice for the run's length (the eval hooks ask it)."""
+        hvpmtl.schedules.default_weights's choice for the run's length (the eval hooks ask it)."""
         return self.teacher.backbone if which == "teacher" else self.engine.module.backbone
 
     # ------------------------------------------------------------------ the step

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
+from hvpmtl import checkpoint
 from hvpmtl.config import FinetuneConfig
 from hvpmtl.dist import StepResult, average_buffers, reduce_step
-from hvpmtl.train import checkpoint, runtime
+from hvpmtl.schedules import lambda_lr, lr_schedule
+from hvpmtl.train import runtime
 from hvpmtl.train.args import finetune_parser
 from hvpmtl.train.runtime import Trainer, seed_everything
-from hvpmtl.train.schedules import lambda_lr, lr_schedule
 
 
 def make_task(trainer):

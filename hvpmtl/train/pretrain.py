@@ -16,7 +16,7 @@ from hvpmtl.train import runtime
 from hvpmtl.train.args import pretrain_parser
 from hvpmtl.train.optim import build_optimizer
 from hvpmtl.train.runtime import Trainer, seed_everything
-from hvpmtl.train.schedules import lambda_lr, lr_schedule, momentum_schedule
+from hvpmtl.schedules import lambda_lr, lr_schedule, momentum_schedule
 
 
 class Pretrainer(Trainer):

@@ -14,12 +14,12 @@ Both count towards run.max_nonfinite_in_row (reset by an applied step); then run
 `stop` (or no checkpoint to go back to, or run.max_rollbacks spent) saves the state if it is finite and exits 4.
 The step counter counts APPLIED optimizer steps: a skipped step moves neither it, nor DeepSpeed's LR schedule,
 nor the EMA teacher, so the three always agree with the optimizer's real step count (a run of N steps may use
-more batches). No checkpoint is written from a non-finite state (hvpmtl.train.checkpoint.nonfinite_state).
+more batches). No checkpoint is written from a non-finite state (hvpmtl.checkpoint.nonfinite_state).
 
 Exit codes: 0 finished, 2 config or data error (a message, no traceback), 3 preempted (checkpoint saved,
 requeue me), 4 too many non-finite losses or skipped steps, 5 another rank died or hung (named in the message),
 6 the run's saved state cannot be used safely (output_dir locked by another job, no loadable checkpoint, a load that
-failed half-way, --resume none into a used folder, lock lost: hvpmtl.train.checkpoint.CheckpointError).
+failed half-way, --resume none into a used folder, lock lost: hvpmtl.checkpoint.CheckpointError).
 """
 from __future__ import annotations
 
@@ -37,10 +37,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hvpmtl.config import ConfigError, check_batch_sizes, load_config, save_config
+from hvpmtl import checkpoint
+from hvpmtl.config import ConfigError, absolute_paths, check_batch_sizes, load_config, save_config
 from hvpmtl.data.issues import DataError
-from hvpmtl.dist import Heartbeat, StepResult, apply_collective_timeout, init_distributed
-from hvpmtl.train import checkpoint, perf
+from hvpmtl.dist import Heartbeat, StepResult, apply_collective_timeout, destroy_process_group, init_distributed
+from hvpmtl.train import perf, resume_changes
 from hvpmtl.train.tracking import Tracker, connect
 
 EXIT_OK, EXIT_CONFIG, EXIT_PREEMPTED, EXIT_NONFINITE, EXIT_PEER_LOST = 0, 2, 3, 4, 5
@@ -146,6 +147,7 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         # the output_dir lock and the resume decision, agreed by all ranks before anything is built
         self.run_state = checkpoint.open_run(self.out_dir, resume, log=self.log)
+        self.config_changes = self._config_changes()  # applied from the resumed step, or refused here (issue 23)
         self.step, self.epoch = 0, 0
         self.tracker = None
         self.preemption = None
@@ -167,6 +169,69 @@ class Trainer:
         if self.is_main:
             print(f"{self.log_prefix} {msg}", flush=True)
 
+    # ------------------------------------------------------------------ a resume with changed inputs (issue 23)
+    def _config_changes(self) -> list:
+        """The config keys this resume changes (hvpmtl/train/resume_changes.py); a ConfigError naming any it
+        cannot change, before the data, model or engine is built."""
+        choice = self.run_state.choice
+        if choice is None:
+            return []
+        old, source = resume_changes.saved_config(choice.rank_state, self.out_dir)
+        if old is None:
+            return []
+        return resume_changes.check_changes(old, absolute_paths(self.cfg), source)
+
+    @property
+    def loader(self):
+        return self._loader
+
+    @loader.setter
+    def loader(self, loader) -> None:
+        """A trainer sets its loader before it builds the model: a resumed position from another data set or
+        data order is refused right here (the loader says what differs), not after minutes of set-up."""
+        self._loader = loader
+        choice = self.run_state.choice
+        data = choice.rank_state.get("data") if choice is not None else None
+        if data is not None and hasattr(loader, "check_resume"):
+            loader.check_resume(data)
+
+    def _hyperparameters(self) -> tuple[list, list] | None:
+        """The LR scheduler's base LRs and each parameter group's other settings (weight decay, betas...) as this
+        config built them: DeepSpeed's load puts the checkpoint's back, which would half-apply a changed config."""
+        sched = getattr(self.engine, "lr_scheduler", None)
+        if sched is None or not hasattr(sched, "lr_lambdas"):
+            return None
+        groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                  for g in sched.optimizer.param_groups]
+        return list(sched.base_lrs), groups
+
+    def _apply_schedule(self, fresh: tuple[list, list] | None, client: dict) -> None:
+        """After a load: this config's optimizer settings, and its LR schedule at the resumed step (the lambdas
+        are this config's; base LRs, group settings and the current LR are set back from `fresh`)."""
+        if fresh is None:
+            return
+        sched = self.engine.lr_scheduler
+        base, groups = fresh
+        sched.base_lrs = list(base)
+        for i, (group, settings) in enumerate(zip(sched.optimizer.param_groups, groups)):
+            group.update(settings)
+            group["initial_lr"] = base[i]
+            group["lr"] = base[i] * sched.lr_lambdas[i](sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+        was = client.get("schedule") or {}
+        now = self._schedule_shape()
+        shape = ", ".join(f"{k} {was[k]} -> {v}" if k in was and was[k] != v else f"{k} {v}" for k, v in now.items())
+        if self.config_changes or (was and was != now):
+            changed = resume_changes.describe(self.config_changes) or "no config key"
+            self.log(f"resumed at step {self.step} with changes: {changed}. Applied from step {self.step + 1}: "
+                     f"lr {self.current_lr():.4g} now; schedule: {shape}")
+
+    def _schedule_shape(self) -> dict:
+        o = self.cfg.optim
+        return {"steps/epoch": int(self.steps_per_epoch), "total steps": int(self.total_steps),
+                "warm-up steps": int(round(o.warmup_epochs * self.steps_per_epoch)),
+                "shape": getattr(o, "schedule", "cosine"), "min_lr": o.min_lr, "global batch": int(self.global_batch)}
+
     def build_engine(self, model, optimizer, scheduler):
         import deepspeed
 
@@ -179,6 +244,7 @@ class Trainer:
     def resume(self, loader):
         """Loads the checkpoint agreed at start-up into the engine, and this rank's RNG and data position;
         returns (client_state, rank_state) or None for a fresh start. The subclass restores its own keys."""
+        fresh = self._hyperparameters()
         found = checkpoint.resume(self.engine, self.run_state, log=self.log)
         if found is None:
             return None
@@ -191,7 +257,10 @@ class Trainer:
         self._lr_scale_until = client.get("lr_scale_until", 0)
         self._saved_step = self.step
         loader.load_state_dict(rank_state["data"])
+        if getattr(loader, "resume_note", ""):
+            self.log(f"data: {loader.resume_note}")
         checkpoint.set_rng_state(rank_state["rng"])
+        self._apply_schedule(fresh, client)
         self._apply_lr_scale()
         return client, rank_state
 
@@ -214,8 +283,10 @@ class Trainer:
         client = {"step": self.step, "epoch": self.epoch, "mlflow_run_id": self.tracker.run_id,
                   "nonfinite_total": self.nonfinite_total, "skipped_steps": self.skipped_steps,
                   "rollbacks": self.rollbacks, "batches_seen": self.batches_seen,
-                  "lr_scale_until": self._lr_scale_until, **client}
-        rank_state = {"rng": checkpoint.rng_state(), "data": loader.state_dict(), **rank_state}
+                  "lr_scale_until": self._lr_scale_until, "schedule": self._schedule_shape(), **client}
+        # the config trained with, per rank (read before the model is built when the run resumes: issue 23)
+        rank_state = {"rng": checkpoint.rng_state(), "data": loader.state_dict(), "config": absolute_paths(self.cfg),
+                      **rank_state}
         try:
             path = checkpoint.save(self.engine, self.run_state, self.step, client, rank_state,
                                    self.cfg.run.keep_checkpoints, also=self.finite_also())
@@ -244,6 +315,9 @@ class Trainer:
             self.tracker.log_artifact(self.out_dir / "config.yaml", "config")
             self.tracker.log_artifact(self.out_dir / "ds_config.json", "config")
             self.tracker.set_tags({"world_size": self.world, "precision": self.precision, **tags})
+        elif self.config_changes:  # config.yaml above is what trains from now on; MLflow is told from which step
+            self.tracker.log_config_changes(self.config_changes, self.step)
+            self.tracker.log_artifact(self.out_dir / "config.yaml", f"config/step_{self.step}")
 
 
     # ------------------------------------------------------------------ what a trainer supplies
@@ -545,8 +619,11 @@ def main(args, parser, schema, make_trainer, name: str = "hvpmtl") -> int:
     except checkpoint.CheckpointError as e:  # nothing trained from it; the lock is released at exit
         print(f"{name}: checkpoint error: {e}", file=sys.stderr, flush=True)
         code = EXIT_CHECKPOINT
+    except Exception as e:  # noqa: BLE001 -- the input boundary (hvpmtl/cli.py): a file, folder or disk problem
+        from hvpmtl.cli import report_input_error  # is one line and exit 2; anything else is said to be a bug
+        code = report_input_error(e, name)
     if code == EXIT_PEER_LOST:
         os._exit(code)  # a process group with a dead peer can hang in its own teardown
-    if ours and dist.is_initialized():
-        dist.destroy_process_group()
+    if ours:
+        destroy_process_group()
     return code

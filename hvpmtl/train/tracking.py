@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvpmtl.config import ConfigError, ExperimentConfig, flatten, to_dict
+from hvpmtl.fileio import atomic_write
 
 # MLflow 3.x reads this experiment tag to open an experiment as a model-training one (runs, metrics) rather than
 # as a GenAI app (traces, overview); 3.17's own UI also follows its workflow switch, which the printed link sets.
@@ -206,9 +207,7 @@ def _read_state(out: Path) -> dict:
 
 
 def _write_state(out: Path, state: dict) -> None:
-    tmp = out / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, out / STATE_FILE)
+    atomic_write(out / STATE_FILE, json.dumps(state, indent=1), f".{STATE_FILE}.tmp")
 
 
 def rows_to_metrics(lines: list[bytes]):
@@ -270,6 +269,17 @@ class Tracker:
     def log_params(self, params: dict) -> None:
         if self._sender is not None:
             self._sender.put(("params", {k: str(v)[:500] for k, v in params.items()}))
+
+    def log_config_changes(self, changes, step: int) -> None:
+        """A resume that changed config keys (hvpmtl/train/resume_changes.py). MLflow refuses to change a logged
+        parameter, so the run's parameters stay what it started with and each change is a new parameter
+        `resumed_at_step_<N>/<key>` (the value from step N+1 on), with the tag `config.<key>` (tags can change) holding the
+        value training uses now and `hvpmtl.config_changes.step_<N>` the changes the trainer printed."""
+        if not changes:
+            return
+        self.log_params({f"resumed_at_step_{step}/{c.key}": c.new for c in changes})
+        self.set_tags({**{f"config.{c.key}": c.new for c in changes},
+                       f"hvpmtl.config_changes.step_{step}": "; ".join(str(c) for c in changes)})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self._sender is not None:

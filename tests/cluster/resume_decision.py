@@ -1,4 +1,4 @@
-"""Run on every rank by the fault-matrix test: the resume decision (hvpmtl.train.checkpoint.open_run: the lock,
+"""Run on every rank by the fault-matrix test: the resume decision (hvpmtl.checkpoint.open_run: the lock,
 rank 0's proposals, each rank's verification of its own files, the agreement) for each run folder given, with
 no engine and no training. Each rank writes what it decided to <result>.rank<r>.json."""
 import argparse
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from hvpmtl import checkpoint
 from hvpmtl.dist import init_distributed
-from hvpmtl.train import checkpoint
 
 
 def main() -> None:

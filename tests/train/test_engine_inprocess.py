@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hvpmtl import checkpoint
 from hvpmtl.config import load_config
-from hvpmtl.train import checkpoint
 from hvpmtl.train.pretrain import Pretrainer
 from hvpmtl.train.runtime import EXIT_NONFINITE
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from hvpmtl import checkpoint
+from hvpmtl.checkpoint import safe_load
 from hvpmtl.config import load_config
-from hvpmtl.train import checkpoint
-from hvpmtl.train import safe_load
 from hvpmtl.train.pretrain import Pretrainer
 from hvpmtl.train.runtime import EXIT_NONFINITE, EXIT_OK
 

@@ -55,7 +55,7 @@ class FinetuneTask:
 
 def read_init(cfg, read_weights) -> dict[str, torch.Tensor]:
     """The exported backbone of model.init as a timm state dict (every `hvpmtl export` format)."""
-    from hvpmtl.train import checkpoint
+    from hvpmtl import checkpoint
 
     if read_weights is None:
         raise ConfigError(f"model.init {cfg.model.init}: no reader of exported backbones was given; start "

@@ -16,11 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hvpmtl import checkpoint
 from hvpmtl.config import ConfigError, FinetuneConfig
 from hvpmtl.data.issues import DataError
 from hvpmtl.dist import all_gather_rows, sum_to_host
 from hvpmtl.metrics import average_precision
-from hvpmtl.train import checkpoint
 from hvpmtl.train.tasks.base import FinetuneTask
 
 

@@ -11,11 +11,19 @@ EMA teacher's momentum:
 `schedule[s]` is the value for optimizer step s (0-based for the LR, the count of steps done for the
 momentum); past the end it stays at its last value. The LR enters DeepSpeed through a LambdaLR over the same
 array, so a resumed run continues it exactly (the scheduler's state is its step count).
+
+The EMA teacher's policy lives beside its momentum: which backbone a run offers by default (`default_weights`:
+the teacher only once less than TEACHER_MAX_INIT_SHARE of it is still its random start). This module sits
+below train/, eval/ and checkpoint/, which all ask it.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+
+TEACHER_MAX_INIT_SHARE = 0.01  # the EMA teacher is the default backbone below this share of its random start
 
 
 class Schedule:
@@ -70,6 +78,33 @@ def momentum_schedule(distill_cfg, total_steps: int, length: int | None = None) 
     objectives.distill.momentum to momentum_end over the run."""
     final = distill_cfg.momentum_end if distill_cfg.momentum_schedule == "cosine" else distill_cfg.momentum
     return Schedule(distill_cfg.momentum, final, total_steps, length=length)
+
+
+def teacher_init_share(cfg, step: int) -> tuple[float, bool]:
+    """How much of the EMA teacher is still its random start after `step` updates: the product of the
+    momenta (momentum_schedule). Exact for a constant momentum or a cosine schedule
+    of known length; else the constant lower bound m^step (second value False)."""
+    d, o = cfg.objectives.distill, cfg.optim
+    if d.momentum_schedule == "constant":
+        return d.momentum ** step, True
+    total = o.max_steps or (o.epochs * o.steps_per_epoch if o.steps_per_epoch else 0)
+    if not total:
+        return d.momentum ** step, False
+    m = momentum_schedule(d, total, length=step)
+    return math.exp(sum(math.log(max(m[t], 1e-300)) for t in range(1, step + 1))), True
+
+
+def default_weights(cfg, step: int, has_teacher: bool) -> tuple[str, str]:
+    """('teacher' | 'student', why): the teacher only once less than TEACHER_MAX_INIT_SHARE of it is its random
+    initialisation; before that the student is the better-founded backbone."""
+    if not has_teacher:
+        return "student", "no EMA teacher in this run (distillation off)"
+    share, exact = teacher_init_share(cfg, step)
+    bound = "" if exact else " at least"
+    if share < TEACHER_MAX_INIT_SHARE:
+        return "teacher", f"after {step} steps{bound} {share:.2%} of the EMA teacher is its random start"
+    return "student", (f"after {step} steps{bound} {share:.0%} of the EMA teacher is still its random start "
+                       f"(the teacher is used below {TEACHER_MAX_INIT_SHARE:.0%})")
 
 
 def lambda_lr(optimizer, schedule: Schedule) -> torch.optim.lr_scheduler.LambdaLR:

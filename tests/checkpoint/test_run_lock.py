@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from hvpmtl.train.run_lock import LOCK_NAME, LockError, RunLock, _start_time
+from hvpmtl.locks import process_start_time as _start_time
+from hvpmtl.checkpoint.run_lock import LOCK_NAME, LockError, RunLock
 
 
 def _holder(path, **kw):

@@ -1,10 +1,11 @@
-"""The per-step schedules (hand-derived values): LR warm-up + cosine of both trainers, EMA momentum."""
+"""The per-step schedules (hand-derived values): LR warm-up + cosine of both trainers, EMA momentum, and the
+EMA teacher's default-backbone policy."""
 import math
 
 import pytest
 
 from hvpmtl.config import FinetuneConfig, load_config
-from hvpmtl.train.schedules import Schedule, lr_schedule, momentum_schedule
+from hvpmtl.schedules import Schedule, default_weights, lr_schedule, momentum_schedule, teacher_init_share
 
 
 def test_warmup_then_cosine_hand_values():
@@ -83,3 +84,18 @@ def test_teacher_momentum_schedule():
     assert teacher_momentum(cfg, 50, 100) == pytest.approx(0.995)
     assert teacher_momentum(cfg, 100, 100) == pytest.approx(1.0)
     assert teacher_momentum(load_config("configs/test_tiny.yaml"), 50, 100) == 0.995
+
+
+def test_default_backbone_is_the_student_until_the_teacher_has_left_its_random_start():
+    cfg = load_config("configs/test_tiny.yaml")
+    share, exact = teacher_init_share(cfg, 186)
+    assert exact and share == pytest.approx(0.995 ** 186) and 0.39 < share < 0.40  # the demo's 186 steps
+    assert default_weights(cfg, 186, True)[0] == "student"
+    assert default_weights(cfg, 1000, True)[0] == "teacher"  # 0.995^1000 = 0.7% left
+    assert default_weights(cfg, 10**6, False)[0] == "student"
+    cos = load_config("configs/test_tiny.yaml", ["objectives.distill.momentum_schedule=cosine",
+                                                 "objectives.distill.momentum=0.99", "optim.max_steps=400"])
+    m = momentum_schedule(cos.objectives.distill, 400)
+    expect = float(math.prod([m[t] for t in range(1, 401)]))
+    share, exact = teacher_init_share(cos, 400)
+    assert exact and share == pytest.approx(expect, rel=1e-9) and share > 0.99 ** 400

@@ -1,0 +1,146 @@
+"""hvpmtl.checkpoint.run on real DeepSpeed checkpoints of one in-process engine: the resume decision (which tag,
+never a damaged or foreign one), --resume none/fresh/<tag>, loading that fails half-way, rollback."""
+import json
+import os
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from hvpmtl import checkpoint as ck
+from tests.checkpoint.tagged_run import STEPS, damage, open_quietly, reseal, rewrite
+
+
+def test_auto_takes_the_newest_and_loads_it(trainer, copy):
+    run = open_quietly(copy)
+    assert run.choice.tag_dir.name == ck.tag_for(6) and run.run_id == trainer.run_state.run_id
+    tag_dir, client, rank_state = ck.resume(trainer.engine, run, log=lambda m: None)
+    assert client["step"] == 6 and rank_state["data"]["epoch"] == 0
+
+
+@pytest.mark.parametrize("name", ["rank_0.pt", "mp_rank_00_model_states.pt",
+                                  "zero_pp_rank_0_mp_rank_00_optim_states.pt", "COMPLETE"])
+@pytest.mark.parametrize("how", ["truncate", "flip", "missing"])
+def test_any_damaged_file_of_the_newest_falls_back_to_the_previous_tag(copy, name, how):
+    damage(copy / "checkpoints" / ck.tag_for(6) / name, how)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        run = open_quietly(copy)
+    assert run.choice.tag_dir.name == ck.tag_for(4)
+    said = " ".join(str(x.message) for x in w)
+    assert ck.tag_for(6) in said and (name in said or "manifest" in said), said
+
+
+def test_no_loadable_checkpoint_stops_instead_of_starting_over(copy):
+    for s in STEPS:
+        damage(copy / "checkpoints" / ck.tag_for(s) / "rank_0.pt", "flip")
+    with pytest.raises(ck.CheckpointError, match=r"none of the 3 checkpoint\(s\).*does not match its checksum") as e:
+        open_quietly(copy)
+    assert e.value.exit_code == 6 == ck.EXIT_CHECKPOINT
+    assert "--resume fresh" in str(e.value)
+    assert not (copy / ".hvpmtl.lock").exists()  # a refusal releases the lock
+
+
+def test_resume_none_refuses_a_used_folder_and_fresh_moves_the_old_run_aside(trainer, copy):
+    with pytest.raises(ck.CheckpointError, match="--resume none, but .* holds checkpoints.*--resume fresh"):
+        open_quietly(copy, "none")
+    run = open_quietly(copy, "fresh")
+    assert run.choice is None and run.run_id != trainer.run_state.run_id
+    assert not (copy / "checkpoints").exists()
+    moved = list((copy / ck.SUPERSEDED_DIR).iterdir())
+    assert len(moved) == 1 and moved[0].name.startswith(trainer.run_state.run_id)
+    assert sorted(p.name for p in (moved[0] / "checkpoints").glob("step_*")) == [ck.tag_for(s) for s in STEPS]
+    # only debris of a crashed first save: --resume none may start
+    (copy / "checkpoints" / ck.tag_for(1)).mkdir(parents=True)
+    assert open_quietly(copy, "none").choice is None
+
+
+def test_checkpoints_of_another_run_are_never_resumed_or_pruned(trainer, copy):
+    ckpt = copy / "checkpoints"
+    foreign = ckpt / ck.tag_for(9)
+    shutil.copytree(ckpt / ck.tag_for(6), foreign, copy_function=os.link)
+    m = json.loads((foreign / "COMPLETE").read_text())
+    m["run_id"], m["step"] = "someone-else", 9
+    rewrite(foreign / "COMPLETE", json.dumps(m))
+    said = []
+    run = ck.open_run(copy, "auto", log=said.append)
+    assert run.choice.tag_dir.name == ck.tag_for(6)  # `latest` names this run's step 6
+    assert any("someone-else" in s for s in said)
+    removed = ck.prune(ckpt, run.run_id, ckpt / ck.tag_for(6), keep=1)
+    assert sorted(p.name for p in removed) == [ck.tag_for(2), ck.tag_for(4)]
+    assert foreign.is_dir() and (ckpt / ck.tag_for(6)).is_dir()
+    run.lock.release()
+
+
+def test_explicit_tag_by_name_continues_or_forks_the_run(trainer, copy):
+    run = open_quietly(copy, ck.tag_for(6))
+    assert run.choice.tag_dir == copy / "checkpoints" / ck.tag_for(6) and run.run_id == trainer.run_state.run_id
+    old = open_quietly(copy, ck.tag_for(2))  # a rewind: the later tags are another history
+    assert old.choice.tag_dir.name == ck.tag_for(2) and old.run_id != trainer.run_state.run_id
+    assert old.parent == f"{trainer.run_state.run_id}/{ck.tag_for(2)}"
+    damage(copy / "checkpoints" / ck.tag_for(4) / "rank_0.pt", "flip")
+    with pytest.raises(ck.CheckpointError, match=r"--resume step_00000004 .* does not match its checksum"):
+        open_quietly(copy, ck.tag_for(4))  # asked for by name: no fallback
+    with pytest.raises(ck.CheckpointError, match="neither a folder nor a tag"):
+        open_quietly(copy, "step_00000077")
+
+
+def test_a_load_that_fails_half_way_stops_the_run(trainer, copy):
+    """Files intact per the manifest, but DeepSpeed fails after loading the weights: an error, not a warning."""
+    tag = copy / "checkpoints" / ck.tag_for(6)
+    f = tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    sd = ck.safe_load.load_torch(f)
+    del sd["optimizer_state_dict"]["base_optimizer_state"]
+    f.unlink()
+    torch.save(sd, f)
+    reseal(tag)
+    run = open_quietly(copy)
+    assert run.choice.tag_dir == tag
+    with pytest.raises(ck.CheckpointError, match=r"loading .*step_00000006 failed \(rank 0: KeyError.*partly loaded"):
+        ck.resume(trainer.engine, run, log=lambda m: None)
+
+
+def test_checkpoints_of_hvpmtl_before_run_ids_are_resumed_into_a_new_run(copy):
+    """Manifests of sizes only, rank files with numpy RNG arrays (what earlier versions wrote)."""
+    for s in STEPS:
+        tag = copy / "checkpoints" / ck.tag_for(s)
+        m = json.loads((tag / "COMPLETE").read_text())
+        rewrite(tag / "COMPLETE", json.dumps({"step": s, "files": {k: e["size"] for k, e in m["files"].items()}}))
+    rank_file = copy / "checkpoints" / ck.tag_for(6) / "rank_0.pt"
+    state = torch.load(rank_file, weights_only=True)
+    state["rng"]["numpy"] = np.random.get_state()  # a tuple holding an ndarray
+    rank_file.unlink()
+    torch.save(state, rank_file)
+    m = json.loads((rank_file.parent / "COMPLETE").read_text())
+    m["files"]["rank_0.pt"] = rank_file.stat().st_size
+    rewrite(rank_file.parent / "COMPLETE", json.dumps(m))
+    run = open_quietly(copy)
+    assert run.choice.tag_dir.name == ck.tag_for(6) and run.run_id
+    ck.set_rng_state(run.choice.rank_state["rng"])
+    assert ck.prune(copy / "checkpoints", run.run_id, copy / "checkpoints" / ck.tag_for(6), keep=1) == []
+
+
+def test_a_run_folder_with_glob_characters_in_its_path_resumes(trainer, copy):
+    """DeepSpeed globs for its files; a Slurm array's `run[3]` must still load."""
+    odd = copy.parent / "run[3]"
+    copy.rename(odd)
+    run = open_quietly(odd)
+    tag_dir, client, _ = ck.resume(trainer.engine, run, log=lambda m: None)
+    assert tag_dir == odd / "checkpoints" / ck.tag_for(6) and client["step"] == 6
+
+
+def test_rollback_loads_this_runs_newest_good_tag_into_the_running_engine(trainer, copy):
+    """What run.on_nonfinite=rollback calls: this run's newest finite tag, never another run's."""
+    run = open_quietly(copy)
+    tag = copy / "checkpoints" / ck.tag_for(6)
+    m = json.loads((tag / "COMPLETE").read_text())
+    m["weights_finite"] = False
+    rewrite(tag / "COMPLETE", json.dumps(m))
+    msgs = []
+    tag_dir, client, rank_state = ck.rollback(trainer.engine, run, log=msgs.append)
+    assert tag_dir.name == ck.tag_for(4) and client["step"] == 4 and run.choice is None
+    assert msgs == [f"rolled back to {tag_dir}"]
+    run.run_id = "another-run"
+    assert ck.rollback(trainer.engine, run, log=msgs.append) is None
