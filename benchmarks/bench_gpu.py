@@ -46,8 +46,8 @@ STEP_VARIANTS = {
                                       ("zero0", 0, "micro", "unmasked"), ("accum", 2, "accum", "unmasked"),
                                       ("masked", 2, "micro", "masked"))}
 # seconds per section on one GPU; the sum stays under 8 minutes with the start-up of each process included
-BUDGET_S = {"peak": 15, "data": 30, "dali": 40,
-            **{k: 32 if v[0] == "vit" else 40 for k, v in STEP_VARIANTS.items()}, "kernels": 35}
+BUDGET_S = {"peak": 10, "data": 25, "dali": 35,
+            **{k: 30 if v[0] == "vit" else 38 for k, v in STEP_VARIANTS.items()}, "kernels": 30, "dense": 40}
 SECTIONS = list(BUDGET_S)
 TOTAL_LIMIT_S = 480
 
@@ -247,6 +247,17 @@ def section_kernels(tiny: bool) -> dict:
             "summary": summary or (p.stderr.strip().splitlines() or ["no output"])[-1]}
 
 
+def section_dense(tiny: bool) -> dict:
+    """The paper's dense fine-tunings, one training step at the recipes' 2 images per GPU (benchmarks/dense_step.py):
+    Mask R-CNN 1x and UperNet 160k on Swin-B; img/s and peak memory."""
+    cmd = [sys.executable, str(HERE / "dense_step.py"), "--warmup", "1" if tiny else "2",
+           "--steps", "1" if tiny else "5"] + (["--tiny", "--device", "cpu"] if tiny else ["--device", "cuda"])
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=BUDGET_S["dense"] * (6 if tiny else 1))
+    rows = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+    return {"rc": p.returncode, "rows": rows,
+            "error": "" if p.returncode == 0 else (p.stderr.strip().splitlines() or ["no output"])[-1]}
+
+
 def run_section(name: str, tiny: bool, work: Path, peak: float, data: dict) -> dict:
     import_package()
     if name == "peak":
@@ -259,6 +270,8 @@ def run_section(name: str, tiny: bool, work: Path, peak: float, data: dict) -> d
         return section_dali(tiny, data)
     if name == "kernels":
         return section_kernels(tiny)
+    if name == "dense":
+        return section_dense(tiny)
     raise SystemExit(f"unknown section {name}")
 
 
@@ -295,6 +308,9 @@ def markdown(report: dict) -> str:
     k = s.get("kernels", {}).get("result", {})
     row("kernels", f"{k.get('rows')} checks, {k.get('failed')} FAIL" + (
         "" if not k.get("fail_rows") else ": " + "; ".join(k["fail_rows"][:3])))
+    dn = s.get("dense", {}).get("result", {})
+    row("dense", " / ".join(f"{x['row']} {x['backbone']} {x['size']} x{x['batch']}: {_f(x['img_per_s'])} img/s, "
+                            f"{_f(x['mem_gib'])} GiB" for x in dn.get("rows", [])) or f"n/a {dn.get('error', '')}")
     out += ["", "## The step: paper configs, one change at a time", "",
             "| backbone | variant | ZeRO | micro x accum | view 1 | decoder | img/s | step ms | TFLOP/img | MFU | "
             "data wait | peak GiB | reserved GiB |", "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -6,7 +6,7 @@ hvpmtl/models/ with the recipe's AdamW, bf16 autocast on a GPU, fp32 on the CPU.
 random objects (detection needs boxes and masks); speed does not depend on their content.
 
     python benchmarks/dense_step.py --device cuda            # one GPU: both rows, JSON lines
-    python benchmarks/dense_step.py --device cpu --tiny      # the CPU twin the tests run (ViT-Tiny, small sizes)
+    python benchmarks/dense_step.py --device cpu --tiny      # the CPU twin (ViT-Tiny, small sizes): bench_gpu --tiny
 
 Each row: images per second (median of --steps timed steps after --warmup), peak memory (GPU: max allocated;
 CPU: max RSS) and the step time.

@@ -35,26 +35,7 @@ from _bootstrap import ROOT, import_package  # noqa: E402
 
 import_package()
 
-aten = torch.ops.aten
-
-
-def cpu_attention_formulas() -> dict:
-    """FlopCounterMode knows the GPU attention kernels but not the CPU's flash kernel that
-    scaled_dot_product_attention dispatches to here: without these its matmuls would be missed."""
-    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
-
-    def forward(q, k, v, *args, out_shape=None, **kwargs):
-        return sdpa_flop_count(q, k, v)
-
-    def backward(grad_out, q, k, v, *args, out_shape=None, **kwargs):
-        return sdpa_backward_flop_count(grad_out, q, k, v)
-    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
-
-
-def flop_counter():
-    from torch.utils.flop_counter import FlopCounterMode
-    return FlopCounterMode(display=False, custom_mapping=cpu_attention_formulas())
+from hvpmtl.train.perf import flop_counter  # noqa: E402  (the runtime's own counter)
 
 
 def vit_forward_flops(depth: int, dim: int, img_size: int, patch: int, mlp_ratio: float = 4.0,

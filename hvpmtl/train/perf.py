@@ -64,11 +64,32 @@ def peak_tflops(device: torch.device, precision: str, override: float = 0.0) -> 
     return measure_matmul_tflops(), "measured (CPU fp32 matmul)"
 
 
-def count_flops(fn, *args, **kwargs):
-    """(fn's result, FLOPs it ran, forward and backward, as FlopCounterMode counts them)."""
+def cpu_attention_formulas() -> dict:
+    """FlopCounterMode knows the GPU attention kernels but not the CPU's flash kernel that
+    scaled_dot_product_attention dispatches to: without these its matmuls would be missed."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+
+    def forward(q, k, v, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(q, k, v)
+
+    def backward(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+        return sdpa_backward_flop_count(grad_out, q, k, v)
+    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+
+
+def flop_counter():
+    """The one FLOP counter of the runtime and benchmarks/flops.py."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    return FlopCounterMode(display=False, custom_mapping=cpu_attention_formulas())
+
+
+def count_flops(fn, *args, **kwargs):
+    """(fn's result, FLOPs it ran, forward and backward, as flop_counter() counts them)."""
+    with flop_counter() as counter:
         result = fn(*args, **kwargs)
     return result, int(counter.get_total_flops())
 

@@ -14,7 +14,7 @@ import bench_gpu  # noqa: E402
 
 # every code path once: all ViT variants (stages 0/1/2, accumulation, masked view 1), Swin as shipped
 TINY_SECTIONS = ["peak", "data", "dali", *[k for k in bench_gpu.STEP_VARIANTS if k.startswith("step_vit_")],
-                 "step_swin_zero2", "kernels"]
+                 "step_swin_zero2", "kernels", "dense"]
 DATA = {"root": "/data/images", "list_file": "/data/images/train.txt", "shards": "/data/shards"}
 
 
@@ -77,6 +77,9 @@ def test_bench_gpu_tiny_runs_every_kind_of_section_and_reports_it(tmp_path):
         assert d["img_per_s"] > 0 and d["rand_augment_n"] == 2 and d["rand_augment_m"] == 9 and d["device"] == "cpu"
     k = s["kernels"]["result"]
     assert k["rc"] == 0 and k["failed"] == 0 and k["rows"] >= 4
+    dense = s["dense"]["result"]  # benchmarks/dense_step.py's rows: a real Mask R-CNN and UperNet training step
+    assert dense["rc"] == 0 and [x["row"] for x in dense["rows"]] == ["Mask R-CNN 1x", "UperNet 160k"]
+    assert all(x["img_per_s"] > 0 and x["mem_gib"] > 0 and x["batch"] == 2 for x in dense["rows"])
     md = (tmp_path / "bench_gpu.md").read_text()
     for name in TINY_SECTIONS:
         assert f"| {name} |" in md

@@ -63,7 +63,7 @@ def test_vit_b_features_at_224_match_the_analytic_count():
 
 
 def test_cpu_attention_is_counted_forward_and_backward():
-    """Without flops.cpu_attention_formulas the CPU's attention kernel counts 0: ViT-B would lose ~4%."""
+    """Without perf.cpu_attention_formulas the CPU's attention kernel counts 0: ViT-B would lose ~4%."""
     from torch.utils.flop_counter import FlopCounterMode
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=64)
     x = torch.randn(2, 3, 64, 64)
