@@ -29,6 +29,10 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int, int]:
     if "MASTER_PORT" not in env:
         env["MASTER_PORT"] = str(_free_port())
     if not dist.is_initialized():
+        # groups DeepSpeed built on an earlier process group of this process (its world clone, ZeRO's
+        # data-parallel group) died with it, whoever tore it down: forget them before a new one
+        from deepspeed.utils import groups
+        groups._release_process_group_references(group=None)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                    verbose=False)

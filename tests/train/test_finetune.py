@@ -12,7 +12,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 from sklearn.metrics import average_precision_score
-from subprocs import free_port
+from subprocs import free_port, subprocess_env
 
 from hvpmtl.config import ConfigError, FinetuneConfig, load_config
 from hvpmtl.data.multilabel import build_multilabel_loader
@@ -197,7 +197,7 @@ def test_the_fine_tuner_draws_the_progress_bar_when_asked(shapes, tmp_path):
         out = tmp_path / f"bar_{bar}"
         leader, follower = pty.openpty()
         fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a terminal has a width
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+        env = subprocess_env(OMP_NUM_THREADS="1")  # not this process's own rendezvous
         p = subprocess.Popen(_ft_args(shapes, out, "--set", f"run.progress_bar={bar}", "--set", "optim.epochs=1"),
                              stdout=subprocess.PIPE, stderr=follower, stdin=subprocess.DEVNULL, cwd=tmp_path, env=env)
         os.close(follower)
@@ -211,7 +211,7 @@ def test_the_fine_tuner_draws_the_progress_bar_when_asked(shapes, tmp_path):
                 break
             chunks.append(data)
         stdout = p.stdout.read().decode(errors="replace")
-        assert p.wait(300) == 0, stdout[-3000:]
+        assert p.wait(300) == 0, stdout[-3000:] + b"".join(chunks).decode(errors="replace")[-3000:]
         os.close(leader)
         logs[bar] = (b"".join(chunks).decode(errors="replace"), stdout)
     term, stdout = logs["true"]

@@ -5,7 +5,6 @@ every val image, and an exact resume."""
 import contextlib
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from mlflow import MlflowClient
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from safetensors.torch import load_file
-from subprocs import free_port
+from subprocs import free_port, subprocess_env
 
 from dense_runs import ROOT, final_eval, preempt_then_resume, sets
 
@@ -99,7 +98,7 @@ def test_two_ranks_log_cocoeval_of_every_val_image_from_the_exported_backbone(de
 
 
 def test_a_preempted_run_resumes_to_the_same_ap(dense, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env = subprocess_env(OMP_NUM_THREADS="1")  # not this process's own rendezvous
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     cmd = [sys.executable, str(ROOT / "launchers/finetune.py"), "--config", str(CONFIG)]
     done = subprocess.run(cmd + _sets(dense, whole, None, **{"tracking.enabled": "false"}), cwd=tmp_path, env=env,

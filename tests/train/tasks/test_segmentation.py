@@ -2,7 +2,6 @@
 the synthetic scenes, UperNet on the exported tiny backbone, mIoU/mAcc/aAcc from one confusion matrix over both
 ranks equal to a float64 reference computed from the exported model in one process, and an exact resume."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
-from subprocs import free_port
+from subprocs import free_port, subprocess_env
 
 from dense_runs import ROOT, final_eval, preempt_then_resume, sets
 
@@ -88,7 +87,7 @@ def test_two_ranks_log_the_scores_of_every_val_image_from_the_exported_backbone(
 
 
 def test_a_preempted_run_resumes_to_the_same_scores(dense, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env = subprocess_env(OMP_NUM_THREADS="1")  # not this process's own rendezvous
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     cmd = [sys.executable, str(ROOT / "launchers/finetune.py"), "--config", str(CONFIG)]
     done = subprocess.run(cmd + _sets(dense, whole, None, **{"tracking.enabled": "false"}), cwd=tmp_path,
