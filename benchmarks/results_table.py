@@ -158,7 +158,8 @@ def launch(name: str, cmd: list[str], out: Path, done: Path, fresh: bool) -> Non
     with open(out / "train.log", "a") as log:
         code = subprocess.run(cmd, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0 or not done.is_file():
-        raise SystemExit(f"{name}: failed with exit code {code}; see {out / 'train.log'}")
+        tail = "".join((out / "train.log").read_text(errors="replace").splitlines(keepends=True)[-15:])
+        raise SystemExit(f"{name}: failed with exit code {code}; the end of {out / 'train.log'}:\n{tail}")
     print(f"   {time.time() - t0:.0f} s", flush=True)
 
 

@@ -28,6 +28,22 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_exten
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _rendezvous_variables_do_not_outlive_a_test():
+    """An in-process run sets RANK, MASTER_PORT... (DeepSpeed's init_distributed writes them into
+    os.environ); a process a later test starts would inherit them and wait on a rendezvous long gone."""
+    before = {k: os.environ.get(k) for k in RENDEZVOUS}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 LAUNCHING_FIXTURES = {"pretrain_run", "launch"}  # fixtures that start processes
 
 

@@ -233,6 +233,7 @@ class DataIndex:
                 raise DataError(f"{self.path}: truncated data index (array {k} runs past the end); {REBUILD}")
             layout[k] = (off, dt, length)
         self._check_lengths(layout)
+        self._at = {k: (base + off, np.dtype(dt), length) for k, (off, dt, length) in layout.items()}
         self._size, self._mtime = size, st.st_mtime_ns
         self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         if self._mm is not None and len(self._mm) != size:  # changed between fstat and mmap
@@ -302,6 +303,30 @@ class DataIndex:
                             "never be overwritten in place: build a new one (`hvpmtl data index` writes a new file "
                             "and renames it), then restart the job")
 
+    def take(self, name: str, pos) -> np.ndarray:
+        """array `name` at positions `pos`, read with pread rather than through the mapping: a batch's
+        rows read while the file is truncated or rewritten in place give a short read or a changed
+        fstat (a DataError), never a SIGBUS. One pread per run of consecutive positions (a label row
+        is one run); the fstat after the reads catches bytes that changed while they were read."""
+        start, dt, length = self._at[name]
+        pos = np.asarray(pos, np.int64).ravel()
+        if not len(pos):
+            return np.zeros(0, dt)
+        if int(pos.min()) < 0 or int(pos.max()) >= length:
+            raise self._damaged(f"a read of {name} at {int(pos.min())}..{int(pos.max())} runs past its {length} values")
+        cut = np.flatnonzero(np.diff(pos) != 1) + 1
+        firsts, lens = pos[np.r_[0, cut]], np.diff(np.r_[0, cut, len(pos)])
+        fd, size = self._file.fileno(), dt.itemsize
+        parts = []
+        for a, n in zip(firsts.tolist(), lens.tolist()):
+            b = os.pread(fd, n * size, start + a * size)
+            if len(b) != n * size:
+                self.check_unchanged()
+                raise DataError(f"{self.path}: short read of {name} (the file changed under this job); {REBUILD}")
+            parts.append(b)
+        self.check_unchanged()
+        return np.frombuffer(b"".join(parts), dt)
+
     def __getattr__(self, name):
         arrays = self.__dict__.get("arrays", {})
         if name in arrays:
@@ -325,8 +350,11 @@ class DataIndex:
 
     def conf_values(self, pos: np.ndarray) -> np.ndarray:
         """float32 confidences at label positions `pos`."""
+        return self.decode_confs(self.confs[pos])
+
+    def decode_confs(self, raw: np.ndarray) -> np.ndarray:
+        """float32 confidences of stored values `raw` (codes into the table, or floats)."""
         table = self.header.get("conf_table")
-        raw = self.confs[pos]
         return np.asarray(table, np.float32)[raw] if table is not None else raw.astype(np.float32)
 
     def issues(self, errors_only: bool = False, limit: Optional[int] = None) -> list[Issue]:

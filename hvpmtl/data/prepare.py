@@ -68,7 +68,7 @@ class Skipped:
 
 class IndexedSamples:
     """The usable samples: dense ids 0..len-1 at index positions `keep` (None: all of them). Paths and
-    labels are read from the mapped index; nothing per sample is copied.
+    labels are read from the index file per batch (pread); nothing per sample is copied.
 
     Each batch's reads are checked first, on that batch's values only (the index is not scanned): the
     file still the one mapped (one fstat: an index overwritten in place is a DataError, not a SIGBUS),
@@ -109,12 +109,12 @@ class IndexedSamples:
                          "then restart")
 
     def path_bytes(self, i: int) -> bytes:
-        self.index.check_unchanged()
-        p, o = self.position(i), self.index.path_offsets
-        a, b = int(o[p]), int(o[p + 1])
-        if not 0 <= a <= b <= len(self.index.path_blob) or b - a > self.MAX_PATH:
-            raise self._damaged(p, f"its path runs from byte {a} to {b} of {len(self.index.path_blob)}")
-        return bytes(self.index.path_blob[a:b])
+        idx = self.index
+        p = self.position(i)
+        a, b = (int(x) for x in idx.take("path_offsets", [p, p + 1]))
+        if not 0 <= a <= b <= len(idx.path_blob) or b - a > self.MAX_PATH:
+            raise self._damaged(p, f"its path runs from byte {a} to {b} of {len(idx.path_blob)}")
+        return idx.take("path_blob", np.arange(a, b)).tobytes()
 
     def path(self, i: int) -> str:
         return os.fsdecode(self.path_bytes(i))
@@ -130,10 +130,9 @@ class IndexedSamples:
         return self._lines
 
     def label_rows(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        self.index.check_unchanged()
         pos = self.positions(ids)
-        ptr = self.index.indptr
-        start, end = ptr[pos].astype(np.int64), ptr[pos + 1].astype(np.int64)
+        ends = self.index.take("indptr", np.stack([pos, pos + 1], 1)).reshape(-1, 2).astype(np.int64)
+        start, end = ends[:, 0], ends[:, 1]
         count = end - start
         bad = (start < 0) | (count < 0) | (end > self._nnz) | (count > self._max_labels)
         if bad.any():
@@ -144,9 +143,9 @@ class IndexedSamples:
 
     def label_values(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         idx = self.index
-        cls = idx.classes[pos]
+        cls = idx.take("classes", pos)
         bad = (cls < 0) | (cls > self._top)
-        raw = idx.confs[pos]
+        raw = idx.take("confs", pos)
         bad_conf = (raw >= self._codes) if self._codes is not None else ~((raw > 0) & (raw <= 1))
         if bad.any() or bad_conf.any():
             at = int(pos[int(np.argmax(bad | bad_conf))])
@@ -155,7 +154,7 @@ class IndexedSamples:
                 f"confidence {'code ' if self._codes is not None else ''}{raw[np.argmax(bad_conf)]} outside " + \
                 (f"its table of {self._codes}" if self._codes is not None else "(0, 1]")
             raise self._damaged(sample, what)
-        return cls.astype(np.int64), idx.conf_values(pos)
+        return cls.astype(np.int64), idx.decode_confs(raw)
 
     def labels(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         s, c = self.label_rows([i])

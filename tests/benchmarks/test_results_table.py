@@ -113,7 +113,8 @@ def test_a_table_of_another_budget_is_refused_and_another_finetuning_budget_meas
 def test_the_table_runs_end_to_end_and_resumes_without_rerunning(tmp_path):
     cmd = [sys.executable, "benchmarks/results_table.py", "--seeds", "0", "--only", "full", "--num-images", "48",
            "--holdout", "36", "--img-size", "32", "--epochs", "1", "--steps", "2", "--ft-epochs", "1",
-           "--ft-train-images", "18", "--out", str(tmp_path)]
+           "--ft-train-images", "18", "--dense-epochs", "1", "--dense-val", "8",
+           "--ft-tasks", "objects", "scenes", "segmentation", "--out", str(tmp_path)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -138,6 +139,10 @@ def test_the_table_runs_end_to_end_and_resumes_without_rerunning(tmp_path):
     assert len((scenes / "train.txt").read_text().splitlines()) == 18
     first = "train/000/0000000.jpg"  # same name in both sets, another image
     assert (scenes / first).read_bytes() != (tmp_path / "data" / first).read_bytes()
+    # and UperNet on the synthetic ADE20K (detection is the same path: one dense task is enough here)
+    assert set(results["finetune_seg"]) == {rt.RANDOM, rt.FULL} and results["finetune_det"] == {}
+    for r in results["finetune_seg"].values():
+        assert 0 <= r["0"]["mIoU"] <= 100 and r["0"]["epochs"] == 1
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
@@ -145,8 +150,9 @@ def test_the_table_runs_end_to_end_and_resumes_without_rerunning(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text()) == results
 
     # another fine-tuning budget: fine-tuned anew, the pre-training and its probes kept
-    i = cmd.index("--ft-epochs")
-    other = subprocess.run(cmd[:i + 1] + ["2"] + cmd[i + 2:], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    i, j = cmd.index("--ft-epochs"), cmd.index("segmentation")
+    other = subprocess.run(cmd[:i + 1] + ["2"] + cmd[i + 2:j] + cmd[j + 1:], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
     assert other.returncode == 0, other.stderr[-4000:]
     assert "set aside" in other.stdout and "launchers/pretrain.py" not in other.stdout
     now = json.loads((tmp_path / "results.json").read_text())
