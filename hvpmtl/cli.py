@@ -14,6 +14,7 @@ import sys
 import traceback
 
 from hvpmtl import __version__
+from hvpmtl.notices import show_notices_as_lines
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -115,6 +116,7 @@ def report_input_error(e: BaseException, prog: str = "hvpmtl") -> int:
 def guarded(fn, prog: str = "hvpmtl"):
     """`fn(args) -> exit code` behind the input boundary."""
     def run(args) -> int:
+        show_notices_as_lines()
         try:
             return int(fn(args) or 0)
         except Exception as e:  # noqa: BLE001 -- the boundary: input errors to one line, bugs said to be bugs

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 
 class ConfigError(ValueError):
@@ -96,9 +96,23 @@ class OptimSection(Section):
     grad_clip: Float = Field(5.0, ge=0, le=MAX_SCALE)  # 0 = off
 
 
+# the stores MLflow can track to (a driver may follow a "+": postgresql+psycopg2); "" is a local path
+TRACKING_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_tracking_uri(uri: str, where: str = "tracking.tracking_uri") -> str:
+    """A typo in the scheme (`htp://`) is a config error at start, whatever tracking.on_unreachable says: no
+    server will ever answer it."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme.split("+", 1)[0] not in TRACKING_SCHEMES:
+        raise ValueError(f"{where}: '{scheme}://' is not a tracking store MLflow knows "
+                         f"({', '.join(s + '://' for s in TRACKING_SCHEMES if s)}, or a folder)")
+    return uri
+
+
 class TrackingConfig(Section):
     enabled: bool = True
-    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/../mlflow.db
+    tracking_uri: Annotated[str, AfterValidator(check_tracking_uri)] = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/../mlflow.db
     experiment: str = "hvpmtl"
     # MLflow unreachable at start: continue (train; the run is created and caught up when it answers) | fail (exit 2)
     on_unreachable: Literal["continue", "fail"] = "continue"

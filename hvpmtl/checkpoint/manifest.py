@@ -22,13 +22,13 @@ import json
 import os
 import re
 import tempfile
-import warnings
 from pathlib import Path
 
 import hvpmtl.checkpoint.safe_load as safe_load
 from hvpmtl.checkpoint.run_lock import LockError
 from hvpmtl.dist import on_rank0
 from hvpmtl.fileio import sha256_file
+from hvpmtl.notices import notice
 
 TAG_PREFIX = "step_"
 MANIFEST = "COMPLETE"
@@ -164,7 +164,7 @@ def candidates(ckpt_dir: str | Path) -> list[Path]:
         if ok:
             out.append(t)
         else:
-            warnings.warn(f"checkpoint {t} is not usable ({why}); trying an older one")
+            notice(f"checkpoint {t} is not usable ({why}); trying an older one")
     return out
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,6 +27,7 @@ from hvpmtl.checkpoint.manifest import (RESUME_MODES, SUPERSEDED_DIR, RUN_FILES,
 from hvpmtl.checkpoint.rank_state import rank_state_for_world
 from hvpmtl.checkpoint.run_lock import RunLock
 from hvpmtl.dist import barrier, broadcast_object, gather_objects, rank_world
+from hvpmtl.notices import notice
 
 
 @dataclass
@@ -132,8 +132,8 @@ def _decide_mode(out_dir: Path, how: str, log) -> tuple[Optional[str], list[str]
                 f"this run is {current or '(no run id)'}")
         for t in tag_dirs(ckpt_dir):
             if t not in {x for x, _ in manifests}:
-                warnings.warn(f"checkpoint {t} is not usable (no COMPLETE manifest (the save was interrupted)); "
-                              "trying an older one")
+                notice(f"checkpoint {t} is not usable (no COMPLETE manifest (the save was interrupted)); "
+                       "trying an older one")
         return None, [str(t) for t in reversed(mine)], None
     tag = resolve_tag(ckpt_dir, how)
     try:
@@ -175,8 +175,8 @@ def _agree(run: RunState, proposals: list[Path], explicit: bool, log) -> Optiona
         why = "; ".join(dict.fromkeys(v.split(": ", 1)[1] for v in bad)) if len(set(verdicts)) == 1 else "; ".join(bad)
         reasons.append(f"{tag_dir.name}: {why}")
         if rank == 0:
-            warnings.warn(f"checkpoint {tag_dir} could not be loaded ({why}); "
-                          + ("it was asked for by name" if explicit else "trying an older one"))
+            notice(f"checkpoint {tag_dir} could not be loaded ({why}); "
+                   + ("it was asked for by name" if explicit else "trying an older one"))
     what = f"--resume {run.how}" if explicit else f"none of the {len(proposals)} checkpoint(s) of this run"
     raise CheckpointError(f"{what} in {run.ckpt_dir} can be loaded: " + " | ".join(reasons) +
                           ". Nothing was loaded and nothing trained. Restore the files, resume an older tag with "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import textwrap
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from hvpmtl.config import ExperimentConfig
 from hvpmtl.models.collapse import CollapseMonitor, collapse_figures, swav_sums
+from hvpmtl.notices import notice
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -263,7 +263,7 @@ def log_panels(tracker, student, batch: dict, cfg: ExperimentConfig, step: int, 
     try:
         out = student.inspect(v1, batch["view2"].to(dev, dtype), batch["mask"].to(dev), world_size=world_size)
     except Exception as e:  # noqa: BLE001 — see the module docstring (every rank fails alike: same code, same shapes)
-        warnings.warn(f"image panels at step {step} failed: {type(e).__name__}: {e}")
+        notice(f"image panels at step {step} failed: {type(e).__name__}: {e}")
         return []
     finally:
         student.train(was_training)
@@ -278,7 +278,7 @@ def log_panels(tracker, student, batch: dict, cfg: ExperimentConfig, step: int, 
         try:
             img = make()
         except Exception as e:  # noqa: BLE001 — see the module docstring
-            warnings.warn(f"image panel '{name}' at step {step} failed: {type(e).__name__}: {e}")
+            notice(f"image panel '{name}' at step {step} failed: {type(e).__name__}: {e}")
             return
         if img is not None:
             tracker.log_image(img, f"panels/{name}_{tag}.png")

@@ -41,6 +41,7 @@ from hvpmtl import checkpoint
 from hvpmtl.config import ConfigError, absolute_paths, check_batch_sizes, load_config, save_config
 from hvpmtl.data.issues import DataError
 from hvpmtl.dist import Heartbeat, StepResult, apply_collective_timeout, destroy_process_group, init_distributed
+from hvpmtl.notices import show_notices_as_lines
 from hvpmtl.train import perf, resume_changes
 from hvpmtl.train.tracking import Tracker, connect
 
@@ -608,6 +609,7 @@ def main(args, parser, schema, make_trainer, name: str = "hvpmtl") -> int:
     if not isinstance(args, argparse.Namespace):
         args = parser().parse_args(args)
     ours = not dist.is_initialized()  # the process group is torn down by whoever made it
+    show_notices_as_lines()
     code = EXIT_CONFIG
     try:
         cfg = load_config(args.config, args.overrides, schema=schema)

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvpmtl.config import ConfigError, ExperimentConfig, flatten, to_dict
+from hvpmtl.config import ConfigError, ExperimentConfig, check_tracking_uri, flatten, to_dict
 from hvpmtl.fileio import atomic_write
 
 # MLflow 3.x reads this experiment tag to open an experiment as a model-training one (runs, metrics) rather than
@@ -62,7 +62,10 @@ def default_tracking_uri(cfg: ExperimentConfig) -> str:
     if cfg.tracking.tracking_uri:
         return cfg.tracking.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        try:
+            return check_tracking_uri(os.environ["MLFLOW_TRACKING_URI"], "$MLFLOW_TRACKING_URI")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     # embedded sqlite beside the run folders: nothing to start
     db = Path(cfg.run.output_dir).resolve().parent / "mlflow.db"
     return f"sqlite:///{db}"
@@ -192,10 +195,10 @@ def connect(cfg: ExperimentConfig, is_main: bool, device) -> Reachability | None
     if is_main and cfg.tracking.enabled:
         try:
             reach = check_tracking(cfg)
-        except TrackingUnreachable as e:
+        except ConfigError as e:  # unreachable under `fail`, or a URI that can never work: every rank stops
             err = e
     if sum_to_host(torch.tensor([float(err is not None)], device=device))[0] > 0:
-        raise err or TrackingUnreachable("tracking.tracking_uri: rank 0 cannot reach MLflow (its message says why)")
+        raise err or TrackingUnreachable("tracking: rank 0 cannot use the tracking store (its message says why)")
     return reach
 
 

@@ -135,6 +135,27 @@ def test_tracking_options_are_validated(tmp_path):
         _cfg(tmp_path, "sqlite:///x.db", "tracking.on_unreachable=retry")
     with pytest.raises(ConfigError, match="tracking.close_timeout_s"):
         _cfg(tmp_path, "sqlite:///x.db", "tracking.close_timeout_s=0")
+    # a typo in the scheme is refused at load, even when an unreachable server would be waited for
+    with pytest.raises(ConfigError, match=r"tracking.tracking_uri: 'htp://' is not a tracking store MLflow knows"):
+        _cfg(tmp_path, "htp://127.0.0.1:5000", "tracking.on_unreachable=continue")
+    for ok in ("http://127.0.0.1:5000", "postgresql+psycopg2://u@127.0.0.1/db", "file:///tmp/mlruns", "mlruns"):
+        _cfg(tmp_path, ok)
+
+
+@pytest.mark.slow
+def test_a_mistyped_tracking_uri_exits_2_before_the_model_is_built(tmp_path):
+    for where in ("set", "env"):
+        env = _env()
+        sets = ["--set", "tracking.on_unreachable=continue", "--set", f"run.output_dir={tmp_path / where}"]
+        if where == "set":
+            sets += ["--set", "tracking.tracking_uri=htp://127.0.0.1:5000"]
+        else:
+            env["MLFLOW_TRACKING_URI"] = "htp://127.0.0.1:5000"
+        p = subprocess.run([sys.executable, "launchers/pretrain.py", "--config", "configs/test_tiny.yaml", *sets],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        log = p.stdout + p.stderr
+        assert p.returncode == 2 and "'htp://' is not a tracking store" in log, log[-3000:]
+        assert "Traceback" not in log and "rank(s)" not in log
 
 
 # ----------------------------------------------------------------------------- a real server, unreachable
