@@ -171,6 +171,7 @@ class DataConfig(Section):
     label_threshold: Optional[Float] = None  # None: confidences as soft targets; else multi-hot conf >= t
     skip_corrupt: bool = False
     skip_list: PathStr = ""
+    allow_outside_root: bool = False  # read list paths that resolve outside `root` through a symlink (a link farm)
     holdout_list: PathStr = ""  # labelled held-out split for online evaluation
     seed: int = Field(0, ge=0, le=MAX_SEED)
     # the data index (`hvpmtl data index`): "" = beside the source, <list_file or shards>.hvpidx
@@ -319,6 +320,7 @@ class FTDataConfig(Section):
     label_threshold: Optional[Float] = Field(None, gt=0, le=1)  # lists: None = confidences as soft targets, else multi-hot conf >= t
     skip_corrupt: bool = False  # lists: leave bad samples out (counted, reported) instead of refusing the list
     skip_list: PathStr = ""  # lists: `hvpmtl data validate --write-skip-list` output (keyed by list file and line)
+    allow_outside_root: bool = False  # lists: read paths that resolve outside `root` through a symlink
     # detection (COCO layout): an instances JSON and an image folder per split; classes from its categories
     train_ann: PathStr = ""
     train_images: PathStr = ""

@@ -145,7 +145,8 @@ def _validate(args) -> int:
         if not args.root:
             print("hvpmtl data validate: --list needs --root (the folder the paths are relative to)", file=sys.stderr)
             return 2
-        rep = validate_list(args.list, args.root, dictionary=args.dictionary, num_classes=args.num_classes, **common)
+        rep = validate_list(args.list, args.root, dictionary=args.dictionary, num_classes=args.num_classes,
+                            allow_outside_root=args.allow_outside_root, **common)
     print(format_report(rep, args.max_per_code))
     print(f"({time.time() - t:.1f} s)")
     if part:
@@ -346,6 +347,9 @@ def add_parser(subparsers) -> None:
     v.add_argument("--write-skip-list", default=None, metavar="FILE",
                    help="write the samples with errors here, for data.skip_list")
     v.add_argument("--skip-list", default=None, metavar="FILE", help="deprecated spelling of --write-skip-list")
+    v.add_argument("--allow-outside-root", action="store_true",
+                   help="accept paths that resolve outside --root through a symlink (train with "
+                        "data.allow_outside_root: true)")
     v.add_argument("--full-decode", action="store_true", help="also decode every image with PIL (slow, finds "
                                                               "damaged image data)")
     _max_pixels_arg(v)

@@ -44,9 +44,10 @@ def build_imagefolder_loader(root: str, batch_size: int, img_size: int, train: b
     if train:
         return ImageFolderTrainLoader(targets=targets, classes=classes, img_size=img_size, data=data, root=root,
                                       batch_size=batch_size, rank=rank, world_size=world_size, local_rank=local_rank,
-                                      seed=seed, dtype=dtype, device=device, num_threads=num_threads)
+                                      seed=seed, dtype=dtype, device=device, num_threads=num_threads,
+                                      allow_outside_root=True)  # found by scanning the root: a link farm is fine
     loader = EvalLoader(data=data, root=root, batch_size=batch_size, rank=rank, world_size=world_size,
                         local_rank=local_rank, img_size=img_size, device=device, num_threads=num_threads,
-                        dtype=dtype, int_labels=targets)
+                        dtype=dtype, int_labels=targets, allow_outside_root=True)
     loader.classes = classes
     return loader

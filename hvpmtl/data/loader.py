@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import torch
 from hvpmtl.data import augment, jpeg
 from hvpmtl.data.issues import DataError
 from hvpmtl.data.prepare import Prepared, Skipped
+from hvpmtl.data.root_guard import RootGuard
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +187,9 @@ class FileReader:
     MAX_TRIES = 64  # unreadable samples in a row before the root itself is suspect
 
     def __init__(self, root: str, labels, threads: int = 4, *, max_pixels: int = 0, skip_corrupt: bool = False,
-                 skipped: Optional[Skipped] = None):
+                 skipped: Optional[Skipped] = None, allow_outside_root: bool = False):
         self.root, self.labels = Path(root), labels
+        self.guard = None if allow_outside_root else RootGuard(root)
         self.max_pixels, self.skip_corrupt = max_pixels, skip_corrupt
         self.skipped = skipped if skipped is not None else Skipped()
         self.bad: dict[int, str] = {}  # sample id -> why it was left out
@@ -201,6 +204,10 @@ class FileReader:
     def _read(self, i: int) -> tuple[Optional[np.ndarray], str]:
         if i in self.bad:
             return None, self.bad[i]
+        real = self.guard.outside(self.path(i)) if self.guard is not None else b""
+        if real:
+            return None, (f"[bad-path] {self.path(i)} resolves to {os.fsdecode(real)}, outside the image root (a "
+                          "symlink): not opened (data.allow_outside_root: true reads such links)")
         try:
             data = np.fromfile(self.path(i), dtype=np.uint8)
         except FileNotFoundError:
@@ -343,13 +350,13 @@ class EpochLoader:
 
     def __init__(self, *, data: Prepared, root: str, batch_size: int, rank: int, world_size: int, local_rank: int,
                  seed: int, dtype, device: str, num_threads: int, skip_corrupt: bool = False,
-                 max_pixels: int = jpeg.DEFAULT_MAX_PIXELS):
+                 max_pixels: int = jpeg.DEFAULT_MAX_PIXELS, allow_outside_root: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         self.labels, self.root, self.shards, self.skipped = data.samples, root, data.shards, data.skipped
         self.batch_size, self.rank, self.world_size, self.local_rank = batch_size, rank, world_size, local_rank
         self.seed, self.dtype, self.num_threads = seed, dtype, num_threads
-        self.skip_corrupt, self.max_pixels = skip_corrupt, max_pixels
+        self.skip_corrupt, self.max_pixels, self.allow_outside_root = skip_corrupt, max_pixels, allow_outside_root
         self.device_kind = resolve_device(device)
         self.device = torch.device("cuda", local_rank) if self.device_kind == "gpu" else torch.device("cpu")
         self.half = self.device_kind == "gpu" and dtype in (torch.float16, torch.bfloat16)
@@ -540,7 +547,8 @@ class EpochLoader:
             batches = epoch_batches(self.num_samples, self.batch_size, self.world_size, self.rank, self.seed,
                                     p.epoch, p.start, self._order)
             reader = FileReader(self.root, self.labels, threads=max(2, self.num_threads), max_pixels=self.max_pixels,
-                                skip_corrupt=self.skip_corrupt, skipped=self.skipped)
+                                skip_corrupt=self.skip_corrupt, skipped=self.skipped,
+                                allow_outside_root=self.allow_outside_root)
             source = BatchSource(batches, reader)
 
             @pipeline_def(**kw)
@@ -613,12 +621,12 @@ class EvalLoader:
     def __init__(self, *, data: Prepared, root: str, batch_size: int, rank: int, world_size: int,
                  local_rank: int, img_size: int, device: str, num_threads: int, dtype=torch.float32,
                  table=None, int_labels: Optional[np.ndarray] = None, skip_corrupt: bool = False,
-                 max_pixels: int = jpeg.DEFAULT_MAX_PIXELS):
+                 max_pixels: int = jpeg.DEFAULT_MAX_PIXELS, allow_outside_root: bool = False):
         self.labels, self.root, self.img_size, self.num_threads = data.samples, root, img_size, num_threads
         self.skipped = data.skipped
         self.batch_size, self.rank, self.world_size, self.local_rank, self.dtype = (
             batch_size, rank, world_size, local_rank, dtype)
-        self.skip_corrupt, self.max_pixels = skip_corrupt, max_pixels
+        self.skip_corrupt, self.max_pixels, self.allow_outside_root = skip_corrupt, max_pixels, allow_outside_root
         self.device_kind = resolve_device(device)
         self.device = torch.device("cuda", local_rank) if self.device_kind == "gpu" else torch.device("cpu")
         self.half = self.device_kind == "gpu" and dtype in (torch.float16, torch.bfloat16)
@@ -640,7 +648,8 @@ class EvalLoader:
 
     def __iter__(self):
         reader = FileReader(self.root, self.labels, threads=max(2, self.num_threads), max_pixels=self.max_pixels,
-                            skip_corrupt=self.skip_corrupt, skipped=self.skipped)
+                            skip_corrupt=self.skip_corrupt, skipped=self.skipped,
+                            allow_outside_root=self.allow_outside_root)
         source = BatchSource(self.batches, reader)
         dev, half, size = self.device_kind, self.half, self.img_size
 

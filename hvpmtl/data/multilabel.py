@@ -53,7 +53,7 @@ def build_multilabel_loader(list_file: str, root: str, *, num_classes: int, batc
                             train: bool, rank: int = 0, world_size: int = 1, seed: int = 0, device: str = "auto",
                             num_threads: int = 2, local_rank: int = 0, dtype=torch.float32,
                             label_threshold: Optional[float] = None, skip_corrupt: bool = False, skip_list: str = "",
-                            log: Optional[Callable[[str], None]] = None):
+                            log: Optional[Callable[[str], None]] = None, allow_outside_root: bool = False):
     """A loader over one list file. train=True: MultiLabelTrainLoader (set_epoch, state_dict/load_state_dict,
     len = batches per rank with the remainder dropped); train=False: EvalLoader over every image once.
     Bad rows (unreadable, class index >= num_classes, ...) are refused naming file:line unless skip_list names
@@ -67,7 +67,7 @@ def build_multilabel_loader(list_file: str, root: str, *, num_classes: int, batc
         raise DataError(f"{e} (model.num_classes)") from None
     common = dict(data=data, root=root, batch_size=batch_size, rank=rank, world_size=world_size,
                   local_rank=local_rank, device=device, num_threads=num_threads, dtype=dtype,
-                  skip_corrupt=skip_corrupt)
+                  skip_corrupt=skip_corrupt, allow_outside_root=allow_outside_root)
     if train:
         return MultiLabelTrainLoader(table=table, img_size=img_size, seed=seed, **common)
     return EvalLoader(img_size=img_size, table=table, **common)

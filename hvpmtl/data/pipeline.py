@@ -41,7 +41,7 @@ class PretrainLoader(EpochLoader):
         self.cfg = cfg
         self.bucket = getattr(kw.get("data"), "bucket", None)  # issue 22: shards in a bucket (shard_cache.py)
         super().__init__(device=cfg.device, num_threads=cfg.num_threads, skip_corrupt=cfg.skip_corrupt,
-                         max_pixels=_max_pixels(cfg), **kw)
+                         max_pixels=_max_pixels(cfg), allow_outside_root=cfg.allow_outside_root, **kw)
         self.mask_gen = SimMIMMaskGenerator(cfg.img_size, cfg.mask_patch_size, patch_size, cfg.mask_ratio)
         try:
             self.table = LabelTable(self.labels, cfg.num_classes, cfg.label_threshold)
@@ -170,4 +170,5 @@ def build_eval_loader(cfg: DataConfig, *, batch_size: int, rank: int, world_size
         raise DataError(str(e)) from None
     return EvalLoader(data=data, root=cfg.root, batch_size=batch_size, rank=rank, world_size=world_size,
                       local_rank=local_rank, img_size=cfg.img_size, device=cfg.device, num_threads=cfg.num_threads,
-                      dtype=dtype, table=table, skip_corrupt=cfg.skip_corrupt, max_pixels=_max_pixels(cfg))
+                      dtype=dtype, table=table, skip_corrupt=cfg.skip_corrupt, max_pixels=_max_pixels(cfg),
+                      allow_outside_root=cfg.allow_outside_root)

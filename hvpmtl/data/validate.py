@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import tarfile
 import tempfile
 from pathlib import Path
@@ -33,6 +32,7 @@ from hvpmtl.data.index import (USABLE, VERDICT, VERDICTS, DataIndex, build_shard
 from hvpmtl.data.issues import DataError, Issue, Report, format_report, make_issue  # noqa: F401 (re-exported)
 from hvpmtl.data.jobs import Progress, default_workers, load_npz, part_units, process_pool, save_npz_atomic
 from hvpmtl.data.prepare import SKIP_HEADER, read_skip_list  # noqa: F401 (re-exported)
+from hvpmtl.data.root_guard import RootGuard
 from hvpmtl.data.tars import load_shard_set, read_index, readable_samples, sample_key
 from hvpmtl.data.tencent import read_dictionary
 
@@ -52,31 +52,6 @@ def _work_dir(index_path: Path) -> Path:
 # ----------------------------------------------------------------------------- list files: one chunk
 
 
-class _RootGuard:
-    """Whether an image path resolves outside the image root (a symlink in it, or on the way to it),
-    at one lstat per image: the folders' real paths are cached (a folder holds many images)."""
-
-    def __init__(self, root: bytes):
-        self.real_root = os.path.realpath(root)
-        self.dirs: dict = {}
-
-    def outside(self, p: bytes) -> bytes:
-        """The real path when `p` resolves outside the root, else b''."""
-        try:
-            link = stat.S_ISLNK(os.lstat(p).st_mode)
-        except OSError:
-            link = False  # missing: the image check names it
-        d, name = os.path.split(p)
-        if link:
-            real = os.path.realpath(p)
-        else:
-            if d not in self.dirs:
-                self.dirs[d] = os.path.realpath(d)
-            real = os.path.join(self.dirs[d], name)
-        inside = real.startswith(self.real_root.rstrip(b"/") + b"/")
-        return b"" if inside else real
-
-
 def check_list_chunk(index_path: str, root: str, lo: int, hi: int, full_decode: bool, max_pixels: int,
                      work_file: str, key: str, allow_outside_root: bool = False) -> tuple[int, int, int]:
     """Check samples [lo, hi) of an index (in a worker process); results to `work_file`, reusing a
@@ -93,7 +68,7 @@ def check_list_chunk(index_path: str, root: str, lo: int, hi: int, full_decode: 
     full = np.zeros(n, bool)
     details = [b""] * n
     rootp = os.fsencode(root)
-    guard = None if allow_outside_root else _RootGuard(rootp)
+    guard = None if allow_outside_root else RootGuard(rootp)
     o, blob = idx.path_offsets, idx.path_blob
     redone = 0
     for j in range(n):
@@ -102,7 +77,7 @@ def check_list_chunk(index_path: str, root: str, lo: int, hi: int, full_decode: 
         if real:
             verdict[j] = VERDICT["bad-path"]
             details[j] = b"resolves to " + real + b", outside the image root (a symlink); such files are never " \
-                b"opened (validate_list(allow_outside_root=True) accepts them)"
+                b"opened (data.allow_outside_root: true and validate --allow-outside-root accept them)"
             redone += 1
             continue
         try:

@@ -403,8 +403,22 @@ def test_a_symlink_out_of_the_root_is_reported_like_a_textual_escape(tmp_path):
     assert rc == 1 and f"train.txt:3: error [bad-path] ({victim})" in text and str(outside) in text, text
     assert text.count("[bad-path]") == 1
     assert skip.read_text().splitlines()[1:] == [f"{lst}\t3\t{victim}\tbad-path"]
-    from hvpmtl.data.validate import validate_list
-    assert not validate_list(str(lst), str(root), allow_outside_root=True).errors
+    rc, text = _hvpmtl("validate", "--list", lst, "--root", root, "--allow-outside-root", cwd=tmp_path)
+    assert rc == 0 and "[bad-path]" not in text, text
+    # training without validate first: the reader refuses the link naming file:line (the same message as a
+    # textual escape), or leaves it out under skip_corrupt; data.allow_outside_root reads it
+    from hvpmtl.data.loader import FileReader
+    from hvpmtl.data.prepare import Skipped
+    prep = prepare_list(str(lst), str(root), num_classes=len(Path(syn["dictionary"]).read_text().splitlines()),
+                        skip_corrupt=False)
+    with pytest.raises(DataError, match=rf"train.txt:3 \({victim}\): \[bad-path\] .* resolves to {outside}, "
+                                        r"outside the image root .*data.allow_outside_root"):
+        FileReader(str(root), prep.samples)([2])
+    skipped = Skipped()
+    _, ids = FileReader(str(root), prep.samples, skip_corrupt=True, skipped=skipped)([2, 4])
+    assert list(ids) == [3, 4] and skipped.runtime == 1  # the link inside the root is read
+    images, ids = FileReader(str(root), prep.samples, allow_outside_root=True)([2])
+    assert list(ids) == [2] and images[0].tobytes() == outside.read_bytes()
 
 
 def test_duplicates_are_found_on_normalised_paths(tmp_path):

@@ -96,6 +96,7 @@ class ClassificationTask(FinetuneTask):
             self.num_classes = len(classes)
             lists = dict(num_classes=self.num_classes, batch_size=o.micro_batch_size, img_size=size,
                          label_threshold=d.label_threshold, skip_corrupt=d.skip_corrupt, skip_list=d.skip_list,
+                         allow_outside_root=d.allow_outside_root,
                          log=self.log, **common)
             self.loader = build_multilabel_loader(d.train_list, d.root, train=True, seed=d.seed, **lists)
             self.val_loader = build_multilabel_loader(d.val_list, d.root, train=False, **lists)
