@@ -14,7 +14,7 @@ import sys
 import traceback
 
 from hvpmtl import __version__
-from hvpmtl.notices import show_notices_as_lines
+from hvpmtl.notices import SHOWN_CHARS, show_notices_as_lines, shown  # noqa: F401 (shown: re-exported)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -42,20 +42,6 @@ COMMAND_GROUPS = {
 
 EXIT_INPUT = 2  # the documented exit code of a config, data or file problem (README, DATA.md, CLUSTER.md)
 BUG = "internal error (a bug, please report it with this traceback)"
-SHOWN_CHARS = 300  # a path longer than this is shown cut in the middle (a 10 MB "path" is not printed)
-
-
-def shown(thing) -> str:
-    """A path or value as printed in a message: invisible characters escaped (a BOM shows as \\ufeff),
-    cut to SHOWN_CHARS."""
-    text = str(thing)
-    text = "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
-    if len(text) > SHOWN_CHARS:
-        half = SHOWN_CHARS // 2
-        text = f"{text[:half]}...({len(text) - 2 * half} characters)...{text[-half:]}"
-    return text
-
-
 def _file_in_frames(tb) -> str:
     """The file an exception without a file name (UnicodeDecodeError) was reading: the innermost frame's
     local that names an existing file. Python's decoders do not say which file they read."""

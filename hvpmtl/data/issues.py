@@ -9,6 +9,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+from hvpmtl.notices import shown, shown_message
+
 ERROR = "error"
 WARNING = "warning"
 
@@ -59,9 +61,9 @@ class Issue:
         return self.severity == ERROR
 
     def format(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else self.file
-        what = f" ({self.path})" if self.path else ""
-        return f"{where}: {self.severity} [{self.code}]{what}: {self.message}"
+        where = f"{shown(self.file)}:{self.line}" if self.line else shown(self.file)
+        what = f" ({shown(self.path)})" if self.path else ""
+        return f"{where}: {self.severity} [{self.code}]{what}: {shown_message(self.message)}"
 
 
 class DataError(RuntimeError):
