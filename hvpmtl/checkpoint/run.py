@@ -100,6 +100,8 @@ def open_run(out_dir: str | Path, how: str = "auto", *, log=print, lock: bool = 
             run.choice = _agree(run, [Path(p) for p in proposals], explicit=how not in RESUME_MODES, log=log)
             if run.run_id is None:  # 'auto' continues the run it resumes (a pre-run-id checkpoint gets a new id)
                 run.run_id = run.choice.manifest["run_id"]
+            if run.parent is None and run.run_id == run.choice.manifest["run_id"]:
+                run.parent = run.choice.manifest.get("parent")  # a fork stays one in every later manifest
         if run.run_id is None:
             run.run_id = broadcast_object(new_run_id() if rank == 0 else None)
     except BaseException:

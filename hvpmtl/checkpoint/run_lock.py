@@ -25,7 +25,7 @@ stops at once, naming the host and pid of the holder. What it relies on:
   waits for its builder anyway, watches across its polls.
 - The holder checks on every heartbeat that the file still holds its nonce; if another job took
   it over (this one was frozen past `stale_after_s`), `lost` says by whom, and the checkpoint
-  writer refuses to write.
+  writer refuses to write. A lock removed by hand (no other holder) is created again at once.
 """
 from __future__ import annotations
 
@@ -110,15 +110,18 @@ class RunLock:
                                 "write one run.output_dir")
             return f"its holder ({describe_holder(holder)}) is gone"
         if age < self.stale_after_s:
+            beat = f"heartbeat {age:.0f} s ago" if age > -5 else \
+                f"heartbeat {-age:.0f} s in the future: this host's clock is behind the file server's by about that"
             raise LockError(f"{self.dir} is in use by another job: {describe_holder(holder)} (lock file {self.path}, "
-                            f"heartbeat {age:.0f} s ago). If that job is dead, the lock is taken over once its "
+                            f"{beat}). If that job is dead, the lock is taken over once its "
                             f"heartbeat is {self.stale_after_s:.0f} s old; or delete {self.path} yourself")
         # old by our clock: make sure it does not move (clock skew between this node and the file server)
         time.sleep(min(2 * self.heartbeat_s, self.stale_after_s / 3))
         holder2, mtime2 = self._read()
         if mtime2 is not None and (mtime2 != mtime or holder2.get("nonce") != holder.get("nonce")):
             raise LockError(f"{self.dir} is in use by another job: {describe_holder(holder2)} (lock file {self.path}; "
-                            "its heartbeat moves)")
+                            f"its heartbeat moves, though its time looked {age:.0f} s old by this host's clock: this "
+                            "host's clock and the file server's differ by about that much)")
         return f"its heartbeat stopped {age:.0f} s ago ({describe_holder(holder)})"
 
     def _take_over(self, judged: bytes, why: str) -> None:
@@ -131,6 +134,11 @@ class RunLock:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             holder, _ = self._read()
+            if holder is None and self._create():  # removed (a person, a cleanup), and no other job has it
+                self.log(f"WARNING: the lock {self.path} was removed while this job held it; it holds it again")
+                continue
+            if holder is None:
+                holder, _ = self._read()
             if holder is None or holder.get("nonce") != self.nonce:
                 self.lost = (f"the lock {self.path} was taken over by {describe_holder(holder)}" if holder
                              else f"the lock {self.path} was removed")

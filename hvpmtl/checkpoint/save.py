@@ -35,7 +35,8 @@ def save(engine, run: RunState, step: int, client_state: dict, rank_state: dict,
     rank, world = rank_world()
     lost = broadcast_object(run.lock.lost if run.lock is not None else None)  # rank 0 holds the lock; all stop together
     if lost:
-        raise CheckpointError(f"not writing a checkpoint: {lost}. Another job now owns {run.out_dir}; this one stops")
+        raise CheckpointError(f"not writing a checkpoint: {lost}; this job stops so that two jobs never write "
+                              f"{run.out_dir}")
     bad = nonfinite_state(engine, also)
     if bad:
         raise NonFiniteState(f"not saving step {step}: {bad}")

@@ -87,6 +87,15 @@ def test_explicit_tag_by_name_continues_or_forks_the_run(trainer, copy):
         open_quietly(copy, "step_00000077")
 
 
+def test_a_forked_run_stays_a_fork_in_every_later_manifest(copy):
+    tag = copy / "checkpoints" / ck.tag_for(6)
+    m = json.loads((tag / "COMPLETE").read_text())
+    m["parent"] = "20261206-000000-0badf00d/step_00000002"  # what the fork's first save wrote
+    rewrite(tag / "COMPLETE", json.dumps(m))
+    run = open_quietly(copy)  # --resume auto: the same (forked) run goes on, and its next saves say so too
+    assert run.run_id == m["run_id"] and run.parent == m["parent"]
+
+
 def test_a_load_that_fails_half_way_stops_the_run(trainer, copy):
     """Files intact per the manifest, but DeepSpeed fails after loading the weights: an error, not a warning."""
     tag = copy / "checkpoints" / ck.tag_for(6)

@@ -74,10 +74,33 @@ def test_holder_on_another_host_is_judged_by_its_heartbeat(tmp_path):
             os.utime(path, (t, t))
     threading.Thread(target=beat, daemon=True).start()
     try:
-        with pytest.raises(LockError, match="its heartbeat moves"):
+        with pytest.raises(LockError, match="its heartbeat moves, though its time looked [56][0-9] s old by this "
+                                            "host's clock: this host's clock and the file server's differ"):
             _quiet(tmp_path, heartbeat_s=0.2, stale_after_s=5).acquire()
     finally:
         stop.set()
+
+
+def test_a_heartbeat_from_the_future_names_the_clock_skew(tmp_path):
+    path = tmp_path / LOCK_NAME
+    _holder(path, host="node-elsewhere", pid=123)
+    os.utime(path, (time.time() + 300, time.time() + 300))
+    with pytest.raises(LockError, match="heartbeat (299|300) s in the future: this host's clock is behind"):
+        _quiet(tmp_path, heartbeat_s=0.2, stale_after_s=5).acquire()
+
+
+def test_a_lock_removed_by_hand_mid_run_is_held_again_not_reported_as_another_job(tmp_path):
+    said = []
+    lock = RunLock(tmp_path, heartbeat_s=0.05, log=said.append).acquire()
+    path = tmp_path / LOCK_NAME
+    path.unlink()  # a person "cleaning up"; no other job
+    deadline = time.time() + 10
+    while not any("was removed while this job held it; it holds it again" in s for s in said):
+        assert time.time() < deadline, "the lock was not created again"
+        time.sleep(0.05)
+    assert json.loads(path.read_text())["nonce"] == lock.nonce and lock.lost is None
+    lock.release()
+    assert not path.exists()
 
 
 def test_the_heartbeat_moves_the_mtime_and_a_lost_lock_is_noticed(tmp_path):
