@@ -1,14 +1,16 @@
-"""The lock-file primitive of hvpmtl (the run lock, hvpmtl/checkpoint/run_lock.py, and the data index's build
-lock, hvpmtl/data/index.py): the holder record, its atomic create, its liveness and the takeover. A holder is a
-(pid, start time) pair, so a reused pid never keeps a dead holder's lock."""
+"""The lock-file primitive of hvpmtl: the holder record, its atomic create, its liveness and the takeover (the
+run lock, hvpmtl/checkpoint/run_lock.py), and HeartbeatLock built on them (the data index's build lock, a
+shard's download). A holder is a (pid, start time) pair, so a reused pid never keeps a dead holder's lock."""
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
+import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from hvpmtl.fileio import create_exclusive
 
@@ -110,3 +112,107 @@ def take_over(path: str | os.PathLike, judged: Optional[bytes], leftover_after_s
         return False
     finally:
         guard.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- a lock held while working
+
+HEARTBEAT_S = 5.0  # the holder touches its lock this often
+STALE_S = 60.0  # a lock of another host whose mtime has not moved for this long (watched here) is dead
+GARBAGE_GRACE_S = 5.0  # a lock whose content is not a holder record is dead once this old (its creator writes at once)
+TAKEOVER_STALE_S = 10.0  # a takeover takes milliseconds: a leftover `.takeover` file this old is removed
+
+
+class HeartbeatLock:
+    """A lock held while work is done (the data index's build, a shard's download), by the one stale rule:
+    the holder record above, touched every `heartbeat_s` while held. A lock is
+    dead, and taken over at once, when its holder is on this host and its process is gone (pid
+    reuse: the start time differs), or when its content is not a holder record (a warning says so);
+    a lock of another host is dead when its mtime stays still for `stale_s` while we watch (the
+    file server stamps mtime, so no clock is compared across hosts). Takeovers are serialised by a
+    second lock file (`.takeover`) and remove the lock only if it still holds what was judged dead."""
+
+    def __init__(self, path: str | os.PathLike, log: Callable[[str], None] = print, *,
+                 heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S, name: str = "hvpmtl-lock"):
+        self.path, self.log = Path(path), log
+        self.heartbeat_s, self.stale_s, self.name = heartbeat_s, stale_s, name
+        self.nonce = secrets.token_hex(8)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._seen: tuple = (None, None, 0.0)  # (content, mtime, when we first saw them unchanged)
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free or dead; False while a live holder has it."""
+        for _ in range(3):
+            if self._create_safe():
+                return True
+            content, mtime = self._read()
+            if content is None:
+                continue  # released meanwhile
+            why = self._dead(content, mtime)
+            if not why:
+                return False
+            self._take_over(content, why)
+        return False
+
+    def _create_safe(self) -> bool:
+        if not create_lock_file(self.path, holder_record(self.nonce)):
+            return False
+        self._thread = threading.Thread(target=self._beat, name=self.name, daemon=True)
+        self._thread.start()
+        return True
+
+    def _read(self) -> tuple[Optional[bytes], Optional[float]]:
+        return read_lock_file(self.path)
+
+    def holder(self) -> str:
+        content, _ = self._read()
+        if content is None:
+            return "nobody now"
+        h = parse_holder(content)
+        return describe_holder(h) if h else f"unreadable content {content[:60]!r}"
+
+    def _dead(self, content: bytes, mtime: float) -> str:
+        """Why the lock's holder is dead ('' while it may be alive)."""
+        h = parse_holder(content)
+        now = time.monotonic()
+        if (content, mtime) != self._seen[:2]:
+            self._seen = (content, mtime, now)
+        still = now - self._seen[2]
+        if h is None:
+            if time.time() - mtime > GARBAGE_GRACE_S or still > GARBAGE_GRACE_S:
+                self.log(f"WARNING: {self.path} holds no holder record ({content[:60]!r}): taken as stale")
+                return "unreadable lock"
+            return ""
+        gone = local_holder_gone(h)
+        if gone is not None:
+            return f"its holder ({describe_holder(h)}) is gone" if gone else ""
+        if still > self.stale_s:
+            return f"its holder's heartbeat ({describe_holder(h)}) has not moved for {still:.0f} s"
+        return ""
+
+    def _take_over(self, content: bytes, why: str) -> None:
+        try:
+            taken = take_over(self.path, content, leftover_after_s=TAKEOVER_STALE_S)
+        except OSError:
+            return  # cannot write here: try_acquire's create reports it
+        if taken:
+            self.log(f"took over the lock {self.path}: {why}")
+        else:
+            time.sleep(0.1)  # another process is taking it over, or it changed: look again
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass  # removed (taken over after a freeze) or a transient error: nothing to hold
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is None:
+            return
+        self._thread.join(timeout=1)
+        self._thread = None
+        h = parse_holder(self._read()[0])
+        if h is not None and h.get("nonce") == self.nonce:
+            self.path.unlink(missing_ok=True)

@@ -29,11 +29,9 @@ import json
 import contextlib
 import mmap
 import os
-import secrets
 import shutil
 import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -45,8 +43,7 @@ from hvpmtl.data.issues import CODES, DataError, Issue, make_issue
 from hvpmtl.data.tars import INDEX_VERSION, LABELS, MANIFEST, load_shard_set, split_name
 from hvpmtl.data.tencent import find_duplicates, iter_list_blocks, norm_path
 from hvpmtl.fileio import atomic_file, sha256_file
-from hvpmtl.locks import (create_lock_file, describe_holder, holder_record, local_holder_gone, parse_holder,
-                          process_alive, read_lock_file, take_over)  # the run lock's primitives
+from hvpmtl.locks import HeartbeatLock, process_alive
 
 MAGIC = b"HVPIDX\x00\x01"
 FORMAT = "hvpmtl-data-index-v1"
@@ -478,7 +475,7 @@ def _smallest_int(max_value: int):
 def build_lock(index_path: Path, wait_s: float = 600.0, log: Callable[[str], None] = print):
     """Hold the index's build lock (waiting up to wait_s for a live builder; a dead one's lock is taken
     over) and clear what killed builds left beside it."""
-    lock = BuildLock(index_path.with_name(index_path.name + ".lock"), log)
+    lock = _build_lock(index_path.with_name(index_path.name + ".lock"), log)
     start = time.monotonic()
     while True:
         try:
@@ -933,7 +930,7 @@ def ensure_index(kind: str, source: str | os.PathLike, *, index_path: str | os.P
     """The fresh index of a list file (kind 'list') or shard folder ('shards').
 
     Missing or stale: a DataError naming the command to run, unless the source has at most
-    `auto_build_max` samples; then one process builds it under the build lock (BuildLock: a dead
+    `auto_build_max` samples; then one process builds it under the build lock (a HeartbeatLock: a dead
     holder's lock is taken over at once, a killed build's leftovers are removed) and the others poll
     for the renamed file. Only processes with `builder` (one per node: local rank 0) try the lock, so
     one process per file system builds: node-local or shared alike. A failed build leaves
@@ -950,7 +947,7 @@ def ensure_index(kind: str, source: str | os.PathLike, *, index_path: str | os.P
     if auto_build_max <= 0 or count_samples(kind, source, auto_build_max) > auto_build_max:
         raise DataError(f"{why}.\nBuild the data index once with `{cmd}` (data sets of more than "
                         f"data.index_auto_build={auto_build_max} samples are not indexed at start-up).")
-    lock, failed = BuildLock(path.with_name(path.name + ".lock"), log), path.with_name(path.name + ".failed")
+    lock, failed = _build_lock(path.with_name(path.name + ".lock"), log), path.with_name(path.name + ".failed")
     start, t0 = time.monotonic(), time.time()
     while True:
         if builder:
@@ -1000,106 +997,13 @@ def ensure_index(kind: str, source: str | os.PathLike, *, index_path: str | os.P
 
 # ----------------------------------------------------------------------------- the build lock
 
-LOCK_HEARTBEAT_S = 5.0  # the builder touches its lock this often
-LOCK_STALE_S = 60.0  # a lock of another host whose mtime has not moved for this long (watched here) is dead
-GARBAGE_GRACE_S = 5.0  # a lock whose content is not a holder record is dead once this old (its creator writes at once)
-TAKEOVER_STALE_S = 10.0  # a takeover takes milliseconds: a leftover `.takeover` file this old is removed
+LOCK_STALE_S = 60.0  # a build lock of another host whose mtime has not moved for this long (watched here) is dead
 LEFTOVER_IDLE_S = 900.0  # build leftovers of another host (or of an older hvpmtl) untouched this long are removed
 
 
-class BuildLock:
-    """`<index>.lock`: who builds an index now. The lock file, its holder record (host, pid, the pid's
-    start time, a nonce, since), its atomic create and the takeover are hvpmtl/locks.py's, shared with
-    the run lock. The holder touches it every LOCK_HEARTBEAT_S. A lock is
-    dead, and taken over at once, when its holder is on this host and its process is gone (pid
-    reuse: the start time differs), or when its content is not a holder record (a warning says so);
-    a lock of another host is dead when its mtime stays still for LOCK_STALE_S while we watch (the
-    file server stamps mtime, so no clock is compared across hosts). Takeovers are serialised by a
-    second lock file (`.takeover`) and remove the lock only if it still holds what was judged dead."""
-
-    def __init__(self, path: Path, log: Callable[[str], None] = print):
-        self.path, self.log = Path(path), log
-        self.nonce = secrets.token_hex(8)
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._seen: tuple = (None, None, 0.0)  # (content, mtime, when we first saw them unchanged)
-
-    def try_acquire(self) -> bool:
-        """Take the lock if it is free or dead; False while a live holder has it."""
-        for _ in range(3):
-            if self._create_safe():
-                return True
-            content, mtime = self._read()
-            if content is None:
-                continue  # released meanwhile
-            why = self._dead(content, mtime)
-            if not why:
-                return False
-            self._take_over(content, why)
-        return False
-
-    def _create_safe(self) -> bool:
-        if not create_lock_file(self.path, holder_record(self.nonce)):
-            return False
-        self._thread = threading.Thread(target=self._beat, name="hvpmtl-index-lock", daemon=True)
-        self._thread.start()
-        return True
-
-    def _read(self) -> tuple[Optional[bytes], Optional[float]]:
-        return read_lock_file(self.path)
-
-    def holder(self) -> str:
-        content, _ = self._read()
-        if content is None:
-            return "nobody now"
-        h = parse_holder(content)
-        return describe_holder(h) if h else f"unreadable content {content[:60]!r}"
-
-    def _dead(self, content: bytes, mtime: float) -> str:
-        """Why the lock's holder is dead ('' while it may be alive)."""
-        h = parse_holder(content)
-        now = time.monotonic()
-        if (content, mtime) != self._seen[:2]:
-            self._seen = (content, mtime, now)
-        still = now - self._seen[2]
-        if h is None:
-            if time.time() - mtime > GARBAGE_GRACE_S or still > GARBAGE_GRACE_S:
-                self.log(f"WARNING: {self.path} holds no holder record ({content[:60]!r}): taken as stale")
-                return "unreadable lock"
-            return ""
-        gone = local_holder_gone(h)
-        if gone is not None:
-            return f"its holder ({describe_holder(h)}) is gone" if gone else ""
-        if still > LOCK_STALE_S:
-            return f"its holder's heartbeat ({describe_holder(h)}) has not moved for {still:.0f} s"
-        return ""
-
-    def _take_over(self, content: bytes, why: str) -> None:
-        try:
-            taken = take_over(self.path, content, leftover_after_s=TAKEOVER_STALE_S)
-        except OSError:
-            return  # cannot write here: try_acquire's create reports it
-        if taken:
-            self.log(f"took over the lock {self.path}: {why}")
-        else:
-            time.sleep(0.1)  # another process is taking it over, or it changed: look again
-
-    def _beat(self) -> None:
-        while not self._stop.wait(LOCK_HEARTBEAT_S):
-            try:
-                os.utime(self.path)
-            except OSError:
-                pass  # removed (taken over after a freeze) or a transient error: nothing to hold
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is None:
-            return
-        self._thread.join(timeout=1)
-        self._thread = None
-        h = parse_holder(self._read()[0])
-        if h is not None and h.get("nonce") == self.nonce:
-            self.path.unlink(missing_ok=True)
+def _build_lock(path: Path, log) -> HeartbeatLock:
+    """`<index>.lock`: who builds an index now (hvpmtl/locks.py's HeartbeatLock)."""
+    return HeartbeatLock(path, log, stale_s=LOCK_STALE_S, name="hvpmtl-index-lock")
 
 
 def _owner(name: str, prefix: str, random_suffix: bool) -> tuple[str, int]:

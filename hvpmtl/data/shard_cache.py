@@ -34,7 +34,7 @@ from typing import Callable, Optional
 from hvpmtl.data.issues import DataError
 from hvpmtl.data.object_store import ObjectInfo, ObjectStore, S3Uri
 from hvpmtl.data.tars import LABELS, MANIFEST
-from hvpmtl.fileio import create_exclusive
+from hvpmtl.locks import HeartbeatLock, process_alive
 
 log = logging.getLogger(__name__)
 
@@ -55,50 +55,28 @@ def view_folder(uri: S3Uri, root: str | Path | None = None) -> Path:
 # ----------------------------------------------------------------------------- locks
 
 
-def _alive(holder: str) -> bool:
-    """Whether the lock holder 'host pid N ...' may still run (only a holder on this host can be checked)."""
-    t = holder.split()
-    if len(t) < 3 or t[1] != "pid" or t[0] != socket.gethostname():
-        return True
-    try:
-        os.kill(int(t[2]), 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError):
-        return True
-
-
 class FileLock:
-    """An exclusively created lock file (hvpmtl.fileio.create_exclusive) naming its holder; a holder that died on this host is broken, one older than
-    `stale_s` too. `acquire()` returns False when `done()` became true while waiting."""
+    """One writer per file across the ranks of a node (and the nodes sharing a cache folder): a HeartbeatLock
+    (hvpmtl/locks.py: a holder gone from this host, or one whose heartbeat stopped, is taken over) waited on
+    for `wait_s`. `acquire()` returns False when `done()` became true while waiting."""
 
-    def __init__(self, path: Path, wait_s: float = 600.0, stale_s: float = 3600.0):
-        self.path, self.wait_s, self.stale_s = path, wait_s, stale_s
+    def __init__(self, path: Path, wait_s: float = 600.0):
+        self.path, self.wait_s = Path(path), wait_s
+        self._lock = HeartbeatLock(self.path, lambda m: log.warning("%s", m), name="hvpmtl-cache-lock")
 
     def acquire(self, done: Callable[[], bool] = lambda: False) -> bool:
-        start = time.time()
-        while True:
-            if create_exclusive(self.path, f"{socket.gethostname()} pid {os.getpid()} since {time.ctime()}\n"):
-                return True
+        start = time.monotonic()
+        while not self._lock.try_acquire():
             if done():
                 return False
-            try:
-                holder = self.path.read_text()
-                age = time.time() - self.path.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            if not _alive(holder) or age > self.stale_s:
-                log.warning("breaking the lock %s of a writer that is gone (%s)", self.path, holder.strip())
-                self.path.unlink(missing_ok=True)
-                continue
-            if time.time() - start > self.wait_s:
-                raise DataError(f"waited {self.wait_s:.0f} s for {self.path} (held by {holder.strip()}); remove it "
-                                "if that process is gone")
+            if time.monotonic() - start > self.wait_s:
+                raise DataError(f"waited {self.wait_s:.0f} s for {self.path} (held by {self._lock.holder()}); "
+                                "remove it if that process is gone")
             time.sleep(LOCK_POLL_S)
+        return True
 
     def release(self) -> None:
-        self.path.unlink(missing_ok=True)
+        self._lock.release()
 
 
 def remove_dead_parts(folder: Path) -> None:
@@ -106,7 +84,7 @@ def remove_dead_parts(folder: Path) -> None:
     host = socket.gethostname()
     for p in folder.glob(".*.part-*"):
         h, _, pid = p.name.rpartition(".part-")[2].rpartition("-")
-        if h == host and pid.isdigit() and not _alive(f"{host} pid {pid}"):
+        if h == host and pid.isdigit() and not process_alive(int(pid), None):
             p.unlink(missing_ok=True)
 
 
