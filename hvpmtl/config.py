@@ -5,8 +5,8 @@ sections (`RunSection`, `OptimSection`, `TrackingConfig`) and one loader, `load_
 schema=...)`. Every key is typed and every number bounded; pydantic checks types and bounds, the
 schema's `check` the rules that tie keys together. A config is validated in the launcher before any
 worker starts, so a typo costs seconds, not a queued 64-GPU allocation. Errors name the file and the
-dotted key. `save_config` writes the paths of the run's data absolute, so the saved copy works from
-any directory.
+dotted key; a renamed key (RENAMED) is refused with its new name. `save_config` writes the paths of the
+run's data absolute, so the saved copy works from any directory.
 """
 from __future__ import annotations
 
@@ -89,6 +89,7 @@ class OptimSection(Section):
     micro_batch_size: int = Field(16, ge=1, le=MAX_BATCH)  # per rank
     grad_accum_steps: Optional[int] = Field(None, ge=1, le=MAX_BATCH)  # null: global_batch_size / (micro x world), else 1
     global_batch_size: int = Field(0, ge=0, le=MAX_BATCH * 256)  # 0 = micro x accum x world; else checked against that product
+    lr: Float = Field(1e-4, le=MAX_LR)  # the peak learning rate (reached after the warm-up); > 0: _check_optim
     min_lr: Float = Field(1e-7, ge=0, le=MAX_LR)
     warmup_epochs: Float = Field(5.0, ge=0, le=MAX_EPOCHS)
     weight_decay: Float = Field(0.05, ge=0, le=MAX_LR)
@@ -232,7 +233,6 @@ class ObjectivesConfig(Section):
 
 class OptimConfig(OptimSection):
     max_steps: int = Field(0, ge=0, le=MAX_STEPS)  # > 0 caps the run (demos, smoke tests)
-    lr: Float = Field(1e-4, le=MAX_LR)  # > 0: the schema's check
     steps_per_epoch: int = Field(0, ge=0, le=MAX_STEPS)  # 0 = derived from the data set size and the global batch
 
 
@@ -274,9 +274,8 @@ class ExperimentConfig(Section):
         dm = ob.distill
         _check(dm.momentum_schedule == "constant" or dm.momentum_end >= dm.momentum, source,
                "objectives.distill.momentum_end", f"must be >= objectives.distill.momentum ({dm.momentum})")
-        _check(o.lr > 0 and math.isfinite(o.lr), source, "optim.lr", f"must be a positive number, got {o.lr}")
+        _check_optim(o, source)  # optim.lr > 0 first
         _check(o.min_lr <= o.lr, source, "optim.min_lr", f"must be in [0, optim.lr], got {o.min_lr}")
-        _check_optim(o, source)
         _check(r.eval_every == 0 or bool(d.holdout_list), source, "run.eval_every",
                "> 0 needs data.holdout_list (a labelled held-out list file; "
                "`hvpmtl data make-synthetic --holdout N` writes one)")
@@ -349,8 +348,10 @@ class FTDataConfig(Section):
 class FTOptimConfig(OptimSection):
     epochs: int = Field(100, ge=1, le=MAX_EPOCHS)
     micro_batch_size: int = Field(128, ge=1, le=MAX_BATCH)
-    base_lr: Float = Field(1.25e-3, gt=0, le=MAX_LR)  # SimMIM's BASE_LR: peak lr = base_lr * global batch / lr_scale_batch
-    lr_scale_batch: int = Field(512, ge=1, le=MAX_BATCH * 256)
+    lr: Float = Field(1.25e-3, le=MAX_LR)
+    # the linear scaling rule, off at 0: with N > 0, optim.lr is the peak at global batch N and the run's peak is
+    # optim.lr x global batch / N (SimMIM: 1.25e-3 at 512), so a recipe keeps its LR on any number of GPUs
+    lr_scale_batch: int = Field(0, ge=0, le=MAX_BATCH * 256)
     warmup_epochs: Float = Field(20.0, ge=0, le=MAX_EPOCHS)
     warmup_lr: Float = Field(2.5e-7, ge=0, le=MAX_LR)
     min_lr: Float = Field(2.5e-7, ge=0, le=MAX_LR)
@@ -457,6 +458,7 @@ def _check_backbone(name: str, source: str) -> None:
 
 
 def _check_optim(o: OptimSection, source: str) -> None:
+    _check(o.lr > 0 and math.isfinite(o.lr), source, "optim.lr", f"must be a positive number, got {o.lr}")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), source, "optim.betas",
            f"must be [b1, b2] in [0, 1), got {o.betas}")
     _check(o.warmup_epochs <= o.epochs, source, "optim.warmup_epochs",
@@ -742,6 +744,16 @@ def _key(loc: tuple) -> str:
     return out
 
 
+# old keys -> their new name and what to know: refused (an old config fails at load, naming the new key), never
+# read silently under the new name when the meaning changed
+RENAMED = {
+    "optim.base_lr": "'optim.lr': the peak learning rate, as in pre-training (with optim.lr_scale_batch N > 0, the "
+                     "peak at global batch N, scaled linearly to the run's; 0, the default: as is). Fine-tuning's "
+                     "base_lr was always scaled, by global batch / optim.lr_scale_batch (512 when not given): for the "
+                     "same LR, keep that rule (optim.lr: the old base_lr, optim.lr_scale_batch: the old one, 512 if "
+                     "none was set) or give optim.lr the peak itself with optim.lr_scale_batch: 0",
+}
+
 _TYPE_WORDS = {"float": "a number", "int": "an integer", "bool": "true or false", "string": "a string",
                "list": "a list", "model": "a mapping", "dict": "a mapping"}
 _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
@@ -758,6 +770,8 @@ def _section_fields(schema, loc: tuple) -> list[str]:
 def _message(schema, err: dict) -> str:
     loc, kind, value = err["loc"], err["type"], err.get("input")
     key = _shown_text(_key(loc))
+    if kind == "extra_forbidden" and key in RENAMED:
+        return f"'{key}' was renamed {RENAMED[key]}"
     if kind == "extra_forbidden":
         return f"unknown key '{key}' (known: {', '.join(_section_fields(schema, loc[:-1]))})"
     if kind == "invalid_key":

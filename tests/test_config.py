@@ -45,7 +45,7 @@ def test_shipped_configs_load(path):
 def test_simmim_finetuning_recipe_values():
     cfg = load_config(ROOT / "configs/finetune_simmim.yaml", FINETUNE_REQUIRED, schema=FinetuneConfig)
     o, m, d = cfg.optim, cfg.model, cfg.data
-    assert (o.epochs, o.base_lr, o.lr_scale_batch, o.warmup_epochs, o.warmup_lr, o.min_lr) == (
+    assert (o.epochs, o.lr, o.lr_scale_batch, o.warmup_epochs, o.warmup_lr, o.min_lr) == (
         100, 1.25e-3, 512, 20, 2.5e-7, 2.5e-7)
     assert (o.weight_decay, o.layer_decay, o.grad_clip, o.betas) == (0.05, 0.9, 5.0, [0.9, 0.999])
     assert (m.backbone, m.img_size, m.drop_path_rate) == ("swin_base_patch4_window7_224", 224, 0.1)
@@ -124,6 +124,38 @@ def test_overrides_and_their_errors(tmp_path):
         load_config(p, ["optim.learning_rate=1"])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(p, ["optim.lr"])
+
+
+def test_optim_lr_is_the_peak_in_both_trainers(tmp_path):
+    """Issue 21: one key for the peak learning rate. Fine-tuning reads optim.lr as pre-training does, scaled by the
+    global batch only where optim.lr_scale_batch says so (its own key, off by default)."""
+    from hvpmtl.train.finetune import peak_lr
+
+    p = _write(tmp_path, "optim:\n  lr: 3.0e-4\n")
+    ft = load_config(p, FINETUNE_REQUIRED, schema=FinetuneConfig)
+    assert ft.optim.lr == 3e-4 and ft.optim.lr_scale_batch == 0 and peak_lr(ft, 1024) == 3e-4
+    assert load_config(p).optim.lr == 3e-4  # the same key, the same meaning in pre-training
+    scaled = load_config(p, [*FINETUNE_REQUIRED, "optim.lr_scale_batch=256"], schema=FinetuneConfig)
+    assert peak_lr(scaled, 1024) == pytest.approx(1.2e-3)
+    with pytest.raises(ConfigError, match="'optim.lr' must be a positive number"):
+        load_config(p, [*FINETUNE_REQUIRED, "optim.lr=0"], schema=FinetuneConfig)
+
+
+@pytest.mark.parametrize("schema", [FinetuneConfig, ExperimentConfig])
+def test_the_old_base_lr_key_is_refused_naming_optim_lr(tmp_path, schema):
+    """optim.base_lr (fine-tuning's old key, scaled by batch / 512 unless said otherwise) is refused, in a file or
+    in --set, with the new key and how to keep the old LR; never read as optim.lr with another meaning."""
+    required = FINETUNE_REQUIRED if schema is FinetuneConfig else []
+    p = _write(tmp_path, "optim:\n  epochs: 2\n  base_lr: 1.25e-3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, required, schema=schema)
+    msg = str(e.value)
+    assert "'optim.base_lr' was renamed 'optim.lr': the peak learning rate" in msg and "(512 when not given)" in msg
+    assert f"{p.name}:3)" in msg and "unknown key" not in msg
+    ok = _write(tmp_path, "optim:\n  epochs: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(ok, [*required, "optim.base_lr=1e-3"], schema=schema)
+    assert "'optim.base_lr' was renamed 'optim.lr'" in str(e.value) and "from --set optim.base_lr=1e-3" in str(e.value)
 
 
 def test_base_inheritance(tmp_path):

@@ -13,10 +13,11 @@ Started on every rank by launchers/finetune.py (deepspeed, torchrun or srun):
 
 The backbone comes from model.init (an `hvpmtl export` file, read by the launcher's reader: hvpmtl/train
 never imports hvpmtl/eval) or at random (model.random_init); AdamW with layer-wise LR decay; the learning
-rate warms up from optim.warmup_lr, then follows optim.schedule (cosine, poly or step) to the end of
-optim.epochs or optim.max_steps. After every epoch the task evaluates on all ranks; the best figure is kept
-and the model's predictions are logged as an image panel. At the end the fine-tuned model is written as
-safetensors (model.safetensors). Set-up, checkpoints, MLflow, preemption and exit codes as pre-training.
+rate warms up from optim.warmup_lr to its peak (`peak_lr`: optim.lr, as in pre-training), then follows
+optim.schedule (cosine, poly or step) to the end of optim.epochs or optim.max_steps. After every epoch the
+task evaluates on all ranks; the best figure is kept and the model's predictions are logged as an image
+panel. At the end the fine-tuned model is written as safetensors (model.safetensors). Set-up, checkpoints,
+MLflow, preemption and exit codes as pre-training.
 """
 from __future__ import annotations
 
@@ -47,7 +48,9 @@ def make_task(trainer):
 
 
 def peak_lr(cfg: FinetuneConfig, global_batch: int) -> float:
-    return cfg.optim.base_lr * global_batch / cfg.optim.lr_scale_batch
+    """optim.lr; with optim.lr_scale_batch N, the linear scaling rule: optim.lr x global batch / N."""
+    o = cfg.optim
+    return o.lr * global_batch / o.lr_scale_batch if o.lr_scale_batch else o.lr
 
 
 class Finetuner(Trainer):

@@ -149,6 +149,30 @@ def test_launcher_exits_2_on_a_config_error(tmp_path, capsys):
     assert "data.train_dir" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # stepped with no training
+@pytest.mark.parametrize("scale_batch,peak", [(0, 3e-4), (4, 3e-4 * 8 / 4)])
+def test_optim_lr_is_the_peak_the_optimizer_reaches(shapes, tmp_path, scale_batch, peak):
+    """optim.lr is fine-tuning's peak LR, as pre-training's (issue 21): the real fine-tuner's optimizer (DeepSpeed,
+    1 rank) warms up from optim.warmup_lr and is at optim.lr when the warm-up ends; with optim.lr_scale_batch N
+    the peak is optim.lr x global batch (8) / N."""
+    from hvpmtl.train.finetune import Finetuner
+
+    cfg = load_config(TINY, ["model.random_init=true", f"data.train_dir={shapes['train']}",
+                             f"data.val_dir={shapes['val']}", f"run.output_dir={tmp_path / 'ft'}",
+                             "tracking.enabled=false", "optim.lr=3e-4", f"optim.lr_scale_batch={scale_batch}",
+                             "optim.warmup_epochs=1"], schema=FinetuneConfig)
+    t = Finetuner(cfg, resume="none")
+    assert t.global_batch == 8 and t.lr == pytest.approx(peak)
+    warm = t.steps_per_epoch  # one warm-up epoch
+    lrs = [max(t.engine.get_lr())]  # the head's group (layer decay scales the others down)
+    for _ in range(warm + 1):
+        t.engine.lr_scheduler.step()
+        lrs.append(max(t.engine.get_lr()))
+    assert lrs[0] == pytest.approx(2.5e-7 + (peak - 2.5e-7) / warm) and lrs[0] < peak
+    assert lrs[warm - 1] == pytest.approx(peak) and lrs[warm] == pytest.approx(peak)  # warm-up's last step, the top
+    assert lrs[warm + 1] < peak  # the cosine after it
+
+
 def _ft_args(shapes, out, *more):
     return [sys.executable, str(ROOT / "launchers/finetune.py"), "--config", str(TINY), "--set", "model.random_init=true",
             "--set", f"data.train_dir={shapes['train']}", "--set", f"data.val_dir={shapes['val']}",
