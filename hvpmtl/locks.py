@@ -98,12 +98,13 @@ def take_over(path: str | os.PathLike, judged: Optional[bytes], leftover_after_s
     True when the lock was removed here."""
     path = Path(path)
     guard = path.with_name(path.name + ".takeover")
-    if not create_lock_file(guard, {}):
-        try:
-            if time.time() - guard.stat().st_mtime > leftover_after_s:
-                guard.unlink()
-        except FileNotFoundError:
-            pass
+    if not create_lock_file(guard, holder_record("takeover")):
+        content, mtime = read_lock_file(guard)
+        if content is None:
+            return False
+        taker = parse_holder(content)
+        if (taker is not None and local_holder_gone(taker)) or time.time() - mtime > leftover_after_s:
+            guard.unlink(missing_ok=True)  # a taker that died (on this host: at once)
         return False
     try:
         if read_lock_file(path)[0] == judged:

@@ -91,7 +91,9 @@ def read_manifest(tag_dir: Path) -> dict:
         raise ValueError("no COMPLETE manifest (the save was interrupted)")
     try:
         m = json.loads(marker.read_text())
-        files = m["files"]
+        files = m["files"] if isinstance(m, dict) else None
+        if not isinstance(files, dict):
+            raise ValueError("'files' is not a mapping of file names")
         if m.get("format", 1) < 2:  # {name: size}
             m = {"format": 1, "run_id": None, "step": m["step"], "files": {k: {"size": int(v)} for k, v in files.items()},
                  "world_size": sum(1 for k in files if RANK_FILE.fullmatch(k))}
@@ -99,7 +101,7 @@ def read_manifest(tag_dir: Path) -> dict:
             if not isinstance(e, dict) or "size" not in e:
                 raise ValueError(f"bad entry for {name}")
         int(m["step"]), int(m["world_size"])
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise ValueError(f"unreadable manifest: {e}") from None
     return m
 

@@ -132,10 +132,13 @@ def _decide_mode(out_dir: Path, how: str, log) -> tuple[Optional[str], list[str]
         if others:
             log(f"{ckpt_dir}: ignoring the checkpoints of other runs ({', '.join(others)}); "
                 f"this run is {current or '(no run id)'}")
+        readable = {x for x, _ in manifests}
         for t in tag_dirs(ckpt_dir):
-            if t not in {x for x, _ in manifests}:
-                notice(f"checkpoint {t} is not usable (no COMPLETE manifest (the save was interrupted)); "
-                       "trying an older one")
+            if t not in readable:
+                try:
+                    read_manifest(t)
+                except ValueError as e:  # the reason: none (an interrupted save) or unreadable
+                    notice(f"checkpoint {t} is not usable ({e}); trying an older one")
         return None, [str(t) for t in reversed(mine)], None
     tag = resolve_tag(ckpt_dir, how)
     try:

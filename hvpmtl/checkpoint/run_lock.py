@@ -30,7 +30,6 @@ stops at once, naming the host and pid of the holder. What it relies on:
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import secrets
 import socket
@@ -38,7 +37,8 @@ import threading
 import time
 from pathlib import Path
 
-from hvpmtl.locks import create_lock_file, describe_holder, holder_record, process_alive, read_lock_file, take_over
+from hvpmtl.locks import (GARBAGE_GRACE_S, TAKEOVER_STALE_S, create_lock_file, describe_holder, holder_record,
+                          parse_holder, process_alive, read_lock_file, take_over)
 
 LOCK_NAME = ".hvpmtl.lock"
 HEARTBEAT_S = 10.0
@@ -89,17 +89,16 @@ class RunLock:
         content, mtime = read_lock_file(self.path)
         if content is None:
             return None, None, None
-        try:
-            holder = json.loads(content)
-        except ValueError:
-            holder = None
-        if not isinstance(holder, dict):
-            holder = {}  # being written, or damaged: judged by its age
-        return holder, mtime, content
+        return parse_holder(content) or {}, mtime, content  # {}: being written, or garbage
 
     def _stale_reason(self, holder: dict, mtime: float) -> str:
         """Why the lock may be taken over; raises LockError when its holder is alive."""
         age = time.time() - mtime
+        if not holder:  # not a holder record (a pid that is no integer, a JSON list, garbage)
+            if age < GARBAGE_GRACE_S:  # its creator writes the record at once
+                raise LockError(f"{self.path} is being written by another job starting now; try again")
+            self.log(f"WARNING: {self.path} holds no holder record: taken as stale")
+            return "it holds no holder record"
         if holder.get("host") == self.host and holder.get("pid"):
             pid = int(holder["pid"])
             if pid == os.getpid():
@@ -125,7 +124,7 @@ class RunLock:
         return f"its heartbeat stopped {age:.0f} s ago ({describe_holder(holder)})"
 
     def _take_over(self, judged: bytes, why: str) -> None:
-        if take_over(self.path, judged, leftover_after_s=self.stale_after_s):
+        if take_over(self.path, judged, leftover_after_s=TAKEOVER_STALE_S):
             self.log(f"took over the lock of {self.dir}: {why}")
         else:
             time.sleep(0.2)  # another job is taking it over, or it changed: look again

@@ -87,6 +87,16 @@ def test_explicit_tag_by_name_continues_or_forks_the_run(trainer, copy):
         open_quietly(copy, "step_00000077")
 
 
+def test_a_manifest_whose_files_is_a_list_is_passed_over_naming_why(copy):
+    tag = copy / "checkpoints" / ck.tag_for(6)
+    m = json.loads((tag / "COMPLETE").read_text())
+    m["files"] = list(m["files"])
+    rewrite(tag / "COMPLETE", json.dumps(m))
+    with pytest.warns(UserWarning, match=r"step_00000006 is not usable \(unreadable manifest: 'files' is not a mapping"):
+        run = open_quietly(copy)
+    assert run.choice.tag_dir.name == ck.tag_for(4)
+
+
 def test_a_forked_run_stays_a_fork_in_every_later_manifest(copy):
     tag = copy / "checkpoints" / ck.tag_for(6)
     m = json.loads((tag / "COMPLETE").read_text())

@@ -81,6 +81,30 @@ def test_holder_on_another_host_is_judged_by_its_heartbeat(tmp_path):
         stop.set()
 
 
+@pytest.mark.parametrize("content", ['{"host": "%s", "pid": "x"}' % socket.gethostname(), '[1, 2]', 'garbage'])
+def test_a_lock_file_that_holds_no_holder_record_is_stale_with_a_warning(tmp_path, content):
+    path = tmp_path / LOCK_NAME
+    path.write_text(content)
+    with pytest.raises(LockError, match="being written by another job starting now"):
+        _quiet(tmp_path).acquire()  # just created: its creator is writing the record
+    os.utime(path, (time.time() - 30, time.time() - 30))
+    said = []
+    lock = RunLock(tmp_path, log=said.append).acquire()
+    assert json.loads(path.read_text())["nonce"] == lock.nonce
+    assert any("holds no holder record: taken as stale" in s for s in said)
+    lock.release()
+
+
+def test_a_leftover_takeover_file_of_a_dead_taker_does_not_block(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    _holder(tmp_path / LOCK_NAME, pid=dead.pid, start="1")  # a dead holder...
+    _holder(tmp_path / (LOCK_NAME + ".takeover"), pid=dead.pid, start="1")  # ...and a taker that died mid-takeover
+    lock = _quiet(tmp_path).acquire()  # at once, not "keeps changing hands" for minutes
+    assert not (tmp_path / (LOCK_NAME + ".takeover")).exists()
+    lock.release()
+
+
 def test_a_heartbeat_from_the_future_names_the_clock_skew(tmp_path):
     path = tmp_path / LOCK_NAME
     _holder(path, host="node-elsewhere", pid=123)
