@@ -17,7 +17,7 @@ demo-clean:
 
 test: setup
 	bash tools/install_system_deps.sh
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=40
 
 # No process launches (no `slow`, no `cluster` test): under 3 minutes on 2 cores.
 test-fast: setup

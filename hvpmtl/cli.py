@@ -35,6 +35,7 @@ COMMAND_GROUPS = {
     "export": "hvpmtl.eval.export",
     "eval": "hvpmtl.eval.cli",
     "doctor": "hvpmtl.doctor",  # pre-flight of every node of a job (launchers/doctor.py)
+    "tracking": "hvpmtl.train.tracking",  # `tracking sync`: what a run logged while MLflow was away
 }
 
 

@@ -1,6 +1,5 @@
-"""Every option of every command line a user is shown (`hvpmtl` and all its subcommands, the two launchers, the
-tracking sync) says what it does and shows its default (issue 13.5: `--k`, `--temperature`, `--list`, `--format`
-had neither). A new option without help fails here."""
+"""Every option of every command line a user is shown (`hvpmtl` and all its subcommands, the two launchers)
+says what it does and shows its default (issue 13.5: `--k`, `--temperature`, `--list`, `--format` had neither). A new option without help fails here."""
 from __future__ import annotations
 
 import argparse
@@ -10,10 +9,8 @@ import pytest
 import hvpmtl
 from hvpmtl.cli import build_parser, main
 from hvpmtl.train.args import finetune_parser, pretrain_parser
-from hvpmtl.train.tracking import build_parser as tracking_parser
 
-PARSERS = {"hvpmtl": build_parser, "launchers/pretrain.py": pretrain_parser, "launchers/finetune.py": finetune_parser,
-           "python -m hvpmtl.train.tracking": tracking_parser}
+PARSERS = {"hvpmtl": build_parser, "launchers/pretrain.py": pretrain_parser, "launchers/finetune.py": finetune_parser}
 # flags have no value to default: --random-init, --merge, --version, ...
 FLAGS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction, argparse._CountAction,
          argparse._VersionAction)
@@ -49,7 +46,7 @@ COMMANDS = [(name, p) for prog, make in PARSERS.items() for name, p in walk(make
 def test_the_walk_reaches_every_command():
     names = {n for n, _ in COMMANDS}
     assert {"hvpmtl data validate", "hvpmtl data to-shards", "hvpmtl export", "hvpmtl eval knn",
-            "hvpmtl eval linear-probe", "launchers/pretrain.py", "python -m hvpmtl.train.tracking sync"} <= names
+            "hvpmtl eval linear-probe", "launchers/pretrain.py", "hvpmtl tracking sync"} <= names
 
 
 @pytest.mark.parametrize("name,parser", COMMANDS, ids=[n for n, _ in COMMANDS])

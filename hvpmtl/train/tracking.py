@@ -13,7 +13,7 @@ backlog, so nothing is dropped and memory does not grow; when MLflow is back the
 (rows keep the time they were logged at) and tags the run with the outages it lived through. Only the rarer calls
 can be dropped: when their queue (256 entries) is full, the oldest goes, counted and reported. What has been sent
 is recorded in <run.output_dir>/mlflow_run.json (tracking URI, run id, bytes of metrics.jsonl sent), so a resumed
-run catches up on what the previous process could not send, and `python -m hvpmtl.train.tracking sync RUN_DIR`
+run catches up on what the previous process could not send, and `hvpmtl tracking sync RUN_DIR`
 does it by hand. `close()` waits at most tracking.close_timeout_s for the thread to catch up, then says what is
 missing and leaves.
 
@@ -410,7 +410,7 @@ class _Sender(threading.Thread):
                  f"{self.cfg.tracking.close_timeout_s:g} s ({self.down_reason or 'still sending'}). Missing from "
                  f"the MLflow run {self.t.run_id or '(not created)'}: {steps}; they are all in {self.t.metrics_path}. "
                  f"They are sent when this run resumes, or now with: "
-                 f"python -m hvpmtl.train.tracking sync {self.t.out}")
+                 f"hvpmtl tracking sync {self.t.out}")
 
     # ------------------------------------------------------------------ the thread
     def run(self) -> None:
@@ -633,22 +633,15 @@ def sync(run_dir: str | Path, timeout_s: float = 600.0) -> int:
     return 0 if done else 1
 
 
-def build_parser():
-    import argparse
+def add_parser(subparsers) -> None:
+    """`hvpmtl tracking sync RUN_DIR`."""
+    from hvpmtl.cli import HelpFormatter
 
-    p = argparse.ArgumentParser(prog="python -m hvpmtl.train.tracking",
-                                description="Send to MLflow the metrics a run logged while its server was away")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("sync", help="send the rows of RUN_DIR/metrics.jsonl that MLflow misses")
+    p = subparsers.add_parser("tracking", help="MLflow: send what a run logged while its server was away",
+                              formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="tracking_command", required=True)
+    s = sub.add_parser("sync", help="send the rows of RUN_DIR/metrics.jsonl that MLflow misses",
+                       formatter_class=HelpFormatter)
     s.add_argument("run_dir", help="the run's run.output_dir (holds metrics.jsonl and mlflow_run.json)")
-    s.add_argument("--timeout", type=float, default=600.0, help="seconds to keep trying (default: %(default)s)")
-    return p
-
-
-def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
-    return sync(a.run_dir, a.timeout)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds to keep trying")
+    s.set_defaults(func=lambda a: sync(a.run_dir, a.timeout))

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from hvpmtl.cli import main as cli_main
 from hvpmtl.config import ConfigError, load_config
-from hvpmtl.train.tracking import (EXPERIMENT_KIND, STATE_FILE, Tracker, TrackingUnreachable, check_tracking,
-                                   sync)
+from hvpmtl.train.tracking import EXPERIMENT_KIND, STATE_FILE, Tracker, TrackingUnreachable, check_tracking
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -208,10 +208,10 @@ def test_server_down_then_up_run_created_late_outage_survived_close_bounded_and_
         assert err.count("is not answering") == 1 and "is unreachable" in err  # start-up, then one outage
         assert "answering again" in err  # the first outage (at start) ended
         assert "Missing from the MLflow run" in err and "steps 4..9" in err
-        assert f"python -m hvpmtl.train.tracking sync {out}" in err
+        assert f"hvpmtl tracking sync {out}" in err
         assert [r["step"] for r in _rows(out)] == list(range(1, 10))
         server.start()
-        assert sync(out, timeout_s=120) == 0
+        assert cli_main(["tracking", "sync", str(out), "--timeout", "120"]) == 0  # the command the message gives
         client = MlflowClient(server.url)
         assert _steps(server.url, t.run_id) == list(range(1, 10))
         run = client.get_run(t.run_id)
