@@ -38,6 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _bootstrap import ROOT, import_package  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 # the step variants: (backbone, ZeRO stage, batching, SwAV's view 1); each is one change from "zero2"
 STEP_VARIANTS = {
@@ -99,7 +100,7 @@ def section_peak(tiny: bool) -> dict:
 def section_data(tiny: bool, work: Path) -> dict:
     import data_pipeline
 
-    from hvpmtl.data.shards import write_shards
+    from hvpmtl.data.tools.to_shards import write_shards
     spec = (TINY if tiny else FULL)["data"]
     t0 = time.perf_counter()
     lst, root = data_pipeline.make_data(work / "images", spec["num_images"], spec["upscale"])
@@ -283,7 +284,9 @@ def _f(x, fmt="{:.1f}"):
 def markdown(report: dict) -> str:
     r, s = report, report["sections"]
     out = [f"# bench-gpu ({'tiny, CPU' if r['tiny'] else 'full'}) — {r['device']}, {r['date']}", "",
-           f"`{r['command']}`; torch {r['torch']}; {r['elapsed_s']:.0f} s of {TOTAL_LIMIT_S} s", "",
+           f"`{r['command']}`; {r['elapsed_s']:.0f} s of {TOTAL_LIMIT_S} s", "",
+           f"code {r['provenance']['revision']}; " + ", ".join(f"{k} {v}" for k, v in r['provenance']['versions'].items()),
+           "",
            "| section | result | seconds (budget) |", "|---|---|---|"]
 
     def row(name, text):
@@ -362,7 +365,8 @@ def main(argv=None) -> int:
     report = {"tiny": a.tiny, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": " ".join(["python", "benchmarks/bench_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not a.tiny else "cpu",
-              "torch": torch.__version__, "budget_s": {k: BUDGET_S[k] * scale for k in wanted}, "sections": {}}
+              "torch": torch.__version__, "provenance": provenance(), "budget_s": {k: BUDGET_S[k] * scale for k in wanted},
+              "sections": {}}
     # each section is a world of one rank: not the rendezvous of whatever process started this one
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -414,4 +418,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from provenance import provenance_line  # what the numbers below were measured with
+    print(provenance_line(), flush=True)
     sys.exit(main())

@@ -23,17 +23,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hvpmtl.config import DataConfig  # noqa: E402
-from hvpmtl.data.labels import LabelTable  # noqa: E402
-from hvpmtl.data.masks import SimMIMMaskGenerator  # noqa: E402
-from hvpmtl.data.pipeline import build_pretrain_loader  # noqa: E402
-from hvpmtl.data.tencent import read_list_file  # noqa: E402
+from hvpmtl.data.formats.list_file import read_list_file  # noqa: E402
+from hvpmtl.data.loaders.labels import LabelTable  # noqa: E402
+from hvpmtl.data.loaders.masks import SimMIMMaskGenerator  # noqa: E402
+from hvpmtl.data.loaders.pretrain import build_pretrain_loader  # noqa: E402
 
 
 def make_data(out: Path, n: int, upscale: float) -> tuple[str, str]:
     """Synthetic scenes, rewritten `upscale` times larger (ImageNet-like sizes at 2x: ~320-512 px)."""
     from PIL import Image
 
-    from hvpmtl.data.synthetic import make_synthetic
+    from hvpmtl.data.tools.synthetic import make_synthetic
     paths = make_synthetic(out, n, seed=0)
     if upscale != 1:
         for p in Path(out, "train").rglob("*.jpg"):
@@ -179,4 +179,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from provenance import provenance_line  # what the numbers below were measured with
+    print(provenance_line(), flush=True)
     sys.exit(main())

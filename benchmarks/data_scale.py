@@ -110,8 +110,8 @@ def write_list(path: Path, n: int, seed: int = 0) -> None:
 def fake_shards(folder: Path, list_index: Path, shard_size: int = 1000) -> None:
     """A shard folder whose label record and DALI indices are real and whose tars are sparse files of
     the right size: enough to index it and to start a loader on it (start-up stats the tars only)."""
-    from hvpmtl.data.index import DataIndex
-    from hvpmtl.data.tars import FORMAT, LABELS, MANIFEST
+    from hvpmtl.data.formats.index_file import DataIndex
+    from hvpmtl.data.formats.shards import FORMAT, LABELS, MANIFEST
     idx = DataIndex(list_index)
     n = len(idx)
     folder.mkdir(parents=True, exist_ok=True)
@@ -158,7 +158,7 @@ def write_jpegs(root: Path, n: int) -> Path:
 
 
 def child_build(list_file: str, out: str) -> dict:
-    from hvpmtl.data.index import build_list_index
+    from hvpmtl.data.formats.index_build import build_list_index
     sampler = PeakSampler()
     base = smaps()
     t, c = time.perf_counter(), time.process_time()
@@ -177,11 +177,11 @@ def child_rank(cfg_json: str, go_file: str, rank: int, world: int) -> dict:
     import pyarrow.compute  # noqa: F401
     import torch  # noqa: F401
 
-    import hvpmtl.data.index  # noqa: F401
-    import hvpmtl.data.prepare  # noqa: F401
+    import hvpmtl.data.formats.index_fresh  # noqa: F401
+    import hvpmtl.data.loaders.prepare  # noqa: F401
     from hvpmtl.config import DataConfig
-    from hvpmtl.data.loader import epoch_batches
-    from hvpmtl.data.pipeline import build_pretrain_loader
+    from hvpmtl.data.loaders.order import epoch_batches
+    from hvpmtl.data.loaders.pretrain import build_pretrain_loader
     cfg = DataConfig(**json.loads(cfg_json))
     root = os.path.realpath(cfg.root) if cfg.root else None
     opens = []
@@ -241,8 +241,8 @@ def start_ranks(cfg: dict, ranks: int, work: Path) -> list[dict]:
 
 
 def bench_tools(work: Path, n: int, repeat: int, results: dict) -> None:
-    from hvpmtl.data.shards import write_shards
-    from hvpmtl.data.validate import validate_list
+    from hvpmtl.data.tools.to_shards import write_shards
+    from hvpmtl.data.tools.validate import validate_list
     root = work / "jpegs"
     t = time.perf_counter()
     lst = write_jpegs(root, n)
@@ -266,12 +266,12 @@ def bench_tools(work: Path, n: int, repeat: int, results: dict) -> None:
             for extra in root.glob("*.txt.hvpidx*"):
                 shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
             shutil.rmtree(work / "shards", ignore_errors=True)
-            import hvpmtl.data.index as index_mod
+            import hvpmtl.data.formats.index_build as index_mod
             lst = big if what == "validate (header)" else root / "train.txt"
             n_checked = n * repeat if what == "validate (header)" else n
             index_mod.build_list_index(lst, num_classes=100)  # built once per data set: not in the timing
-            import hvpmtl.data.shards as shards_mod
-            import hvpmtl.data.validate as validate_mod
+            import hvpmtl.data.tools.to_shards as shards_mod
+            import hvpmtl.data.tools.validate as validate_mod
             validate_mod.SMALL = shards_mod.SMALL = 0
             t, c0, ch0 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
             if what.startswith("validate"):
@@ -403,7 +403,7 @@ def main(argv=None) -> int:
                 folder = work / f"shards_{n}"
                 t = time.perf_counter()
                 fake_shards(folder, Path(f"{lst}.hvpidx"))
-                from hvpmtl.data.index import build_shard_index
+                from hvpmtl.data.formats.index_build import build_shard_index
                 build_shard_index(folder)
                 print(f"  shard folder + index: {time.perf_counter() - t:.0f} s", flush=True)
                 scfg = {"format": "shards", "shards": str(folder), "num_classes": 11166, "num_threads": 1,
@@ -432,6 +432,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from provenance import provenance_line  # what the numbers below were measured with
+    print(provenance_line(), flush=True)
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
         kind, rest = sys.argv[1][1:], sys.argv[2:]
         if kind == "build":

@@ -91,7 +91,7 @@ def _torch_losses(on: bool):
 
 
 def make_batch(cfg, batch: int, patch: int, seed: int = 0) -> dict:
-    from hvpmtl.data.masks import SimMIMMaskGenerator
+    from hvpmtl.data.loaders.masks import SimMIMMaskGenerator
     g = torch.Generator().manual_seed(seed)
     s = cfg.model.img_size
     mask = SimMIMMaskGenerator(s, cfg.data.mask_patch_size, patch, cfg.data.mask_ratio)(
@@ -244,4 +244,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from provenance import provenance_line  # what the numbers below were measured with
+    print(provenance_line(), flush=True)
     sys.exit(main())

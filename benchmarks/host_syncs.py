@@ -192,4 +192,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from provenance import provenance_line  # what the numbers below were measured with
+    print(provenance_line(), flush=True)
     main()

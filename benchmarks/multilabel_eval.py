@@ -53,4 +53,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from provenance import provenance_line  # what the numbers below were measured with
+    print(provenance_line(), flush=True)
     raise SystemExit(main())

@@ -88,9 +88,9 @@ def reader_pass(paths: list[str], index_paths: list[str]) -> tuple[float, int, i
 
 def run_size(n: int, args, server: Server, work: Path) -> dict:
     from hvpmtl.config import DataConfig
-    from hvpmtl.data.pipeline import prepare_pretrain_data
-    from hvpmtl.data.shards import write_shards, write_shards_to_bucket
-    from hvpmtl.data.synthetic import make_synthetic
+    from hvpmtl.data.loaders.pretrain import prepare_pretrain_data
+    from hvpmtl.data.tools.synthetic import make_synthetic
+    from hvpmtl.data.tools.to_shards import write_shards, write_shards_to_bucket
     d = work / f"n{n}"
     syn = make_synthetic(d / "syn", n, seed=1, holdout=0)
     row: dict = {"samples": n}
@@ -123,7 +123,7 @@ def run_size(n: int, args, server: Server, work: Path) -> dict:
     row["read_s3_mb_s"], row["read_s3_samples_s"] = nb / 2**20 / dt, k / dt
     row["read_s3_gets_per_sample"] = sum(m == "GET" for m, _ in server.requests()[before:]) / k
     # the node cache's way: whole objects through boto3 (one GET each), then local reads
-    from hvpmtl.data.shard_cache import ShardCache
+    from hvpmtl.data.loaders.shard_cache import ShardCache
     b = data.bucket
     cache = ShardCache(d / "cache", 2**40, b.store, b.uri)
     t = time.perf_counter()
@@ -148,7 +148,7 @@ def main() -> None:
                        "AWS_ENDPOINT_URL": server.endpoint, "AWS_EC2_METADATA_DISABLED": "true",
                        "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull})
     try:
-        from hvpmtl.data.object_store import ObjectStore
+        from hvpmtl.data.formats.object_store import ObjectStore
         ObjectStore("bench").client.create_bucket(Bucket="bench")
         rows = [run_size(n, args, server, work) for n in args.sizes]
     finally:
@@ -166,4 +166,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from provenance import provenance_line  # what the numbers below were measured with
+    print(provenance_line(), flush=True)
     main()

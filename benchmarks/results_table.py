@@ -91,7 +91,7 @@ def make_data(data: Path, args) -> None:
     make_scenes(multilabel_data(data, args), args.ft_train_images, args.holdout, seed=MULTILABEL_DATA_SEED)
     folder = finetune_data(data, args)
     if not (folder / "val").is_dir():
-        from hvpmtl.data.synthetic import write_imagefolder
+        from hvpmtl.data.tools.synthetic import write_imagefolder
 
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -105,7 +105,7 @@ def dense_data(data: Path, args) -> dict:
     evaluate."""
     dest = data / f"dense_train{args.ft_train_images}_val{args.dense_val}"
     if not (dest / "ade20k" / "classes.txt").is_file():
-        from hvpmtl.data.synthetic import make_synthetic
+        from hvpmtl.data.tools.synthetic import make_synthetic
 
         make_synthetic(dest, 1, seed=0, coco=True, coco_train=args.ft_train_images, coco_val=args.dense_val,
                        ade20k=True, ade20k_train=args.ft_train_images, ade20k_val=args.dense_val)
@@ -257,7 +257,7 @@ def evaluate(backbone, cfg, probe: str) -> dict:
 
 def group_map(class_ap: list[float]) -> dict[str, float]:
     """Linear-probe mAP per kind of label of the synthetic data: shape, colour, texture, crowded."""
-    from hvpmtl.data import synthetic
+    from hvpmtl.data.tools import synthetic_scenes as synthetic
 
     kinds = {"shape": {"round shape", "polygon", "spiky shape", *synthetic.SHAPES},
              "colour": {"warm colour", "cool colour", *synthetic.COLOURS},
@@ -529,4 +529,6 @@ def tables(results: dict) -> str:
 
 
 if __name__ == "__main__":
+    from provenance import provenance_line  # what the numbers below were measured with
+    print(provenance_line(), flush=True)
     sys.exit(main())

@@ -40,7 +40,7 @@ def make_cfg(a, out_dir):
 
 def random_batch(cfg, patch, device, dtype):
     B, s = cfg.optim.micro_batch_size, cfg.model.img_size
-    from hvpmtl.data.masks import SimMIMMaskGenerator  # the loaders' own masks, made on the device
+    from hvpmtl.data.loaders.masks import SimMIMMaskGenerator  # the loaders' own masks, made on the device
     mask = SimMIMMaskGenerator(s, cfg.data.mask_patch_size, patch, cfg.data.mask_ratio)(
         torch.arange(B, device=device), cfg.data.seed, 0)
     return {"view1": torch.randn(B, 3, s, s, device=device, dtype=dtype),
@@ -168,4 +168,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from provenance import provenance_line  # what the numbers below were measured with
+    print(provenance_line(), flush=True)
     main()

@@ -31,7 +31,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 # group name -> module that defines add_parser(subparsers) and sets args.func
 COMMAND_GROUPS = {
-    "data": "hvpmtl.data.cli",
+    "data": "hvpmtl.data.tools.cli",
     "export": "hvpmtl.eval.export",
     "eval": "hvpmtl.eval.cli",
     "doctor": "hvpmtl.doctor",  # pre-flight of every node of a job (launchers/doctor.py)
@@ -64,7 +64,7 @@ def _file_in_frames(tb) -> str:
 def input_error(e: BaseException) -> str | None:
     """The one-line message of an error caused by input (config, data, files, disk), or None for a bug."""
     from hvpmtl.config import ConfigError
-    from hvpmtl.data.issues import DataError
+    from hvpmtl.data.formats.issues import DataError
     if isinstance(e, ConfigError):
         return f"config error: {e}"
     if isinstance(e, DataError):

@@ -309,7 +309,7 @@ class FTDataConfig(Section):
     # the layout of the task's data (one per task, TASK_FORMATS); "" = the task's own
     format: Literal["", "imagefolder", "lists", "coco", "ade20k"] = ""
     # single-label: ImageFolder roots <train_dir>/<class>/<image>; or multi-label: list files in the
-    # pre-training's format (path idx:conf ...) under `root`, scored by mAP (hvpmtl/data/multilabel.py)
+    # pre-training's format (path idx:conf ...) under `root`, scored by mAP (hvpmtl/data/loaders/multilabel.py)
     train_dir: PathStr = ""
     val_dir: PathStr = ""
     train_list: PathStr = ""

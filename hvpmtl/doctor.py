@@ -103,7 +103,7 @@ def versions(local_rank: int) -> dict:
 
 def index_path_of(cfg) -> tuple[Optional[Path], str]:
     """(the data index the run maps, '') or (None, why there is none to check)."""
-    from hvpmtl.data.index import default_index_path
+    from hvpmtl.data.formats.index_file import default_index_path
 
     d = cfg.data
     if d.format == "tensors":
@@ -114,7 +114,7 @@ def index_path_of(cfg) -> tuple[Optional[Path], str]:
     if d.index:
         return Path(d.index), ""
     if not source:
-        from hvpmtl.data.issues import DataError
+        from hvpmtl.data.formats.issues import DataError
         raise DataError(f"data.{'shards' if d.format == 'shards' else 'list_file'} is empty: no data set to check")
     return default_index_path(source), ""
 
@@ -124,8 +124,8 @@ def index_identity(path: Path) -> dict:
     (40 bytes read; the header is checked by opening it), else, for an index written before the trailer, the
     sha256 of its JSON header (which holds the source's key and every array's layout). DataError when it is
     missing or damaged."""
-    from hvpmtl.data.index import TRAILER, TRAILER_MAGIC, DataIndex
-    from hvpmtl.data.issues import DataError
+    from hvpmtl.data.formats.index_file import TRAILER, TRAILER_MAGIC, DataIndex
+    from hvpmtl.data.formats.issues import DataError
 
     idx = DataIndex(path)
     try:
@@ -463,7 +463,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(args, cfg, rank, local_rank, world, host, torch, dist, dtype, precision) -> int:
-    from hvpmtl.data.issues import DataError
+    from hvpmtl.data.formats.issues import DataError
 
     started = time.monotonic()
     rec: dict = {"rank": rank, "local_rank": local_rank, "host": host, "pid": os.getpid(),
@@ -476,7 +476,7 @@ def _run(args, cfg, rank, local_rank, world, host, torch, dist, dtype, precision
         if path is None:
             rec["index"] = {"error": str(e)}
         else:
-            from hvpmtl.data.index import index_command
+            from hvpmtl.data.formats.index_fresh import index_command
 
             kind = "shards" if cfg.data.format == "shards" else "list"
             source = cfg.data.shards if kind == "shards" else cfg.data.list_file

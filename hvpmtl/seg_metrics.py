@@ -134,7 +134,7 @@ def resize_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 def batch_confusion(logits: torch.Tensor, sizes: torch.Tensor, labels: Sequence[torch.Tensor], num_classes: int,
                     ignore: int = IGNORE_INDEX) -> torch.Tensor:
-    """The confusion matrix of an evaluation batch (hvpmtl.data.ade20k_loader.SegEvalLoader): image b's logits
+    """The confusion matrix of an evaluation batch (hvpmtl.data.loaders.ade20k.SegEvalLoader): image b's logits
     cut to its resized size sizes[b] (the rest is batch padding), resized to its original label, argmax."""
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=logits.device)
     for b, label in enumerate(labels):

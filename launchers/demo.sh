@@ -28,13 +28,45 @@ except ConfigError as e:
     sys.exit(f"hvpmtl: config error: {e}")
 '
 out=$("$PY" -c "$read_output_dir" --config "$CONFIG" "$@") || exit 2
+
+# How to open the run: `mlflow ui` on its store, then the run's page in MLflow's model-training view, built by the
+# function that builds the start message's link (hvpmtl.train.tracking.ui_link), from $out/mlflow_run.json.
+run_page='
+import json, sys
+from hvpmtl.train.tracking import STATE_FILE, ui_link
+venv, out, here = sys.argv[1:4]
+local = "http://127.0.0.1:5000"
+try:
+    s = json.load(open(f"{out}/{STATE_FILE}"))
+    uri, exp, run = s["tracking_uri"], s["experiment_id"], s["run_id"]
+except (OSError, ValueError, KeyError):
+    uri = exp = run = None
+if exp is None or run is None:  # no MLflow run recorded: the default store, its front page
+    print(f"   . {venv}/bin/activate && mlflow ui --backend-store-uri sqlite:///{here}/runs/mlflow.db "
+          f"--host 127.0.0.1 --port 5000\n   then open {local}")
+elif uri.startswith(("http://", "https://")):
+    print(f"   open the run: {ui_link(uri, exp, run)}")
+else:
+    print(f"   . {venv}/bin/activate && mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
+          f"   then open the run: {ui_link(local, exp, run)}")
+if run is not None:
+    try:
+        from urllib.parse import unquote, urlparse
+        from mlflow import MlflowClient
+        where = MlflowClient(uri).get_run(run).info.artifact_uri
+        where = unquote(urlparse(where).path) if where.startswith("file:") else where
+    except Exception:
+        where = "the artifact store"
+    print(f"   image panels: the run page, Artifacts tab, panels/ (files: {where}/panels)")
+'
 if [[ -f $out/backbone.safetensors ]]; then
   last=$(cat "$out/checkpoints/latest" 2>/dev/null) && step=$((10#${last#step_})) || step="its last step"
   clean="make demo-clean"
   [[ $out == runs/demo ]] || clean="rm -r $out"
   echo "== the demo already ran to step $step: $out holds its checkpoints, metrics and exported backbone."
   echo "   Nothing is left to train, so it is not launched again (options in ARGS apply to a new demo)."
-  echo "   To look at it:  . $VENV/bin/activate && mlflow ui --backend-store-uri sqlite:///$PWD/runs/mlflow.db --host 127.0.0.1 --port 5000"
+  echo "   To look at it:"
+  "$PY" -c "$run_page" "$VENV" "$out" "$PWD"
   echo "   To start anew:  $clean && make demo    (demo_data/ and the MLflow history in runs/mlflow.db stay)"
   exit 0
 fi
@@ -52,7 +84,6 @@ deepspeed --num_gpus 2 --master_addr 127.0.0.1 --master_port "$port" \
   launchers/pretrain.py --config "$CONFIG" "$@"
 echo
 echo "== done. Loss curves, online kNN / linear-probe mAP, parameters, image panels and the exported backbone are in MLflow:"
-echo "   . $VENV/bin/activate && mlflow ui --backend-store-uri sqlite:///$PWD/runs/mlflow.db --host 127.0.0.1 --port 5000"
-echo "   then open http://127.0.0.1:5000 (experiment 'hvpmtl', run 'demo-cpu')."
+"$PY" -c "$run_page" "$VENV" "$out" "$PWD"
 echo "   Checkpoints: $out/checkpoints   backbone: $out/backbone.safetensors   per-step: $out/metrics.jsonl"
 echo "   Running \`make demo\` again changes nothing; \`make demo-clean\` removes runs/demo to start anew."

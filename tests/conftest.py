@@ -67,7 +67,7 @@ def python() -> str:
 
 @pytest.fixture(scope="session")
 def syn(tmp_path_factory):
-    from hvpmtl.data.synthetic import make_synthetic
+    from hvpmtl.data.tools.synthetic import make_synthetic
 
     return make_synthetic(tmp_path_factory.mktemp("syn"), 8, seed=1, holdout=24)
 

@@ -201,8 +201,8 @@ def test_end_to_end_from_a_coco_split_through_mask_rcnn(tmp_path):
     """read_coco -> CocoEvalLoader (2 simulated ranks) -> Mask R-CNN -> to_coco_results -> coco_ap: the pieces fit."""
     from PIL import Image
 
-    from hvpmtl.data.coco import read_coco
-    from hvpmtl.data.coco_loader import CocoEvalLoader
+    from hvpmtl.data.formats.coco import read_coco
+    from hvpmtl.data.loaders.coco import CocoEvalLoader
     from hvpmtl.models.detector import build_maskrcnn
 
     images, anns = [], []

@@ -313,9 +313,9 @@ def test_pretrain_formats_are_the_ones_the_loaders_serve(tmp_path):
     """Issue 10.9: data.format accepts exactly what builds a pre-training loader (imagefolder has none)."""
     import torch
 
-    from hvpmtl.data.pipeline import build_pretrain_loader
-    from hvpmtl.data.synthetic import make_synthetic
-    from hvpmtl.data.tensor_source import TensorSource
+    from hvpmtl.data.loaders.pretrain import build_pretrain_loader
+    from hvpmtl.data.loaders.tensor_source import TensorSource
+    from hvpmtl.data.tools.synthetic import make_synthetic
 
     syn = make_synthetic(tmp_path / "syn", 8, seed=0, shard_size=8)
     sets = {"tencent": [f"data.list_file={syn['list_file']}"], "synthetic": [f"data.list_file={syn['list_file']}"],

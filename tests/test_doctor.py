@@ -13,8 +13,9 @@ import pytest
 
 from hvpmtl import doctor
 from hvpmtl.cli import build_parser
-from hvpmtl.data.index import TRAILER, build_list_index
-from hvpmtl.data.issues import DataError
+from hvpmtl.data.formats.index_build import build_list_index
+from hvpmtl.data.formats.index_file import TRAILER
+from hvpmtl.data.formats.issues import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "test_tiny.yaml"

@@ -113,3 +113,12 @@ def test_kernels_import_only_their_references_and_references_no_kernel():
         assert not {d for d in g[reference] if d.startswith("hvpmtl.kernels")}, reference
     assert {"hvpmtl.kernels.sinkhorn", "hvpmtl.losses.sinkhorn"} <= g["hvpmtl.losses.swav"]
     assert {"hvpmtl.kernels.weighted_asl", "hvpmtl.losses.weighted_asl"} <= g["hvpmtl.losses.asl"]
+
+
+def test_data_wings_import_down_only():
+    """hvpmtl/data's wings: formats <- loaders <- tools (a loader never runs an offline tool; a format reads alone)."""
+    wing = {"formats": 0, "loaders": 1, "tools": 2}
+    up = {(m, d) for m, deps in graph().items() if m.startswith("hvpmtl.data.") for d in deps
+          if d.startswith("hvpmtl.data.") and wing.get(d.split(".")[2], -1) > wing.get(m.split(".")[2], 3)}
+    assert up == set()
+    assert set(wing) <= {m.split(".")[2] for m in graph() if m.count(".") >= 2 and m.startswith("hvpmtl.data.")}

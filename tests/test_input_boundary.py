@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from hvpmtl.cli import BUG, guarded, input_error, main, shown
-from hvpmtl.data.synthetic import write_synthetic
+from hvpmtl.data.tools.synthetic import write_synthetic
 from hvpmtl.eval.export import ExportError, check_out, write_export
 
 

@@ -100,9 +100,10 @@ def test_knn_hand_case():
     train = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     test = np.array([[2.0, 0.0]])
     t = 0.5
-    # cosine similarities 1, 0, 1/sqrt2; k=2 keeps train 0 and 2
+    # standardised by the train split (mean 2/3, std sqrt(2)/3 per dimension): train (1/sqrt2, -sqrt2),
+    # (-sqrt2, 1/sqrt2), (1/sqrt2, 1/sqrt2), test (2 sqrt2, -sqrt2); cosines 0.8, -1, 1/sqrt10; k=2 keeps 0 and 2
     s = knn_scores(train, np.array([0, 1, 1]), test, k=2, temperature=t, multilabel=False, num_classes=2)
-    w0, w2 = math.exp(1 / t), math.exp((1 / math.sqrt(2)) / t)
+    w0, w2 = math.exp(0.8 / t), math.exp((1 / math.sqrt(10)) / t)
     np.testing.assert_allclose(s[0], [w0 / (w0 + w2), w2 / (w0 + w2)], rtol=1e-6)
     multi = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0]])
     s = knn_scores(train, multi, test, k=2, temperature=t, multilabel=True, num_classes=3)

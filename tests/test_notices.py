@@ -24,7 +24,7 @@ def test_a_notice_is_one_line_without_the_code_that_raised_it():
 
 
 def test_a_huge_path_and_a_bom_are_shown_cut_and_visible():
-    from hvpmtl.data.issues import make_issue
+    from hvpmtl.data.formats.issues import make_issue
     from hvpmtl.notices import SHOWN_CHARS, shown_message
     huge = "a" * 10_000_000 + ".jpg"
     issue = make_issue("unreadable", "train.txt", 2, f"./{huge}: File name too long", huge)

@@ -122,7 +122,7 @@ def _report(args, result: dict) -> int:
 
 def _run(args, evaluate) -> int:
     from hvpmtl.config import ConfigError
-    from hvpmtl.data.issues import DataError
+    from hvpmtl.data.formats.issues import DataError
 
     t0 = time.perf_counter()
     try:

@@ -128,7 +128,7 @@ def split_features(backbone: MaskableBackbone, data_cfg, *, device, batch_size: 
     if train_dir or test_dir:
         if not (train_dir and test_dir):
             raise ValueError("give both --train-dir and --test-dir (ImageFolder roots)")
-        from hvpmtl.data.imagefolder import build_imagefolder_loader
+        from hvpmtl.data.loaders.imagefolder import build_imagefolder_loader
 
         loaders = [build_imagefolder_loader(d, batch_size, backbone.img_size, train=False, device=data_cfg.device,
                                             num_threads=data_cfg.num_threads, local_rank=local_rank)
@@ -138,7 +138,7 @@ def split_features(backbone: MaskableBackbone, data_cfg, *, device, batch_size: 
         tr, te = (extract_features(backbone, ld, device=device, progress=progress, what=w)
                   for ld, w in zip(loaders, ("probe-train features", "probe-test features")))
         return {"train": tr, "test": te, "multilabel": False, "num_classes": len(loaders[0].classes)}
-    from hvpmtl.data.pipeline import build_eval_loader
+    from hvpmtl.data.loaders.pretrain import build_eval_loader
 
     kw = dict(batch_size=batch_size, rank=0, world_size=1, local_rank=local_rank)
     if train_list or test_list:

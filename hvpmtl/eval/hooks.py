@@ -1,7 +1,8 @@
 """The evaluation that runs inside a pre-training run, as step hooks handed to the trainer by
 launchers/pretrain.py (hvpmtl/train never imports hvpmtl/eval):
 
-  OnlineEval      every run.eval_every steps, every rank: kNN / linear-probe mAP of the evaluated backbone
+  OnlineEval      every run.eval_every steps, and at step 0 of a new run (the random init, the baseline every
+                  later evaluation is printed beside), every rank: kNN / linear-probe mAP of the evaluated backbone
   ImagePanels     every run.image_log_every steps, every rank (rank 0 logs): MLflow image panels
   ExportBackbone  after the last step, rank 0: <run.output_dir>/backbone.safetensors (timm keys), to MLflow too
 
@@ -24,17 +25,34 @@ def evaluated_backbone(trainer):
 class OnlineEval:
     def __init__(self):
         self.evaluator = None  # made at the first evaluation: the held-out list is read once per run
+        self.random_init: dict[str, float] | None = None  # the scores at step 0: the untrained baseline
+
+    def at_start(self, trainer) -> None:
+        if not trainer.cfg.run.eval_every:
+            return
+        if trainer.step == 0:
+            self._evaluate(trainer)
+        elif trainer.is_main:  # a resumed run: its step-0 scores from metrics.jsonl
+            from hvpmtl.eval.online import random_init_scores
+            self.random_init = random_init_scores(trainer.out_dir / "metrics.jsonl")
 
     def after_step(self, trainer, batch) -> None:
         every = trainer.cfg.run.eval_every
         if not every or trainer.step % every:
             return
-        from hvpmtl.eval.online import OnlineEvaluator
+        self._evaluate(trainer)
+
+    def _evaluate(self, trainer) -> None:
+        from hvpmtl.eval.online import OnlineEvaluator, console_line
 
         if self.evaluator is None:
             self.evaluator = OnlineEvaluator(trainer.cfg, device=trainer.device, rank=trainer.rank,
                                              world_size=trainer.world)
-        trainer.tracker.log_metrics(self.evaluator(evaluated_backbone(trainer)[0]), trainer.step)
+        scores = self.evaluator(evaluated_backbone(trainer)[0])
+        trainer.tracker.log_metrics(scores, trainer.step)
+        if trainer.step == 0:
+            self.random_init = scores
+        trainer.log(console_line(trainer.step, scores, self.random_init))
 
 
 class ImagePanels:
@@ -42,6 +60,7 @@ class ImagePanels:
 
     def __init__(self):
         self.batch = None  # a fixed set of images for the panels, from the first step
+        self.whole = None  # their whole images (rank 0), for the labels panel
 
     def after_step(self, trainer, batch) -> None:
         if self.batch is None:
@@ -49,10 +68,14 @@ class ImagePanels:
         every = trainer.cfg.run.image_log_every
         if not every or (trainer.step % every and trainer.step != trainer.total_steps):  # and at the last step
             return
-        from hvpmtl.eval.visualize import log_panels
+        from hvpmtl.eval.visualize import log_panels, whole_images
+
+        if trainer.is_main and self.whole is None:
+            self.whole = whole_images(trainer.loader, self.batch["index"].view(-1).tolist(),
+                                      trainer.cfg.data.allow_outside_root)
 
         log_panels(trainer.tracker, trainer.engine.module, self.batch, trainer.cfg, trainer.step,
-                   world_size=trainer.world, is_main=trainer.is_main)
+                   world_size=trainer.world, is_main=trainer.is_main, whole=self.whole)
 
 
 class ExportBackbone:

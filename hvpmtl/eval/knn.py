@@ -1,4 +1,9 @@
-"""Weighted k-nearest-neighbour classifier on L2-normalised features (DINO's `knn_classifier`).
+"""Weighted k-nearest-neighbour classifier on standardised, L2-normalised features (DINO's `knn_classifier`).
+
+Features are first standardised with the train split's mean and std, as the linear probe's are: pooled
+features share one large vector (87% of their squared norm in the demo, random init or trained), which raw
+cosine ranks by. Raw, the demo's kNN mAP stayed at 60.6-61.3 over 186 steps (random init 59.7) while the
+probe rose to 70.6; standardised it rises 60.8 -> 65.0 (docs/EVAL.md).
 
 Each test image takes its k most cosine-similar train images; neighbour j votes with weight
 exp(sim_j / T) for its label vector (one-hot, or multi-hot for multi-label). The votes are
@@ -22,8 +27,10 @@ def knn_scores(train_x, train_y, test_x, *, k: int = 20, temperature: float = 0.
         raise ValueError(f"knn: k must be >= 1, got {k}")
     if not temperature > 0:
         raise ValueError(f"knn: temperature must be > 0, got {temperature}")
-    tr = F.normalize(torch.as_tensor(np.asarray(train_x), dtype=torch.float32, device=device), dim=1)
-    te = F.normalize(torch.as_tensor(np.asarray(test_x), dtype=torch.float32, device=device), dim=1)
+    tr = torch.as_tensor(np.asarray(train_x), dtype=torch.float32, device=device)
+    te = torch.as_tensor(np.asarray(test_x), dtype=torch.float32, device=device)
+    mean, std = tr.mean(0), tr.std(0, unbiased=False).clamp_min(1e-6)  # the train split's, as the linear probe
+    tr, te = F.normalize((tr - mean) / std, dim=1), F.normalize((te - mean) / std, dim=1)
     if multilabel:
         votes_of = torch.as_tensor(np.asarray(train_y) > 0, dtype=torch.float32, device=device)
     else:

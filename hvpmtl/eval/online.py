@@ -8,8 +8,14 @@ returns the same dict and no rank waits on a long single-rank job at a barrier.
 
 The held-out images are split in two by their position in the list: even positions train the
 probes, odd positions test them (fixed, so numbers are comparable across steps and runs).
+
+A new run is also evaluated at step 0 (its random init): every later result is printed beside those numbers,
+and the MLflow charts start from them.
 """
 from __future__ import annotations
+
+import json
+import os
 
 import numpy as np
 import torch
@@ -40,6 +46,37 @@ def probe_scores(features: np.ndarray, labels: np.ndarray, index: np.ndarray, *,
     return {"eval/knn_map": knn["map"], "eval/linear_map": lin["map"]}
 
 
+def console_line(step: int, scores: dict[str, float], random_init: dict[str, float] | None) -> str:
+    """One line for the console: the step's kNN and linear-probe mAP, with the random init's beside them."""
+    knn, lin = scores["eval/knn_map"], scores["eval/linear_map"]
+    if step == 0:
+        return f"online eval step 0 (random init): kNN mAP {knn:.1f}, linear-probe mAP {lin:.1f}"
+    if not random_init:
+        return f"online eval step {step}: kNN mAP {knn:.1f}, linear-probe mAP {lin:.1f}"
+    return (f"online eval step {step}: kNN mAP {knn:.1f} (random init: {random_init['eval/knn_map']:.1f}), "
+            f"linear-probe mAP {lin:.1f} (random init: {random_init['eval/linear_map']:.1f})")
+
+
+def random_init_scores(metrics_path: str | os.PathLike) -> dict[str, float] | None:
+    """The step-0 online scores a run's metrics.jsonl holds (the last ones: a folder started afresh), or None.
+    Read as a stream, parsing only step-0 rows (the file has a row per step)."""
+    found = None
+    try:
+        with open(metrics_path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.startswith('{"step": 0,'):
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if "eval/knn_map" in row and "eval/linear_map" in row:
+                    found = {k: float(row[k]) for k in ("eval/knn_map", "eval/linear_map")}
+    except OSError:
+        return None
+    return found
+
+
 class OnlineEvaluator:
     """kNN and linear-probe mAP of a backbone on data.holdout_list, for one rank of a run. The held-out list is
     read and checked once, when the evaluator is made; each call is collective (every rank calls it)."""
@@ -48,7 +85,7 @@ class OnlineEvaluator:
         if not cfg.data.holdout_list:
             raise ConfigError("run.eval_every > 0 needs data.holdout_list (a labelled held-out list file; "
                               "`hvpmtl data make-synthetic --holdout N` writes one)")
-        from hvpmtl.data.pipeline import build_eval_loader
+        from hvpmtl.data.loaders.pretrain import build_eval_loader
 
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world_size
         local_rank = device.index if getattr(device, "type", "cpu") == "cuda" and device.index is not None else 0

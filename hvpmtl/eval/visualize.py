@@ -1,8 +1,10 @@
 """MLflow image panels of what the student does, every `run.image_log_every` steps (the `ImagePanels` step hook).
 
-  panels/mim_step_XXXXXX.png        input, masked input, reconstruction, reconstruction in the masked area
-  panels/labels_step_XXXXXX.png     top-k predicted labels (class names from data.dictionary) vs the truth
-                                    (+ panels/labels_step_XXXXXX.json with the numbers)
+  panels/mim_step_XXXXXX.png        input, masked input, reconstruction, reconstruction in the masked area, under
+                                    a caption of what to expect (flat grey reconstructions early on)
+  panels/labels_step_XXXXXX.png     top-k predicted labels (class names from data.dictionary) vs the truth, on the
+                                    whole image the labels belong to, not a training crop that may cut objects
+                                    away (+ panels/labels_step_XXXXXX.json with the numbers)
   panels/swav_codes_step_XXXXXX.png histograms of the argmax Sinkhorn code and of the argmax prototype
                                     score per view, under the collapse figures of the step's global batch
                                     (code / prediction entropy, prototypes used, z std and rank) and a verdict:
@@ -48,20 +50,30 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
 
 
+FONT_PX = 13
+LINE_PX = FONT_PX + 3
+
+
 def _font():
-    return ImageFont.load_default()
+    try:
+        return ImageFont.load_default(size=FONT_PX)  # Pillow >= 10.1 with FreeType
+    except (TypeError, ValueError, OSError, ImportError):
+        return ImageFont.load_default()
 
 
-def _grid(rows: list[np.ndarray], names: list[str]) -> Image.Image:
-    """rows of [B, H, W, 3] uint8 -> one image, a label at the left of each row."""
+def _grid(rows: list[np.ndarray], names: list[str], caption: list[str] = ()) -> Image.Image:
+    """rows of [B, H, W, 3] uint8 -> one image, a label at the left of each row, caption lines above."""
     b, h, w, _ = rows[0].shape
     scale = max(1, math.ceil(MIN_TILE / h))
-    th, tw, margin, gap = h * scale, w * scale, 110, 2
-    canvas = Image.new("RGB", (margin + b * (tw + gap), len(rows) * (th + gap)), "white")
+    th, tw, margin, gap = h * scale, w * scale, 120, 2
+    top = len(caption) * LINE_PX + (6 if caption else 0)
+    canvas = Image.new("RGB", (margin + b * (tw + gap), top + len(rows) * (th + gap)), "white")
     draw = ImageDraw.Draw(canvas)
+    for j, line in enumerate(caption):
+        draw.text((4, 3 + j * LINE_PX), line, fill="black", font=_font())
     for r, (row, name) in enumerate(zip(rows, names)):
-        y = r * (th + gap)
-        draw.text((4, y + th // 2 - 6), name, fill="black", font=_font())
+        y = top + r * (th + gap)
+        draw.text((4, y + th // 2 - FONT_PX // 2), name, fill="black", font=_font())
         for i in range(b):
             tile = Image.fromarray(row[i]).resize((tw, th), Image.NEAREST)
             canvas.paste(tile, (margin + i * (tw + gap), y))
@@ -86,8 +98,18 @@ def _pyplot():
 # ----------------------------------------------------------------------------- panels
 
 
-def mim_panel(view1: torch.Tensor, mask: torch.Tensor, rec: torch.Tensor) -> Image.Image:
-    """Rows: input, masked input (grey), reconstruction, reconstruction pasted into the masked area."""
+def mim_caption(step: int, width_px: int) -> list[str]:
+    text = (f"SimMIM at step {step}: training crop, masked input, the decoder's reconstruction, and the "
+            "reconstruction pasted into the masked area. Flat grey or blurred reconstructions are expected for the "
+            "first few hundred steps (a short run such as the 186-step demo ends there): the decoder first learns "
+            "each masked patch's average colour; edges and shapes come with much longer training. Judge the "
+            "first steps by the falling `mim` loss, not by these pictures.")
+    return textwrap.wrap(text, max(40, width_px // 7))
+
+
+def mim_panel(view1: torch.Tensor, mask: torch.Tensor, rec: torch.Tensor, step: int | None = None) -> Image.Image:
+    """Rows: input, masked input (grey), reconstruction, reconstruction pasted into the masked area; with `step`,
+    a caption that says what to expect."""
     rec = rec.float().cpu()
     patch = view1.shape[-1] // mask.shape[-1]
     m = mask.float().repeat_interleave(patch, 1).repeat_interleave(patch, 2).unsqueeze(1).cpu()
@@ -95,13 +117,16 @@ def mim_panel(view1: torch.Tensor, mask: torch.Tensor, rec: torch.Tensor) -> Ima
     grey = torch.zeros_like(x)  # 0 in normalised space = the ImageNet mean colour
     masked = x * (1 - m) + grey * m
     pasted = x * (1 - m) + rec * m
-    return _grid([to_uint8(x), to_uint8(masked), to_uint8(rec), to_uint8(pasted)],
-                 ["input", "masked", "reconstruction", "rec. in mask"])
+    rows = [to_uint8(x), to_uint8(masked), to_uint8(rec), to_uint8(pasted)]
+    b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+    width = 120 + b * (w * max(1, math.ceil(MIN_TILE / h)) + 2)
+    return _grid(rows, ["input", "masked", "reconstruction", "rec. in mask"],
+                 mim_caption(step, width) if step is not None else ())
 
 
 def class_names(cfg: ExperimentConfig) -> list[str]:
     if cfg.data.dictionary and Path(cfg.data.dictionary).is_file():
-        from hvpmtl.data.tencent import read_dictionary
+        from hvpmtl.data.formats.dictionary import read_dictionary
         names = read_dictionary(cfg.data.dictionary).names
         if len(names) == cfg.data.num_classes:
             return names
@@ -121,25 +146,70 @@ def label_predictions(logits: torch.Tensor, labels: torch.Tensor, names: list[st
     return out
 
 
-def labels_panel(view1: torch.Tensor, preds: list[dict]) -> Image.Image:
-    thumbs = to_uint8(view1)
-    side, line, width = 96, 12, 560
+WHOLE_CAPTION = ("The whole images the true labels belong to (not the training crops); predicted: the student's "
+                 "top-5 on each whole image, resized to {size}x{size} px")
+CROP_CAPTION = ("Training crops: the true labels are the whole scene's, and a crop may have cut some of those "
+                "objects away (no whole image at hand: tensor or shard data, or a file that could not be read)")
+
+
+def whole_images(loader, ids, allow_outside_root: bool = False) -> list[Image.Image] | None:
+    """The whole images of training sample ids, read from data.root as listed (None for shards, tensors, or a file
+    that cannot be read: the panel then shows the training crops and says so)."""
+    samples, root = getattr(loader, "labels", None), getattr(loader, "root", None)
+    if not root or getattr(loader, "shards", None) or not hasattr(samples, "path"):
+        return None
+    from hvpmtl.data.loaders.root_guard import RootGuard
+
+    guard = None if allow_outside_root else RootGuard(root)
+    out = []
+    try:
+        for i in ids:
+            path = Path(root) / samples.path(int(i))
+            if guard is not None and guard.outside(path):
+                return None
+            with Image.open(path) as im:
+                out.append(im.convert("RGB"))
+    except (OSError, ValueError) as e:
+        notice(f"image panels: the labels panel shows training crops: {type(e).__name__}: {e}")
+        return None
+    return out
+
+
+def model_input(images: list[Image.Image], size: int) -> torch.Tensor:
+    """Whole images -> [B, 3, size, size] ImageNet-normalised (resized, not cropped)."""
+    x = np.stack([np.asarray(im.resize((size, size), Image.BILINEAR), np.float32) / 255 for im in images])
+    x = (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+
+def labels_panel(images, preds: list[dict], caption: str = "") -> Image.Image:
+    """images: whole PIL images (shown at their aspect ratio) or a [B, 3, H, W] batch of crops."""
+    thumbs = [Image.fromarray(a) for a in to_uint8(images)] if isinstance(images, torch.Tensor) else list(images)
+    side, width = 128, 640
     blocks = []
     for p in preds:
         lines = ["predicted (top-%d):" % len(p["predicted"])]
         truth = {n for n, _ in p["true"]}
         lines += [f"  {'+' if n in truth else '-'} {n[:28]}  {v:.2f}" for n, v in p["predicted"]]
         lines.append("true:")
-        lines += ["  " + s for s in textwrap.wrap(", ".join(n for n, _ in p["true"]) or "(none)", 60)]
+        lines += ["  " + s for s in textwrap.wrap(", ".join(n for n, _ in p["true"]) or "(none)", 56)]
         blocks.append(lines)
-    heights = [max(side, len(ls) * line + 8) for ls in blocks]
-    canvas = Image.new("RGB", (width, sum(heights) + 2 * len(heights)), "white")
+    sized = []
+    for t in thumbs:  # the longer side at `side` px
+        f = side / max(t.size)
+        sized.append(t.resize((max(1, round(t.width * f)), max(1, round(t.height * f))), Image.BILINEAR))
+    head = textwrap.wrap(caption, 80) if caption else []
+    top = len(head) * LINE_PX + (6 if head else 0)
+    heights = [max(t.height, len(ls) * LINE_PX + 8) for t, ls in zip(sized, blocks)]
+    canvas = Image.new("RGB", (width, top + sum(heights) + 2 * len(heights)), "white")
     draw = ImageDraw.Draw(canvas)
-    y = 0
-    for img, lines, h in zip(thumbs, blocks, heights):
-        canvas.paste(Image.fromarray(img).resize((side, side), Image.BILINEAR), (0, y))
+    for j, s in enumerate(head):
+        draw.text((4, 3 + j * LINE_PX), s, fill="black", font=_font())
+    y = top
+    for img, lines, h in zip(sized, blocks, heights):
+        canvas.paste(img, (0, y))
         for j, s in enumerate(lines):
-            draw.text((side + 8, y + 4 + j * line), s, fill="black", font=_font())
+            draw.text((side + 8, y + 4 + j * LINE_PX), s, fill="black", font=_font())
         y += h + 2
     return canvas
 
@@ -249,12 +319,24 @@ def losses_panel(series: dict, step: int) -> Image.Image:
 # ----------------------------------------------------------------------------- entry point
 
 
+@torch.no_grad()
+def whole_image_logits(student, images: list[Image.Image], size: int) -> torch.Tensor:
+    """The label head's logits of whole images (eval mode is the caller's); one rank, no collective."""
+    from hvpmtl.models.meta_arch import autocast
+
+    p = next(student.parameters())
+    x = model_input(images, size).to(p.device, p.dtype)
+    with autocast(p.device.type, p.dtype):
+        return student.label_decoder(student.backbone(x))[0].float()
+
+
 def log_panels(tracker, student, batch: dict, cfg: ExperimentConfig, step: int, *, world_size: int = 1,
-               is_main: bool = True) -> list[str]:
+               is_main: bool = True, whole: list[Image.Image] | None = None) -> list[str]:
     """Log every panel the student's enabled heads allow; returns the artifact names logged.
 
     batch: {"view1", "view2", "mask", "labels", "index"}, a few fixed training samples. Collective when
-    world_size > 1 (every rank runs the student); only `is_main` draws and logs."""
+    world_size > 1 (every rank runs the student); only `is_main` draws and logs. whole: those samples' whole
+    images (`whole_images`), which the labels panel shows and predicts on; None: it shows the crops."""
     p = next(student.parameters())
     dev, dtype = p.device, p.dtype
     v1 = batch["view1"].to(dev, dtype)
@@ -263,8 +345,14 @@ def log_panels(tracker, student, batch: dict, cfg: ExperimentConfig, step: int, 
     try:
         out = student.inspect(v1, batch["view2"].to(dev, dtype), batch["mask"].to(dev), world_size=world_size)
     except Exception as e:  # noqa: BLE001 — see the module docstring (every rank fails alike: same code, same shapes)
+        student.train(was_training)
         notice(f"image panels at step {step} failed: {type(e).__name__}: {e}")
         return []
+    try:
+        if is_main and whole is not None and "logits" in out:
+            out["whole_logits"] = whole_image_logits(student, whole, cfg.model.img_size)
+    except Exception as e:  # noqa: BLE001 — see the module docstring
+        notice(f"image panels at step {step}: the labels panel shows training crops: {type(e).__name__}: {e}")
     finally:
         student.train(was_training)
     if not is_main:
@@ -285,17 +373,21 @@ def log_panels(tracker, student, batch: dict, cfg: ExperimentConfig, step: int, 
             logged.append(f"panels/{name}_{tag}.png")
 
     if "reconstruction" in out:
-        emit("mim", lambda: mim_panel(v1, mask, out["reconstruction"]))
+        emit("mim", lambda: mim_panel(v1, mask, out["reconstruction"], step))
     if "logits" in out:
         def labels_image():
-            preds = label_predictions(out["logits"], labels, class_names(cfg))
+            on_whole = "whole_logits" in out
+            preds = label_predictions(out["whole_logits" if on_whole else "logits"], labels, class_names(cfg))
             path = Path(cfg.run.output_dir) / "panels" / f"labels_{tag}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"step": step, "index": batch["index"].view(-1).tolist(),
+                                        "shown": "whole image" if on_whole else "training crop",
                                         "samples": preds}, indent=1))
             tracker.log_artifact(path, "panels")
             logged.append(f"panels/{path.name}")
-            return labels_panel(v1, preds)
+            if on_whole:
+                return labels_panel(whole, preds, WHOLE_CAPTION.format(size=cfg.model.img_size))
+            return labels_panel(v1, preds, CROP_CAPTION)
         emit("labels", labels_image)
     if "scores" in out:
         def codes_image():

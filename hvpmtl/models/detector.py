@@ -13,10 +13,10 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from hvpmtl.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from hvpmtl.data.loaders.augment import IMAGENET_MEAN, IMAGENET_STD
 from hvpmtl.models.pyramid import BackbonePyramid
 
-# the pre-training's normalisation (hvpmtl.data.augment, in 0..255 there), for images in 0..1
+# the pre-training's normalisation (hvpmtl.data.loaders.augment, in 0..255 there), for images in 0..1
 IMAGE_MEAN = [m / 255 for m in IMAGENET_MEAN]
 IMAGE_STD = [s / 255 for s in IMAGENET_STD]
 
@@ -41,7 +41,7 @@ def build_maskrcnn(backbone: str, num_classes: int, *, img_size: int = 224, drop
     """torchvision MaskRCNN with a BackbonePyramid of timm `backbone` (random weights; load them into
     `model.backbone.body`) and an FPN of `fpn_channels`.
 
-    num_classes counts the background: K categories -> K + 1 (labels 1..K, hvpmtl.data.coco).
+    num_classes counts the background: K categories -> K + 1 (labels 1..K, hvpmtl.data.formats.coco).
     Images go in as float RGB in 0..1, any size. Resizing, normalisation and batching are torchvision's
     GeneralizedRCNNTransform: in training the short side is a random choice of `min_size` (a tuple gives
     the multi-scale recipe, e.g. (480, 512, ..., 800)), in eval its last value; the long side is capped at

@@ -63,28 +63,30 @@ class Pretrainer(Trainer):
         kw = dict(batch_size=cfg.optim.micro_batch_size, patch_size=patch, rank=self.rank, world_size=self.world,
                   dtype=self.input_dtype)
         if cfg.data.format == "tensors":
-            from hvpmtl.data.tensor_source import TensorSource
+            from hvpmtl.data.loaders.tensor_source import TensorSource
             return TensorSource(cfg.data, device=self.device, **kw)
-        from hvpmtl.data.pipeline import build_pretrain_loader
+        from hvpmtl.data.loaders.pretrain import build_pretrain_loader
         return build_pretrain_loader(cfg.data, local_rank=self.local_rank, seed=cfg.data.seed, **kw)
 
     def _report_left_out(self) -> None:
-        """Every sample the data left out, counted and shown: printed at start and set as an MLflow tag
-        (a param could not change on resume); its numbers go into the first step's metrics."""
-        self._left_out_seen = -1
-        if self.is_main and getattr(self.loader, "skipped", None) is not None:
+        """Every sample the data left out, counted and shown: printed at start, and the counts fixed at start set
+        as MLflow tags (a param could not change on resume), not one-point metric charts."""
+        skipped = getattr(self.loader, "skipped", None)
+        if self.is_main and skipped is not None:
             desc = self.loader.skipped_description()
             self.log(f"data: {desc}")
-            self.tracker.set_tags({"data.left_out": desc})
+            self.tracker.set_tags({"data.left_out": desc, "data.samples": skipped.total,
+                                   "data.left_out.parse_errors": skipped.parse_errors,
+                                   "data.left_out.skip_list": skipped.skip_list,
+                                   "data.left_out.skip_corrupt": skipped.skip_corrupt})
 
     def _data_metrics(self) -> dict:
-        """data/left_out_* in metrics.jsonl and MLflow at the first step and whenever the count changes
-        (samples that fail when read; rank 0's count)."""
+        """Every step, so they draw lines (a zero reads as none): data/left_out, the samples left out so far for
+        any reason, and data/failed_reads, those that failed when read (rank 0's count)."""
         skipped = getattr(self.loader, "skipped", None)
-        if skipped is None or skipped.left_out == self._left_out_seen:
+        if skipped is None:
             return {}
-        self._left_out_seen = skipped.left_out
-        return {f"data/left_out_{k}": float(v) for k, v in skipped.as_dict().items()}
+        return {"data/left_out": float(skipped.left_out), "data/failed_reads": float(skipped.runtime)}
 
     def save(self):
         return self.save_checkpoint(self.loader, self.meta.client_state(), self.meta.rank_state())

@@ -11,7 +11,7 @@ data.seed, which objectives exist and SwAV's queue, the precision (other checkpo
 Everything else applies from the resumed step: the LR and its schedule (rebuilt at the step: runtime.Trainer
 overrides the scheduler state DeepSpeed restores), batch sizes (the data position is global), weight decay and
 betas, epochs and max_steps, evaluation and checkpoint cadence, augmentation, the skip policy (the loader maps
-its position by sample id: hvpmtl/data/loader.py), logging and tracking.
+its position by sample id: hvpmtl/data/loaders/order.py), logging and tracking.
 """
 from __future__ import annotations
 

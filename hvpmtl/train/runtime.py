@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from hvpmtl import checkpoint
 from hvpmtl.config import ConfigError, absolute_paths, check_batch_sizes, load_config, save_config
-from hvpmtl.data.issues import DataError
+from hvpmtl.data.formats.issues import DataError
 from hvpmtl.dist import Heartbeat, StepResult, apply_collective_timeout, destroy_process_group, init_distributed
 from hvpmtl.notices import show_notices_as_lines
 from hvpmtl.train import perf, resume_changes
@@ -122,8 +122,9 @@ class Trainer:
     Set-up order: process group and batch sizes (cheap, so config errors come first), then the
     subclass's data loader (data errors before any model), then the model and the DeepSpeed engine.
 
-    hooks: objects with optional `after_step(trainer, batch)` (every rank, after each optimizer step's
-    logging) and `at_end(trainer)` (every rank, after the last step's checkpoint)."""
+    hooks: objects with optional `at_start(trainer)` (every rank, before the loop's first step),
+    `after_step(trainer, batch)` (every rank, after each optimizer step's logging) and `at_end(trainer)`
+    (every rank, after the last step's checkpoint)."""
 
     log_prefix = "[hvpmtl]"
     progress_desc = "train"
@@ -570,6 +571,8 @@ class Trainer:
         self.heartbeat = Heartbeat(self.rank, self.world)
         code = EXIT_OK
         try:
+            for hook in self.hooks:  # before the first step (the online evaluation of a new run's random init)
+                getattr(hook, "at_start", lambda *a: None)(self)
             while self._more():
                 self.loader.set_epoch(self.epoch)
                 result = self.train_one_epoch()

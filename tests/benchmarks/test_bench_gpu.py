@@ -55,6 +55,11 @@ def test_bench_gpu_tiny_runs_every_kind_of_section_and_reports_it(tmp_path):
     assert p.returncode == 0, log[-4000:]
     assert "budget per section (s):" in log
     report = json.loads((tmp_path / "bench_gpu.json").read_text())
+    # what the table was measured with: the code revision and the packages' versions, in the JSON and the table
+    prov = report["provenance"]
+    assert prov["revision"] not in ("", "unknown") and prov["versions"]["torch"] and prov["versions"]["deepspeed"]
+    assert f"code {prov['revision']}; python " in (tmp_path / "bench_gpu.md").read_text()
+    assert log.startswith("# code ")
     s = report["sections"]
     assert list(s) == TINY_SECTIONS
     for name, entry in s.items():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hvpmtl.data.index import build_list_index
+from hvpmtl.data.formats.index_build import build_list_index
 
 from .launch_env import REPO, VENV_PYTHON, launch_env, write_deepspeed_env
 from .procs import log_tail, run_logged

@@ -27,7 +27,7 @@ GRACE_S = 90  # start-up noise on a loaded 2-core machine; a hang is anything pa
 
 def _finetune_args(run_dir, out) -> list[str]:
     """A long single-label fine-tuning from random init on a small object-centric ImageFolder."""
-    from hvpmtl.data.synthetic import write_imagefolder
+    from hvpmtl.data.tools.synthetic import write_imagefolder
 
     write_imagefolder(run_dir / "imagefolder", 36, 18)
     sets = {"model.random_init": "true", "data.train_dir": run_dir / "imagefolder/train",

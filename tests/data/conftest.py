@@ -2,7 +2,7 @@
 import pytest
 
 from hvpmtl.config import DataConfig
-from hvpmtl.data.synthetic import make_synthetic
+from hvpmtl.data.tools.synthetic import make_synthetic
 
 NUM_TRAIN, NUM_HOLDOUT = 40, 10
 

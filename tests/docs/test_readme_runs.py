@@ -188,7 +188,11 @@ def test_the_readme_cpu_commands_run_on_a_fresh_clone(tmp_path):
             assert "== done." in cp.stdout, cp.stdout[-3000:]
             out = root / "runs/demo"
             rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
-            assert [r["step"] for r in rows if "eval/linear_map" in r] == [4, 8, 12, 16]  # online evaluation
+            # online evaluation: step 0 is the random init, printed beside every later one
+            assert [r["step"] for r in rows if "eval/linear_map" in r] == [0, 4, 8, 12, 16]
+            assert "online eval step 0 (random init): kNN mAP" in cp.stdout, cp.stdout[-3000:]
+            assert "online eval step 16: kNN mAP" in cp.stdout and "(random init: " in cp.stdout, cp.stdout[-3000:]
+            assert "?workflowType=machine_learning" in cp.stdout[cp.stdout.index("== done."):], cp.stdout[-3000:]
             assert (out / "backbone.safetensors").is_file() and (out / "config.yaml").is_file()
             again = run(root, line)  # and a second `make demo` says it is done, trains nothing
             assert "the demo already ran to step 16" in again.stdout, again.stdout

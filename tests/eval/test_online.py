@@ -1,5 +1,6 @@
 """Online kNN / linear-probe evaluation: called by the engine, identical on 1 and 2 ranks, restores the
 backbone's mode, and refuses a config without a held-out list."""
+import json
 import os
 from pathlib import Path
 
@@ -9,11 +10,11 @@ import torch
 import torch.multiprocessing as mp
 
 from hvpmtl.config import ConfigError, load_config
-from hvpmtl.data.pipeline import build_eval_loader
+from hvpmtl.data.loaders.pretrain import build_eval_loader
 from hvpmtl.eval.features import extract_features, load_backbone
 from hvpmtl.eval.knn import knn_eval
 from hvpmtl.eval.linear_probe import linear_probe
-from hvpmtl.eval.online import evaluate_online, split_halves
+from hvpmtl.eval.online import console_line, evaluate_online, random_init_scores, split_halves
 from hvpmtl.models.backbone import MaskableBackbone
 from subprocs import free_port
 
@@ -34,7 +35,15 @@ def _backbone():
 
 def test_engine_logs_online_metrics(pretrain_run):
     evals = [m for m in pretrain_run["metrics"] if "eval/knn_map" in m]
-    assert [m["step"] for m in evals] == [2]
+    # step 0: the random init, the baseline the console prints every later evaluation beside (issue 21)
+    assert [m["step"] for m in evals] == [0, 2]
+    init, evals = evals[0], evals[1:]
+    log = pretrain_run["log"]
+    assert (f"online eval step 0 (random init): kNN mAP {init['eval/knn_map']:.1f}, "
+            f"linear-probe mAP {init['eval/linear_map']:.1f}") in log, log[-3000:]
+    line = (f"online eval step 2: kNN mAP {evals[0]['eval/knn_map']:.1f} (random init: {init['eval/knn_map']:.1f}), "
+            f"linear-probe mAP {evals[0]['eval/linear_map']:.1f} (random init: {init['eval/linear_map']:.1f})")
+    assert log.count(line) == 1, log[-3000:]
     # the numbers are those of the evaluated backbone, recomputed here from the step-2 checkpoint with the run's
     # own saved config: the default weights (at step 2 the student: 99% of the EMA teacher is its random start)
     run_dir = pretrain_run["dir"]
@@ -50,6 +59,7 @@ def test_engine_logs_online_metrics(pretrain_run):
     exp = client.get_experiment_by_name("hvpmtl")
     run = client.search_runs([exp.experiment_id])[0]
     assert run.data.metrics["eval/linear_map"] == pytest.approx(evals[0]["eval/linear_map"])
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/knn_map")) == [0, 2]
 
 
 def test_single_rank_matches_the_probes_on_the_same_features(syn):
@@ -111,3 +121,33 @@ def test_missing_holdout_list_is_a_config_error(syn):
 def test_split_halves_is_by_position():
     tr, te = split_halves(np.array([5, 0, 3, 2]))
     assert tr.tolist() == [False, True, False, True] and te.tolist() == [True, False, True, False]
+
+
+def test_a_resumed_run_prints_its_random_init_from_metrics_jsonl(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    assert random_init_scores(f) is None
+    rows = [{"step": 0, "eval/knn_map": 50.0, "eval/linear_map": 55.0}, {"step": 1, "loss": 2.0},
+            {"step": 0, "eval/knn_map": 60.04, "eval/linear_map": 65.06}, {"step": 31, "eval/knn_map": 70.0}]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"step": 0, "eval/kn')
+    init = random_init_scores(f)  # the last run started in the folder
+    assert init == {"eval/knn_map": 60.04, "eval/linear_map": 65.06}
+    assert console_line(62, {"eval/knn_map": 70.0, "eval/linear_map": 71.0}, init) == (
+        "online eval step 62: kNN mAP 70.0 (random init: 60.0), linear-probe mAP 71.0 (random init: 65.1)")
+    assert console_line(62, {"eval/knn_map": 70.0, "eval/linear_map": 71.0}, None) == (
+        "online eval step 62: kNN mAP 70.0, linear-probe mAP 71.0")
+
+
+def test_knn_ranks_neighbours_by_what_varies_not_by_a_shared_vector():
+    """Issue 21: pooled features share one large vector; raw cosine kNN then ranked by its projections and stayed
+    at the random init's mAP while the linear probe rose. The train split's mean and std are taken out first."""
+    rng = np.random.default_rng(0)
+    n = 400
+    y = rng.random((n, 2)) < 0.5
+    x = np.concatenate([y + 0.1 * rng.standard_normal((n, 2)),  # what the labels depend on, at a small scale
+                        30 * rng.standard_normal((n, 2))], 1) + 100  # nuisance at a large scale, a shared offset
+    tr, te = np.arange(n) % 2 == 0, np.arange(n) % 2 == 1
+    got = knn_eval(x[tr], y[tr], x[te], y[te], multilabel=True, num_classes=2)["map"]
+    assert got > 90
+    # an affine change of the features (scale, offset) changes nothing
+    same = knn_eval(3 * x[tr] - 7, y[tr], 3 * x[te] - 7, y[te], multilabel=True, num_classes=2)["map"]
+    assert same == pytest.approx(got, abs=1e-6)

@@ -11,13 +11,15 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from hvpmtl.config import load_config
-from hvpmtl.eval.visualize import (IMAGENET_MEAN, IMAGENET_STD, code_assignments, codes_panel, last_swav_figures,
-                                   log_panels, read_metrics, swav_health, to_uint8)
+from hvpmtl.eval.visualize import (IMAGENET_MEAN, IMAGENET_STD, LINE_PX, class_names, code_assignments, codes_panel,
+                                   label_predictions, labels_panel, last_swav_figures, log_panels, mim_caption,
+                                   mim_panel, read_metrics, swav_health, to_uint8, whole_image_logits, whole_images)
 from hvpmtl.models.collapse import collapse_figures, swav_sums
 from hvpmtl.models.meta_arch import Student
 from hvpmtl.train.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[2]
+NUM_CLASSES = 24  # the synthetic dictionary's
 
 
 def _artifacts(uri, run_id, path="panels"):
@@ -33,9 +35,10 @@ def test_engine_logs_every_panel_as_mlflow_artifacts(pretrain_run):
                      "panels/swav_codes_step_000002.png"]
     local = client.download_artifacts(run.info.run_id, "panels", str(pretrain_run["cwd"] / "dl"))
     mim = Image.open(f"{local}/mim_step_000002.png")
-    assert mim.width > 4 * 128 and mim.height >= 4 * 128  # 4 rows of >= 128 px tiles for 64 px crops
+    assert mim.width > 4 * 128 and mim.height > 4 * (128 + 2)  # 4 rows of >= 128 px tiles for 64 px crops + caption
     labels = json.loads(open(f"{local}/labels_step_000002.json").read())
     assert len(labels["samples"]) == 4 and all(len(s["predicted"]) == 5 for s in labels["samples"])
+    assert labels["shown"] == "training crop"  # configs/test_tiny.yaml trains on tensors: no whole image to show
     names = {n for s in labels["samples"] for n, _ in s["predicted"]}
     assert names & {"circle", "square", "red", "crowded scene", "patterned"}  # names from data.dictionary
 
@@ -130,3 +133,52 @@ def test_swav_panel_figures_of_a_collapsed_head():
     panel = collapse_figures(swav_sums(out["scores"], out["codes"], out["z"], cfg.objectives.swav.temperature))
     collapsed, lines = swav_health({}, panel, cfg.model.proto_out_dim)
     assert collapsed and lines[0].startswith("COLLAPSED (panel views only)") and "protos_used" in lines[0]
+
+
+def test_the_mim_panel_says_what_to_expect_at_a_short_budget():
+    v, rec = torch.zeros(2, 3, 64, 64), torch.zeros(2, 3, 64, 64)
+    mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    plain, captioned = mim_panel(v, mask, rec), mim_panel(v, mask, rec, step=100)
+    lines = mim_caption(100, captioned.width)
+    text = " ".join(lines)
+    assert "step 100" in text and "grey" in text and "expected" in text
+    assert captioned.height == plain.height + len(lines) * LINE_PX + 6
+    assert (np.asarray(captioned)[:len(lines) * LINE_PX] < 100).any()  # the caption is drawn above the tiles
+
+
+def test_the_labels_panel_shows_the_whole_image_its_labels_belong_to(syn, tmp_path):
+    """Issue 21: under a random crop, the scene's true labels named objects the crop had cut away."""
+    from hvpmtl.data.loaders.pretrain import build_pretrain_loader
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = load_config(ROOT / "configs/test_tiny.yaml", [
+        "data.format=tencent", f"data.root={syn['root']}", f"data.list_file={syn['list_file']}",
+        f"data.dictionary={syn['dictionary']}", f"data.num_classes={NUM_CLASSES}", "data.device=cpu",
+        f"run.output_dir={tmp_path / 'run'}", f"tracking.tracking_uri={uri}"])
+    loader = build_pretrain_loader(cfg.data, batch_size=4, patch_size=16, rank=0, world_size=1, local_rank=0, seed=0)
+    ids = [3, 5]
+    whole = whole_images(loader, ids)
+    for i, im in zip(ids, whole):  # the files as listed, whole: not square, so no square crop could hold them
+        with Image.open(Path(syn["root"]) / loader.labels.path(i)) as ref:
+            assert im.size == ref.size and im.width != im.height
+            assert np.array_equal(np.asarray(im), np.asarray(ref.convert("RGB")))
+    torch.manual_seed(0)
+    student = Student(cfg).train()
+    g = torch.Generator().manual_seed(0)
+    labels = loader.table.dense(torch.tensor(ids))
+    batch = {"view1": torch.randn(2, 3, 64, 64, generator=g), "view2": torch.randn(2, 3, 64, 64, generator=g),
+             "mask": torch.rand(2, 4, 4, generator=g) > 0.5, "labels": labels, "index": torch.tensor(ids)}
+    tracker = Tracker(cfg, active=True)
+    logged = log_panels(tracker, student, batch, cfg, step=5, whole=whole)
+    tracker.close()
+    assert student.training and "panels/labels_step_000005.png" in logged
+    got = json.loads((tmp_path / "run" / "panels" / "labels_step_000005.json").read_text())
+    assert got["shown"] == "whole image"
+    student.eval()
+    want = label_predictions(whole_image_logits(student, whole, 64), labels, class_names(cfg))  # on the whole image
+    assert got["samples"] == json.loads(json.dumps(want))
+    # each thumbnail is the whole image at its own aspect ratio (128 px on the longer side)
+    panel = labels_panel(whole, want)
+    w, h = 128, round(128 * whole[0].height / whole[0].width)
+    thumb = np.asarray(panel.crop((0, 0, w, h)), np.int16)
+    assert np.abs(thumb - np.asarray(whole[0].resize((w, h), Image.BILINEAR), np.int16)).max() == 0

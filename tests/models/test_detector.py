@@ -5,7 +5,7 @@ import timm
 import torch
 from torchvision.models.detection import MaskRCNN
 
-from hvpmtl.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from hvpmtl.data.loaders.augment import IMAGENET_MEAN, IMAGENET_STD
 from hvpmtl.models.detector import build_maskrcnn
 from hvpmtl.models.pyramid import BackbonePyramid
 
@@ -26,7 +26,7 @@ def images_and_targets():
     targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0], [40.0, 30.0, 75.0, 55.0]]),
                 "labels": torch.tensor([1, 2]), "masks": m0},
                {"boxes": torch.tensor([[8.0, 10.0, 45.0, 60.0]]), "labels": torch.tensor([2]), "masks": m1},
-               # a negative (an image without annotations, as hvpmtl.data.coco_loader yields it)
+               # a negative (an image without annotations, as hvpmtl.data.loaders.coco yields it)
                {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
                 "masks": torch.zeros(0, 64, 64, dtype=torch.uint8)}]
     images.append(torch.rand(3, 64, 64, generator=g))

@@ -15,8 +15,8 @@ from sklearn.metrics import average_precision_score
 from subprocs import free_port, subprocess_env
 
 from hvpmtl.config import ConfigError, FinetuneConfig, load_config
-from hvpmtl.data.multilabel import build_multilabel_loader
-from hvpmtl.data.synthetic import CLASSES
+from hvpmtl.data.loaders.multilabel import build_multilabel_loader
+from hvpmtl.data.tools.synthetic_scenes import CLASSES
 from hvpmtl.eval.export import export_run, read_backbone_file
 from hvpmtl.train.finetune import main
 from hvpmtl.train.tasks.classification import build_model, param_groups

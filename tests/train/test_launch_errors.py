@@ -3,8 +3,8 @@ config errors likewise (in-process: launchers/pretrain.py runs this `main`)."""
 import pytest
 
 import hvpmtl.train.pretrain as pretrain
-from hvpmtl.data.synthetic import make_synthetic
-from hvpmtl.data.validate import validate_list
+from hvpmtl.data.tools.synthetic import make_synthetic
+from hvpmtl.data.tools.validate import validate_list
 
 
 @pytest.fixture

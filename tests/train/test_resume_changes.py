@@ -156,8 +156,8 @@ def test_a_fixed_key_is_refused_before_the_model_is_built(four_steps, tmp_path):
 
 def _bad_image_data(tmp_path, n=32, batch_at=6, micro=4):
     """A list of n images where the first sample of global batch `batch_at` of epoch 0 is a truncated JPEG."""
-    from hvpmtl.data.loader import epoch_batches
-    from hvpmtl.data.synthetic import make_synthetic
+    from hvpmtl.data.loaders.order import epoch_batches
+    from hvpmtl.data.tools.synthetic import make_synthetic
     syn = make_synthetic(tmp_path / "data", n, seed=0)
     lines = Path(syn["list_file"]).read_text().splitlines()
     victim = int(epoch_batches(n, micro, 1, 0, 0, 0)[batch_at][0])

@@ -27,7 +27,7 @@ class FinetuneTask:
         return f"{self.num_classes} classes"
 
     def build_loaders(self) -> None:
-        """Sets self.loader (training, the loader interface of hvpmtl.data.loader), self.val_loader,
+        """Sets self.loader (training, the loader interface of hvpmtl.data.loaders.dali_loader), self.val_loader,
         self.num_classes and self.classes (names, written to classes.json)."""
         raise NotImplementedError
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from hvpmtl import checkpoint
 from hvpmtl.config import ConfigError, FinetuneConfig
-from hvpmtl.data.issues import DataError
+from hvpmtl.data.formats.issues import DataError
 from hvpmtl.dist import all_gather_rows, sum_to_host
 from hvpmtl.metrics import average_precision
 from hvpmtl.train.tasks.base import FinetuneTask
@@ -84,8 +84,8 @@ class ClassificationTask(FinetuneTask):
 
     def build_loaders(self):
         """Train and val loaders; sets self.num_classes and self.classes."""
-        from hvpmtl.data.imagefolder import build_imagefolder_loader
-        from hvpmtl.data.multilabel import build_multilabel_loader, class_names
+        from hvpmtl.data.loaders.imagefolder import build_imagefolder_loader
+        from hvpmtl.data.loaders.multilabel import build_multilabel_loader, class_names
 
         cfg = self.cfg
         d, o, size = cfg.data, cfg.optim, cfg.model.img_size

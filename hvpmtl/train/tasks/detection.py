@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from hvpmtl.data.issues import DataError
+from hvpmtl.data.formats.issues import DataError
 from hvpmtl.dist import sum_to_host
 from hvpmtl.train.tasks.base import FinetuneTask, backbone_param_groups, load_pyramid_init
 
@@ -27,8 +27,8 @@ class DetectionTask(FinetuneTask):
                 f"{max(d.min_sizes)}, max {d.max_size}, test {d.test_size})")
 
     def build_loaders(self) -> None:
-        from hvpmtl.data.coco import read_coco
-        from hvpmtl.data.coco_loader import CocoEvalLoader, CocoTrainLoader
+        from hvpmtl.data.formats.coco import read_coco
+        from hvpmtl.data.loaders.coco import CocoEvalLoader, CocoTrainLoader
 
         d, o = self.cfg.data, self.cfg.optim
         train = read_coco(d.train_ann, d.train_images)
@@ -105,7 +105,7 @@ class DetectionTask(FinetuneTask):
         """The first validation images with their predicted masks (tinted) and boxes (outlined), score >= 0.5."""
         from PIL import Image, ImageDraw
 
-        from hvpmtl.data.coco_loader import load_image
+        from hvpmtl.data.loaders.coco import load_image
 
         rows, rng = [], np.random.default_rng(0)
         colours = rng.integers(60, 256, size=(self.num_classes + 1, 3))

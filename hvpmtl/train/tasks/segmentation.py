@@ -1,5 +1,5 @@
 """Semantic segmentation fine-tuning (the paper's ADE20K protocol): UperNet on the backbone's four levels
-(hvpmtl/models/segmenter.py), the ADEChallengeData2016 layout under data.root (hvpmtl/data/ade20k.py), mmseg's
+(hvpmtl/models/segmenter.py), the ADEChallengeData2016 layout under data.root (hvpmtl/data/formats/ade20k.py), mmseg's
 training pipeline (random rescale of data.base_size by data.scale_range, data.crop_size crops, flip,
 photometric), pixel cross-entropy ignoring label 255 (+ model.aux_weight x the auxiliary FCN head's), and
 mIoU / mAcc / aAcc from one confusion matrix summed over every rank (exact integers), whole-image or
@@ -52,8 +52,8 @@ class SegmentationTask(FinetuneTask):
                 f"{d.test_mode} evaluation)")
 
     def build_loaders(self) -> None:
-        from hvpmtl.data.ade20k import read_ade20k
-        from hvpmtl.data.ade20k_loader import SegEvalLoader, SegTrainLoader
+        from hvpmtl.data.formats.ade20k import read_ade20k
+        from hvpmtl.data.loaders.ade20k import SegEvalLoader, SegTrainLoader
 
         d, o = self.cfg.data, self.cfg.optim
         self.num_classes = d.num_classes or self.cfg.model.num_classes
@@ -118,7 +118,7 @@ class SegmentationTask(FinetuneTask):
     @torch.no_grad()
     def panel(self, model: nn.Module, count: int = 4) -> np.ndarray | None:
         """Rows of (image, true labels, prediction), colour-coded, for the first validation images."""
-        from hvpmtl.data.ade20k_loader import SegEvalLoader
+        from hvpmtl.data.loaders.ade20k import SegEvalLoader
         from hvpmtl.seg_metrics import resize_logits
 
         loader = SegEvalLoader(self.val_split, 1, 0, 1, short_side=self.val_loader.short_side,

@@ -5,7 +5,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def dense(tmp_path_factory):
-    from hvpmtl.data.synthetic import make_synthetic
+    from hvpmtl.data.tools.synthetic import make_synthetic
 
     return make_synthetic(tmp_path_factory.mktemp("dense"), 4, seed=3, coco=True, coco_train=8, coco_val=4,
                           ade20k=True, ade20k_train=8, ade20k_val=4)

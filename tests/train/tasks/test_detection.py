@@ -37,8 +37,8 @@ def _sets(dense, out, init, **more):
 
 def _cocoeval_of_export(out: Path, dense: dict) -> dict:
     """The exported detector on every val image in one process; AP by pycocotools' COCOeval, called here."""
-    from hvpmtl.data.coco import read_coco
-    from hvpmtl.data.coco_loader import load_image
+    from hvpmtl.data.formats.coco import read_coco
+    from hvpmtl.data.loaders.coco import load_image
     from hvpmtl.models.detector import build_maskrcnn
     from pycocotools import mask as mask_utils
 

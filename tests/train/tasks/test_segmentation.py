@@ -30,8 +30,8 @@ def _sets(dense, out, init, **more):
 def _reference_scores(out: Path, dense: dict) -> dict:
     """The exported segmenter on every validation image in one process; the scores from the (prediction, label)
     pixel pairs in float64, written independently of hvpmtl.seg_metrics (mmseg's definitions)."""
-    from hvpmtl.data.ade20k import read_ade20k
-    from hvpmtl.data.ade20k_loader import SegEvalLoader
+    from hvpmtl.data.formats.ade20k import read_ade20k
+    from hvpmtl.data.loaders.ade20k import SegEvalLoader
     from hvpmtl.models.segmenter import build_upernet
 
     model = build_upernet("vit_tiny_patch16_224", 8, img_size=64, decoder_channels=32, aux_head=True)

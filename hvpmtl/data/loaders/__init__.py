@@ -1,0 +1,1 @@
+"""What training and evaluation read batches with; start-up reads formats/, never runs tools/."""

@@ -1,0 +1,1 @@
+"""The offline data commands (`hvpmtl data ...`) and what they share."""
