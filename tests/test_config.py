@@ -126,6 +126,23 @@ def test_overrides_and_their_errors(tmp_path):
         load_config(p, ["optim.lr"])
 
 
+def test_data_img_size_is_model_img_size_unless_given(tmp_path):
+    """Issue 20: data.img_size must equal model.img_size, so left out it is model.img_size; given, a mismatch is
+    still refused naming both."""
+    cfg = load_config(_write(tmp_path, "model:\n  img_size: 192\n"))
+    assert cfg.data.img_size == cfg.model.img_size == 192
+    assert load_config(None, ["model.img_size=96"]).data.img_size == 96
+    assert ExperimentConfig(model={"img_size": 64}).data.img_size == 64
+    assert load_config(None, ["model.img_size=96", "data.img_size=96"]).data.img_size == 96
+    with pytest.raises(ConfigError, match=r"'data.img_size' must equal model.img_size \(192\), got 224"):
+        load_config(None, ["model.img_size=192", "data.img_size=224"])
+    with pytest.raises(ConfigError, match=r"'data.img_size' must equal model.img_size \(224\), got 192"):
+        load_config(None, ["data.img_size=192"])
+    saved = tmp_path / "saved.yaml"  # the saved copy holds the derived size and loads back the same
+    save_config(load_config(None, ["model.img_size=96"]), saved)
+    assert load_config(saved).data.img_size == 96
+
+
 def test_optim_lr_is_the_peak_in_both_trainers(tmp_path):
     """Issue 21: one key for the peak learning rate. Fine-tuning reads optim.lr as pre-training does, scaled by the
     global batch only where optim.lr_scale_batch says so (its own key, off by default)."""
