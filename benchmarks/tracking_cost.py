@@ -5,7 +5,7 @@ with one worker) and times, from the caller's side, one call per step logging 12
 
   sync          mlflow.log_metrics(...)                   (hvpmtl before: rank 0 blocks, every rank waits)
   mlflow-async  mlflow.log_metrics(..., synchronous=False) (MLflow's async queue: unbounded, drops on errors)
-  tracker       hvpmtl.train.tracking.Tracker.log_metrics  (metrics.jsonl line + a background sender)
+  tracker       hvpmtl.train.tracking.tracker.Tracker.log_metrics  (metrics.jsonl line + a background sender)
 
 Outage (server only, async and tracker): 20 steps, the server stopped, 60 steps, the server started again,
 20 steps, then close. Reported: the per-call cost during the outage, how long the final flush/close took, and
@@ -75,7 +75,7 @@ def run_case(case: str, steps: int, work: Path) -> dict:
     run_id = None
     try:
         if mode == "tracker":
-            from hvpmtl.train.tracking import Tracker
+            from hvpmtl.train.tracking.tracker import Tracker
             cfg = load_config(None, [f"run.output_dir={work / 'run'}", f"tracking.tracking_uri={uri}",
                                      "tracking.request_timeout_s=5", "tracking.request_retries=0",
                                      "tracking.close_timeout_s=120", "tracking.check_timeout_s=60"])

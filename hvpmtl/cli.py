@@ -34,8 +34,8 @@ COMMAND_GROUPS = {
     "data": "hvpmtl.data.tools.cli",
     "export": "hvpmtl.eval.export",
     "eval": "hvpmtl.eval.cli",
-    "doctor": "hvpmtl.doctor",  # pre-flight of every node of a job (launchers/doctor.py)
-    "tracking": "hvpmtl.train.tracking",  # `tracking sync`: what a run logged while MLflow was away
+    "doctor": "hvpmtl.doctor.cli",  # pre-flight of every node of a job (launchers/doctor.py)
+    "tracking": "hvpmtl.train.tracking.sync",  # `tracking sync`: what a run logged while MLflow was away
 }
 
 

@@ -30,10 +30,11 @@ except ConfigError as e:
 out=$("$PY" -c "$read_output_dir" --config "$CONFIG" "$@") || exit 2
 
 # How to open the run: `mlflow ui` on its store, then the run's page in MLflow's model-training view, built by the
-# function that builds the start message's link (hvpmtl.train.tracking.ui_link), from $out/mlflow_run.json.
+# function that builds the start message's link (hvpmtl.train.tracking.ui.ui_link), from $out/mlflow_run.json.
 run_page='
 import json, sys
-from hvpmtl.train.tracking import STATE_FILE, ui_link
+from hvpmtl.train.tracking.state import STATE_FILE
+from hvpmtl.train.tracking.ui import ui_link
 venv, out, here = sys.argv[1:4]
 local = "http://127.0.0.1:5000"
 try:

@@ -11,11 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from hvpmtl import doctor
 from hvpmtl.cli import build_parser
 from hvpmtl.data.formats.index_build import build_list_index
 from hvpmtl.data.formats.index_file import TRAILER
 from hvpmtl.data.formats.issues import DataError
+from hvpmtl.doctor import preflight
+from hvpmtl.doctor.cli import doctor_parser
+from hvpmtl.doctor.compare import SAME_EVERYWHERE, Limits, compare
+from hvpmtl.doctor.data_index import index_identity, index_path_of
+from hvpmtl.doctor.memory import gradient_numel, model_state_bytes, zero_stage
+from hvpmtl.doctor.output_dir import probe_name, read_probe, write_probe
+from hvpmtl.doctor.report import format_table, report
+from hvpmtl.doctor.versions import REVISION_ENV, revision, sources_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "test_tiny.yaml"
@@ -47,8 +54,8 @@ def named(problems) -> set[tuple[str, int, str]]:
 
 def test_a_healthy_job_has_no_problem_and_the_table_says_passed():
     recs = job()
-    assert doctor.compare(recs) == []
-    text = doctor.report(recs, [])
+    assert compare(recs) == []
+    text = report(recs, [])
     assert "doctor: all 4 rank(s) on 2 host(s) passed" in text
     assert text.splitlines()[0].split()[:3] == ["rank", "host", "revision"]
     assert sum(1 for ln in text.splitlines() if ln.startswith(("0 ", "1 ", "2 ", "3 "))) == 4
@@ -62,45 +69,45 @@ def test_a_healthy_job_has_no_problem_and_the_table_says_passed():
 def test_a_rank_with_another_version_is_named_with_its_host(key, value):
     recs = job()
     recs[3][key] = value
-    problems = doctor.compare(recs)
-    assert named(problems) == {(doctor.SAME_EVERYWHERE[key], 3, "node02")}
+    problems = compare(recs)
+    assert named(problems) == {(SAME_EVERYWHERE[key], 3, "node02")}
     assert value in problems[0].message and "3 rank(s) on node01, node02" in problems[0].message
-    text = doctor.report(recs, problems)
+    text = report(recs, problems)
     shown = value[:8] if key == "sources" else value  # the table shortens the sources hash
     assert f"{shown} *" in text and "problem(s) on host(s) node02" in text
-    assert f"node02 (rank 3): {doctor.SAME_EVERYWHERE[key]}: {value}" in text
+    assert f"node02 (rank 3): {SAME_EVERYWHERE[key]}: {value}" in text
 
 
 def test_when_rank_0_is_the_odd_one_out_rank_0_is_named_not_the_majority():
     recs = job()
     recs[0]["revision"] = "old"
-    assert named(doctor.compare(recs)) == {("hvpmtl revision", 0, "node01")}
+    assert named(compare(recs)) == {("hvpmtl revision", 0, "node01")}
 
 
 def test_a_tie_is_judged_against_rank_0():
     recs = job(2)
     recs[1]["torch"] = "2.13.0"
-    assert named(doctor.compare(recs)) == {("torch", 1, "node01")}
+    assert named(compare(recs)) == {("torch", 1, "node01")}
 
 
 def test_a_rank_with_another_data_index_or_none_is_named():
     recs = job()
     recs[2]["index"] = dict(recs[2]["index"], id="sha256:" + "cd" * 32, samples=9)
     recs[1]["index"] = {"path": "/data/train.txt.hvpidx", "error": "/data/train.txt.hvpidx: no data index"}
-    problems = doctor.compare(recs)
+    problems = compare(recs)
     assert named(problems) == {("data index", 2, "node02"), ("data index", 1, "node01")}
     msg = {p.rank: p.message for p in problems}
     assert "sha256:cdcdcdcdcdcdcdcd" in msg[2] and "9 samples" in msg[2]
     assert "no data index" in msg[1]
-    assert "FAIL" in doctor.report(recs, problems).splitlines()[3]  # rank 1's row
+    assert "FAIL" in report(recs, problems).splitlines()[3]  # rank 1's row
 
 
 def test_no_index_to_check_is_a_note_not_a_problem():
     recs = job(2)
     for r in recs:
         r["index"] = {"note": "data.format tensors: no data index"}
-    assert doctor.compare(recs) == []
-    assert "data index (rank 0): data.format tensors: no data index" in doctor.report(recs, [])
+    assert compare(recs) == []
+    assert "data index (rank 0): data.format tensors: no data index" in report(recs, [])
 
 
 def test_output_dir_not_shared_or_not_writable_names_the_rank():
@@ -110,7 +117,7 @@ def test_output_dir_not_shared_or_not_writable_names_the_rank():
                              "write_error": "cannot write /shared/run/x: No such file", "mtime_offset_s": None}
     # rank 3 wrote into a local directory of the same name: rank 0 does not see its file
     recs[0]["output_dir"]["unseen"] = [2, 3]
-    problems = doctor.compare(recs)
+    problems = compare(recs)
     assert named(problems) == {("run.output_dir", 2, "node02"), ("run.output_dir", 3, "node02")}
     msg = {p.rank: p.message for p in problems}
     assert "No such file" in msg[2] and "not one shared directory" in msg[3]
@@ -120,33 +127,42 @@ def test_a_clock_off_by_more_than_the_limit_is_named_both_ways():
     recs = job()
     recs[1]["clock"] += 9.0  # against rank 0
     recs[3]["output_dir"]["mtime_offset_s"] = -7.5  # against the shared file system's mtimes
-    problems = doctor.compare(recs, doctor.Limits(max_clock_skew_s=5.0))
+    problems = compare(recs, Limits(max_clock_skew_s=5.0))
     assert named(problems) == {("clock", 1, "node01"), ("clock", 3, "node02")}
-    assert doctor.compare(recs, doctor.Limits(max_clock_skew_s=10.0)) == []
-    assert "+9.01 FAIL" in doctor.report(recs, problems)
+    assert compare(recs, Limits(max_clock_skew_s=10.0)) == []
+    assert "+9.01 FAIL" in report(recs, problems)
 
 
 def test_gpu_memory_below_the_need_fails_and_a_cpu_rank_is_reported_not_judged():
     recs = job()
     recs[2]["memory"] = {"kind": "gpu", "free_gb": 12.0, "total_gb": 80.0}
     recs[3]["memory"] = {"kind": "cpu", "free_gb": 17.5, "total_gb": None}
-    problems = doctor.compare(recs)
+    problems = compare(recs)
     assert named(problems) == {("GPU memory", 2, "node02")}
     assert "12.0 GiB free of 80.0, the config needs 20.0 GiB" in problems[0].message
-    text = doctor.report(recs, problems)
+    text = report(recs, problems)
     assert "12.0 / 20.0" in text and "no GPU, RAM 17.5 free" in text
 
 
 def test_allreduce_bandwidth_is_judged_only_when_a_minimum_is_given_and_a_corrupt_sum_fails():
     recs = job()
-    assert doctor.compare(recs, doctor.Limits(min_busbw_gbs=0.0)) == []
-    assert len(doctor.compare(recs, doctor.Limits(min_busbw_gbs=10.0))) == 4
+    assert compare(recs, Limits(min_busbw_gbs=0.0)) == []
+    assert len(compare(recs, Limits(min_busbw_gbs=10.0))) == 4
     recs[1]["allreduce"] = {"error": "all-reduce of ones summed to (3.0, 4.0), not 4"}
-    assert named(doctor.compare(recs)) == {("all-reduce", 1, "node01")}
+    assert named(compare(recs)) == {("all-reduce", 1, "node01")}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_the_memory_estimate_reads_the_zero_stage_of_a_job_whose_batch_sizes_are_already_checked(stage):
+    from hvpmtl.config import check_batch_sizes, load_config
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/pretrain_vit_b.yaml", [f"run.ds_config={root}/ds_configs/zero{stage}.json"])
+    check_batch_sizes(cfg, 8)  # what the doctor's preflight does first: 32 x 4 x 8 = 1024
+    assert zero_stage(cfg) == stage  # not ZeRO-2 by a swallowed batch-size error at world size 1
 
 
 def test_format_table_aligns_columns():
-    text = doctor.format_table(["a", "bb"], [["xxx", "y"], ["z", "wwww"]])
+    text = format_table(["a", "bb"], [["xxx", "y"], ["z", "wwww"]])
     assert text.splitlines() == ["a    bb", "---  ----", "xxx  y", "z    wwww"]
 
 
@@ -161,59 +177,59 @@ def test_index_identity_is_the_trailer_sha256_of_the_whole_file(tmp_path):
     lst = write_list(tmp_path / "train.txt", ["a/1.jpg\t0:1\t2:0.9", "b/2.jpg\t1:1"])
     idx = build_list_index(lst, num_classes=4, log=lambda m: None)
     data = idx.read_bytes()
-    ident = doctor.index_identity(idx)
+    ident = index_identity(idx)
     # independent: the sha256 of every byte before the 40-byte trailer
     assert ident["id"] == "sha256:" + hashlib.sha256(data[:-TRAILER]).hexdigest()
     assert ident["samples"] == 2 and ident["bytes"] == len(data)
     copy_ = tmp_path / "copy.hvpidx"
     shutil.copy(idx, copy_)
-    assert doctor.index_identity(copy_)["id"] == ident["id"]  # a copy on another node is the same index
+    assert index_identity(copy_)["id"] == ident["id"]  # a copy on another node is the same index
     other = build_list_index(write_list(tmp_path / "other.txt", ["a/1.jpg\t0:1\t2:0.9", "b/2.jpg\t3:1"]),
                              num_classes=4, log=lambda m: None)
-    assert doctor.index_identity(other)["id"] != ident["id"]
+    assert index_identity(other)["id"] != ident["id"]
 
 
 def test_index_identity_of_a_missing_or_damaged_index_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="no data index"):
-        doctor.index_identity(tmp_path / "none.hvpidx")
+        index_identity(tmp_path / "none.hvpidx")
     lst = write_list(tmp_path / "train.txt", ["a/1.jpg\t0:1"])
     idx = build_list_index(lst, num_classes=2, log=lambda m: None)
     data = idx.read_bytes()
     idx.write_bytes(data[:-TRAILER] + b"garbage!" + data[-32:])
     with pytest.raises(DataError, match="no checksum trailer"):
-        doctor.index_identity(idx)
+        index_identity(idx)
 
 
 def test_index_path_follows_the_config(tmp_path):
     from hvpmtl.config import load_config
 
     cfg = load_config(TINY)
-    assert doctor.index_path_of(cfg) == (None, "data.format tensors: no data index")
+    assert index_path_of(cfg) == (None, "data.format tensors: no data index")
     cfg = load_config(TINY, ["data.format=tencent", f"data.list_file={tmp_path}/t.txt"])
-    assert doctor.index_path_of(cfg) == (tmp_path / "t.txt.hvpidx", "")
+    assert index_path_of(cfg) == (tmp_path / "t.txt.hvpidx", "")
     cfg = load_config(TINY, ["data.format=tencent", f"data.list_file={tmp_path}/t.txt", f"data.index={tmp_path}/i"])
-    assert doctor.index_path_of(cfg) == (tmp_path / "i", "")
+    assert index_path_of(cfg) == (tmp_path / "i", "")
 
 
 def test_probes_round_trip_and_say_what_is_wrong(tmp_path):
-    offset, err = doctor.write_probe(tmp_path, "n1", 3)
+    offset, err = write_probe(tmp_path, "n1", 3)
     assert err == "" and abs(offset) < 2.0  # the same machine's clock and file system
-    assert doctor.read_probe(tmp_path, "n1", 3) == ""
-    assert "is not there" in doctor.read_probe(tmp_path, "n1", 4)
-    assert "is not there" in doctor.read_probe(tmp_path, "n2", 3)  # another run's nonce
-    (tmp_path / doctor.probe_name("n3", 0)).write_text("other")
-    assert "not what was written" in doctor.read_probe(tmp_path, "n3", 0)
-    offset, err = doctor.write_probe(tmp_path / "missing", "n1", 0)
+    assert read_probe(tmp_path, "n1", 3) == ""
+    assert "is not there" in read_probe(tmp_path, "n1", 4)
+    assert "is not there" in read_probe(tmp_path, "n2", 3)  # another run's nonce
+    (tmp_path / probe_name("n3", 0)).write_text("other")
+    assert "not what was written" in read_probe(tmp_path, "n3", 0)
+    offset, err = write_probe(tmp_path / "missing", "n1", 0)
     assert offset is None and "cannot write" in err
 
 
 def test_model_state_bytes_by_hand():
     # 1000 params, 4 ranks. bf16 ZeRO-2: 2000 weights + 2000/4 grads + 12000/4 Adam = 5500, + fp32 teacher 4x500
-    assert doctor.model_state_bytes(1000, 500, 4, "bf16", 2) == 2000 + 500 + 3000 + 2000
+    assert model_state_bytes(1000, 500, 4, "bf16", 2) == 2000 + 500 + 3000 + 2000
     # stage 0: nothing partitioned
-    assert doctor.model_state_bytes(1000, 0, 4, "bf16", 0) == 2000 + 2000 + 12000
+    assert model_state_bytes(1000, 0, 4, "bf16", 0) == 2000 + 2000 + 12000
     # fp32 ZeRO-1: 4000 weights + 4000 grads + 8000/4 (m, v)
-    assert doctor.model_state_bytes(1000, 0, 4, "fp32", 1) == 4000 + 4000 + 2000
+    assert model_state_bytes(1000, 0, 4, "fp32", 1) == 4000 + 4000 + 2000
 
 
 def test_gradient_numel_counts_the_students_trainable_parameters():
@@ -223,7 +239,7 @@ def test_gradient_numel_counts_the_students_trainable_parameters():
     from hvpmtl.models.meta_arch import Student
 
     cfg = load_config(TINY)
-    params, teacher = doctor.gradient_numel(cfg)
+    params, teacher = gradient_numel(cfg)
     torch.manual_seed(0)
     real = Student(cfg)  # the real module on the CPU: the meta count must agree
     assert params == sum(p.numel() for p in real.parameters() if p.requires_grad)
@@ -231,20 +247,20 @@ def test_gradient_numel_counts_the_students_trainable_parameters():
 
 
 def test_revision_env_override_and_sources_hash_follows_content(tmp_path, monkeypatch):
-    monkeypatch.setenv(doctor.REVISION_ENV, "planted-1")
-    assert doctor.revision() == "planted-1"
-    monkeypatch.delenv(doctor.REVISION_ENV)
+    monkeypatch.setenv(REVISION_ENV, "planted-1")
+    assert revision() == "planted-1"
+    monkeypatch.delenv(REVISION_ENV)
     from hvpmtl import __version__
 
-    assert doctor.revision(tmp_path) == f"{__version__} (no git)"  # not a checkout
+    assert revision(tmp_path) == f"{__version__} (no git)"  # not a checkout
     pkg = tmp_path / "pkg"
     (pkg / "sub").mkdir(parents=True)
     (pkg / "a.py").write_text("x = 1\n")
     (pkg / "sub" / "b.py").write_text("y = 2\n")
-    first = doctor.sources_hash(pkg)
-    assert doctor.sources_hash(pkg) == first
+    first = sources_hash(pkg)
+    assert sources_hash(pkg) == first
     (pkg / "sub" / "b.py").write_text("y = 3\n")
-    assert doctor.sources_hash(pkg) != first
+    assert sources_hash(pkg) != first
 
 
 # ----------------------------------------------------------------------------- the command lines
@@ -260,7 +276,7 @@ def test_hvpmtl_doctor_prints_how_to_start_it(capsys):
 
 
 def test_the_launcher_parser_takes_deepspeeds_local_rank_and_the_cli_the_same_options():
-    a = doctor.doctor_parser().parse_args(["--config", "c.yaml", "--local_rank=1", "--set", "x=1"])
+    a = doctor_parser().parse_args(["--config", "c.yaml", "--local_rank=1", "--set", "x=1"])
     assert (a.config, a.overrides, a.allreduce_numel, a.timeout_s) == ("c.yaml", ["x=1"], 0, 60)
     b = build_parser().parse_args(["doctor", "--config", "c.yaml", "--local", "2"])
     assert (b.local, b.max_clock_skew_s) == (2, 5.0)
@@ -276,12 +292,12 @@ def single_rank(monkeypatch):
 
 
 def run_doctor(*args: str) -> int:
-    return doctor.main(doctor.doctor_parser().parse_args(["--config", str(TINY), *args]))
+    return preflight.main(doctor_parser().parse_args(["--config", str(TINY), *args]))
 
 
 def test_one_rank_passes_and_leaves_nothing_behind(tmp_path, single_rank, capsys):
     out = tmp_path / "run"
-    assert run_doctor("--set", f"run.output_dir={out}") == doctor.EXIT_OK
+    assert run_doctor("--set", f"run.output_dir={out}") == preflight.EXIT_OK
     text = capsys.readouterr().out
     assert "doctor: all 1 rank(s) on 1 host(s) passed" in text, text
     assert "no GPU, RAM" in text and "one rank: no traffic" in text
@@ -291,18 +307,18 @@ def test_one_rank_passes_and_leaves_nothing_behind(tmp_path, single_rank, capsys
 def test_one_rank_with_an_output_dir_it_cannot_create_fails_with_7(tmp_path, single_rank, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    assert run_doctor("--set", f"run.output_dir={blocker}/run") == doctor.EXIT_CHECK_FAILED
+    assert run_doctor("--set", f"run.output_dir={blocker}/run") == preflight.EXIT_CHECK_FAILED
     text = capsys.readouterr().out
     assert "(rank 0): run.output_dir: cannot create" in text and "Not a directory" in text, text
 
 
 def test_a_config_error_exits_2(single_rank, capsys):
-    assert run_doctor("--set", "optim.lr=-1") == doctor.EXIT_CONFIG
+    assert run_doctor("--set", "optim.lr=-1") == preflight.EXIT_CONFIG
     assert "config error" in capsys.readouterr().err
 
 
 def test_a_global_batch_that_does_not_fit_the_world_size_exits_2(single_rank, capsys):
     # 4 per rank never makes 6: the same refusal training gives, before any check runs
-    assert run_doctor("--set", "optim.global_batch_size=6") == doctor.EXIT_CONFIG
+    assert run_doctor("--set", "optim.global_batch_size=6") == preflight.EXIT_CONFIG
     err = capsys.readouterr().err
     assert "config error" in err and "global_batch_size" in err, err

@@ -30,7 +30,7 @@ from hvpmtl import checkpoint
 from hvpmtl.config import FinetuneConfig
 from hvpmtl.dist import StepResult, average_buffers, reduce_step
 from hvpmtl.schedules import lambda_lr, lr_schedule
-from hvpmtl.train import runtime
+from hvpmtl.train import entry
 from hvpmtl.train.args import finetune_parser
 from hvpmtl.train.runtime import Trainer, seed_everything
 
@@ -155,5 +155,5 @@ class Finetuner(Trainer):
 
 def main(args=None, read_weights=None) -> int:
     """argv list or parsed args (launchers/finetune.py parses before the heavy imports, for a fast --help)."""
-    return runtime.main(args, finetune_parser, FinetuneConfig,
-                        lambda cfg, resume: Finetuner(cfg, resume, read_weights), name="hvpmtl finetune")
+    return entry.main(args, finetune_parser, FinetuneConfig,
+                      lambda cfg, resume: Finetuner(cfg, resume, read_weights), name="hvpmtl finetune")

@@ -144,3 +144,13 @@ class StepPerf:
         out.update(memory_gb(device))
         self.reset()
         return out
+
+
+def start_step_perf(engine, device: torch.device, precision: str, peak_override: float, world: int, log) -> StepPerf:
+    """The run's StepPerf, made at its first step: peak FLOP/s (run.peak_tflops, the GPU table, or a CPU matmul
+    measured now), said in the log, and engine.step timed."""
+    peak, source = peak_tflops(device, precision, peak_override)
+    log(f"perf: peak {peak:.4g} TFLOP/s per device ({source}); FLOPs per image counted on the first step")
+    p = StepPerf(peak, world)
+    engine.step = p.timed(engine.step)  # optimizer time; an instance attribute over the method
+    return p

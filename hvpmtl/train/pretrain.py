@@ -12,7 +12,7 @@ from hvpmtl.dist import StepResult
 from hvpmtl.models.backbone import patch_size_of
 from hvpmtl.models.collapse import CollapseMonitor
 from hvpmtl.models.meta_arch import OBJECTIVES, HVPMetaArch
-from hvpmtl.train import runtime
+from hvpmtl.train import entry
 from hvpmtl.train.args import pretrain_parser
 from hvpmtl.train.optim import build_optimizer
 from hvpmtl.train.runtime import Trainer, seed_everything
@@ -108,5 +108,5 @@ class Pretrainer(Trainer):
 
 def main(args=None, hooks=()) -> int:
     """argv list or parsed args (launchers/pretrain.py parses before the heavy imports, for a fast --help)."""
-    return runtime.main(args, pretrain_parser, ExperimentConfig,
-                        lambda cfg, resume: Pretrainer(cfg, resume, hooks), name="hvpmtl")
+    return entry.main(args, pretrain_parser, ExperimentConfig,
+                      lambda cfg, resume: Pretrainer(cfg, resume, hooks), name="hvpmtl")

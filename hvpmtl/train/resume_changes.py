@@ -12,6 +12,10 @@ Everything else applies from the resumed step: the LR and its schedule (rebuilt 
 overrides the scheduler state DeepSpeed restores), batch sizes (the data position is global), weight decay and
 betas, epochs and max_steps, evaluation and checkpoint cadence, augmentation, the skip policy (the loader maps
 its position by sample id: hvpmtl/data/loaders/order.py), logging and tracking.
+
+At the resumed step (`Trainer.resume`): DeepSpeed's load puts back the checkpoint's base LRs and parameter-group
+settings; `scheduler_settings` (read before the load) and `restore_scheduler` (after it) put this config's back, and
+the trainer says the schedule's shape (`schedule_shape`, kept in checkpoints) when it changed.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from typing import Any, Optional
 
 import yaml
 
-from hvpmtl.config import ConfigError, flatten
+from hvpmtl.config import ConfigError, absolute_paths, flatten
 
 # keys (or prefixes ending in '.') a resume cannot change
 FIXED = ("model.", "task", "data.format", "data.seed", "data.list_file", "data.shards", "data.dictionary",
@@ -101,3 +105,48 @@ def check_changes(old: dict, new: dict, source: str) -> list[Change]:
 
 def describe(changes: list[Change]) -> str:
     return "; ".join(str(c) for c in changes)
+
+
+def changes_at_resume(choice, out_dir: Path, cfg) -> list[Change]:
+    """The config keys a resume from `choice` (hvpmtl.checkpoint.Choice; None: a fresh start) changes; a
+    ConfigError naming any it cannot change, before the data, model or engine is built."""
+    if choice is None:
+        return []
+    old, source = saved_config(choice.rank_state, out_dir)
+    if old is None:
+        return []
+    return check_changes(old, absolute_paths(cfg), source)
+
+
+# ---------------------------------------------------------------------------- the LR schedule at the resumed step
+def scheduler_settings(engine) -> Optional[tuple[list, list]]:
+    """The LR scheduler's base LRs and each parameter group's other settings (weight decay, betas...) as this
+    config built them: DeepSpeed's load puts the checkpoint's back, which would half-apply a changed config."""
+    sched = getattr(engine, "lr_scheduler", None)
+    if sched is None or not hasattr(sched, "lr_lambdas"):
+        return None
+    groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+              for g in sched.optimizer.param_groups]
+    return list(sched.base_lrs), groups
+
+
+def restore_scheduler(sched, fresh: tuple[list, list]) -> None:
+    """After a load: this config's optimizer settings, and its LR schedule at the resumed step (the lambdas are
+    this config's; base LRs, group settings and the current LR are set back from `fresh`)."""
+    base, groups = fresh
+    sched.base_lrs = list(base)
+    for i, (group, settings) in enumerate(zip(sched.optimizer.param_groups, groups)):
+        group.update(settings)
+        group["initial_lr"] = base[i]
+        group["lr"] = base[i] * sched.lr_lambdas[i](sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+
+
+def schedule_shape(optim, steps_per_epoch: float, total_steps: int, global_batch: int) -> dict:
+    return {"steps/epoch": int(steps_per_epoch), "total steps": int(total_steps),
+            "warm-up steps": int(round(optim.warmup_epochs * steps_per_epoch)),
+            "shape": getattr(optim, "schedule", "cosine"), "min_lr": optim.min_lr, "global batch": int(global_batch)}
+
+
+def describe_schedule(was: dict, now: dict) -> str:
+    return ", ".join(f"{k} {was[k]} -> {v}" if k in was and was[k] != v else f"{k} {v}" for k, v in now.items())

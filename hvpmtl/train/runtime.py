@@ -1,9 +1,10 @@
-"""The one training runtime every trainer runs on: exit codes, the process group and device, precision, the
-DeepSpeed config, seeding, checkpoint save/resume with each rank's RNG and data position, the run folder and
-MLflow, preemption, and THE loop (`Trainer.run`: epochs, step hooks, checkpoints, the non-finite policy, a
-lost peer, progress, the step's metrics, the tracker's close). A trainer supplies its micro-batch step
-(`train_micro_batch`), its end-of-epoch evaluation, its checkpoint state and what it does at the end.
-`main` turns a config or data error into a message and exit code 2.
+"""The one training runtime every trainer runs on, `Trainer`: the process group and device, the DeepSpeed engine,
+seeding, checkpoint save/resume with each rank's RNG and data position, the run folder and MLflow, and THE loop
+(`Trainer.run`: epochs, step hooks, checkpoints, preemption, the non-finite policy, a lost peer, progress, the
+step's metrics, the tracker's close). A trainer supplies its micro-batch step (`train_micro_batch`), its
+end-of-epoch evaluation, its checkpoint state and what it does at the end. Beside it: the exit codes
+(exit_codes.py), the precision and DeepSpeed config (deepspeed_setup.py), the signal handler (preemption.py), the
+progress bar (progress.py), and the entry that turns a config or data error into a message and exit 2 (entry.py).
 
 Non-finite steps (issue 19). A micro-batch whose loss is not finite on some rank is not back-propagated
 anywhere; an optimizer step that DeepSpeed skipped (ZeRO-1/2: inf/NaN gradient norm; read after `step()` from
@@ -15,20 +16,12 @@ Both count towards run.max_nonfinite_in_row (reset by an applied step); then run
 The step counter counts APPLIED optimizer steps: a skipped step moves neither it, nor DeepSpeed's LR schedule,
 nor the EMA teacher, so the three always agree with the optimizer's real step count (a run of N steps may use
 more batches). No checkpoint is written from a non-finite state (hvpmtl.checkpoint.nonfinite_state).
-
-Exit codes: 0 finished, 2 config or data error (a message, no traceback), 3 preempted (checkpoint saved,
-requeue me), 4 too many non-finite losses or skipped steps, 5 another rank died or hung (named in the message),
-6 the run's saved state cannot be used safely (output_dir locked by another job, no loadable checkpoint, a load that
-failed half-way, --resume none into a used folder, lock lost: hvpmtl.checkpoint.CheckpointError).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import random
 import resource
-import signal
 import sys
 import time
 from pathlib import Path
@@ -38,81 +31,23 @@ import torch
 import torch.distributed as dist
 
 from hvpmtl import checkpoint
-from hvpmtl.config import ConfigError, absolute_paths, check_batch_sizes, load_config, save_config
-from hvpmtl.data.formats.issues import DataError
-from hvpmtl.dist import Heartbeat, StepResult, apply_collective_timeout, destroy_process_group, init_distributed
-from hvpmtl.notices import show_notices_as_lines
+from hvpmtl.config import absolute_paths, check_batch_sizes, save_config
+from hvpmtl.dist import Heartbeat, StepResult, apply_collective_timeout, init_distributed
 from hvpmtl.train import perf, resume_changes
-from hvpmtl.train.tracking import Tracker, connect
+from hvpmtl.train.deepspeed_setup import DTYPES, build_ds_config, prepare_deepspeed, resolve_precision
+from hvpmtl.train.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED
+from hvpmtl.train.preemption import Preemption
+from hvpmtl.train.progress import open_bar, show_step
+from hvpmtl.train.tracking.check import connect
+from hvpmtl.train.tracking.tracker import Tracker
 
-EXIT_OK, EXIT_CONFIG, EXIT_PREEMPTED, EXIT_NONFINITE, EXIT_PEER_LOST = 0, 2, 3, 4, 5
-EXIT_CHECKPOINT = checkpoint.EXIT_CHECKPOINT  # 6
 ROLLED_BACK = "rolled back"  # the non-finite policy's answer when the loop goes on from a reloaded checkpoint
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def resolve_precision(cfg) -> str:
-    if cfg.run.precision != "auto":
-        return cfg.run.precision
-    return "bf16" if torch.cuda.is_available() else "fp32"
-
-
-def build_ds_config(cfg, world_size: int, precision: str) -> dict:
-    path = Path(cfg.run.ds_config)
-    if not path.is_absolute() and not path.exists():  # the shipped ds_configs/, from any working directory
-        path = Path(__file__).resolve().parents[2] / path
-    try:
-        ds = json.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"run.ds_config: cannot read {path}: {e.strerror}") from None
-    except ValueError as e:
-        raise ConfigError(f"run.ds_config: {path} is not valid JSON: {e}") from None
-    ds.pop("_comment", None)
-    o = cfg.optim
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                "gradient_clipping", "optimizer", "scheduler"):
-        if key in ds:
-            raise ConfigError(f"{path}: '{key}' is set from the experiment config (optim.*); remove it from the JSON")
-    ds["train_batch_size"] = check_batch_sizes(cfg, world_size)
-    ds["train_micro_batch_size_per_gpu"] = o.micro_batch_size
-    ds["gradient_accumulation_steps"] = o.grad_accum_steps
-    ds["gradient_clipping"] = o.grad_clip
-    # the JSON's other precision keys stay (bf16.check_grad_overflow: DeepSpeed skips a step on an inf gradient)
-    ds["bf16"] = {**(ds.get("bf16") or {}), "enabled": precision == "bf16"}
-    ds["fp16"] = {"enabled": True, "initial_scale_power": 16} if precision == "fp16" else {"enabled": False}
-    return ds
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-class Preemption:
-    """SIGUSR1 (Slurm's --signal) or SIGTERM: finish the step, checkpoint, exit 3."""
-
-    def __init__(self):
-        self.requested = False
-        for s in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(s, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-
-def prepare_deepspeed() -> None:
-    """On a machine without CUDA: DeepSpeed's CPU accelerator, without its shared-memory all-reduce op
-    (inference only, and a 60 s JIT build on first use)."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    if torch.cuda.is_available():
-        return
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        import deepspeed.ops
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    except (ImportError, AttributeError, TypeError):
-        pass
 
 
 class Trainer:
@@ -149,7 +84,8 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         # the output_dir lock and the resume decision, agreed by all ranks before anything is built
         self.run_state = checkpoint.open_run(self.out_dir, resume, log=self.log)
-        self.config_changes = self._config_changes()  # applied from the resumed step, or refused here (issue 23)
+        # the config keys this resume changes: applied from the resumed step, or refused here (issue 23)
+        self.config_changes = resume_changes.changes_at_resume(self.run_state.choice, self.out_dir, cfg)
         self.step, self.epoch = 0, 0
         self.tracker = None
         self.preemption = None
@@ -171,18 +107,6 @@ class Trainer:
         if self.is_main:
             print(f"{self.log_prefix} {msg}", flush=True)
 
-    # ------------------------------------------------------------------ a resume with changed inputs (issue 23)
-    def _config_changes(self) -> list:
-        """The config keys this resume changes (hvpmtl/train/resume_changes.py); a ConfigError naming any it
-        cannot change, before the data, model or engine is built."""
-        choice = self.run_state.choice
-        if choice is None:
-            return []
-        old, source = resume_changes.saved_config(choice.rank_state, self.out_dir)
-        if old is None:
-            return []
-        return resume_changes.check_changes(old, absolute_paths(self.cfg), source)
-
     @property
     def loader(self):
         return self._loader
@@ -197,47 +121,24 @@ class Trainer:
         if data is not None and hasattr(loader, "check_resume"):
             loader.check_resume(data)
 
-    def _hyperparameters(self) -> tuple[list, list] | None:
-        """The LR scheduler's base LRs and each parameter group's other settings (weight decay, betas...) as this
-        config built them: DeepSpeed's load puts the checkpoint's back, which would half-apply a changed config."""
-        sched = getattr(self.engine, "lr_scheduler", None)
-        if sched is None or not hasattr(sched, "lr_lambdas"):
-            return None
-        groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
-                  for g in sched.optimizer.param_groups]
-        return list(sched.base_lrs), groups
-
     def _apply_schedule(self, fresh: tuple[list, list] | None, client: dict) -> None:
-        """After a load: this config's optimizer settings, and its LR schedule at the resumed step (the lambdas
-        are this config's; base LRs, group settings and the current LR are set back from `fresh`)."""
+        """After a load: this config's optimizer settings and LR schedule at the resumed step; said when changed."""
         if fresh is None:
             return
-        sched = self.engine.lr_scheduler
-        base, groups = fresh
-        sched.base_lrs = list(base)
-        for i, (group, settings) in enumerate(zip(sched.optimizer.param_groups, groups)):
-            group.update(settings)
-            group["initial_lr"] = base[i]
-            group["lr"] = base[i] * sched.lr_lambdas[i](sched.last_epoch)
-        sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
-        was = client.get("schedule") or {}
-        now = self._schedule_shape()
-        shape = ", ".join(f"{k} {was[k]} -> {v}" if k in was and was[k] != v else f"{k} {v}" for k, v in now.items())
+        resume_changes.restore_scheduler(self.engine.lr_scheduler, fresh)
+        was, now = client.get("schedule") or {}, self._schedule_shape()
         if self.config_changes or (was and was != now):
             changed = resume_changes.describe(self.config_changes) or "no config key"
             self.log(f"resumed at step {self.step} with changes: {changed}. Applied from step {self.step + 1}: "
-                     f"lr {self.current_lr():.4g} now; schedule: {shape}")
+                     f"lr {self.current_lr():.4g} now; schedule: {resume_changes.describe_schedule(was, now)}")
 
     def _schedule_shape(self) -> dict:
-        o = self.cfg.optim
-        return {"steps/epoch": int(self.steps_per_epoch), "total steps": int(self.total_steps),
-                "warm-up steps": int(round(o.warmup_epochs * self.steps_per_epoch)),
-                "shape": getattr(o, "schedule", "cosine"), "min_lr": o.min_lr, "global batch": int(self.global_batch)}
+        return resume_changes.schedule_shape(self.cfg.optim, self.steps_per_epoch, self.total_steps, self.global_batch)
 
     def build_engine(self, model, optimizer, scheduler):
         import deepspeed
 
-        self.ds_config = build_ds_config(self.cfg, self.world, self.precision)
+        self.ds_config = build_ds_config(self.cfg, self.global_batch, self.precision)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=self.ds_config, dist_init_required=False)
         apply_collective_timeout(self.cfg.run.collective_timeout_s)  # DeepSpeed's own groups too
@@ -246,7 +147,7 @@ class Trainer:
     def resume(self, loader):
         """Loads the checkpoint agreed at start-up into the engine, and this rank's RNG and data position;
         returns (client_state, rank_state) or None for a fresh start. The subclass restores its own keys."""
-        fresh = self._hyperparameters()
+        fresh = resume_changes.scheduler_settings(self.engine)  # read before the load puts the checkpoint's
         found = checkpoint.resume(self.engine, self.run_state, log=self.log)
         if found is None:
             return None
@@ -321,7 +222,6 @@ class Trainer:
             self.tracker.log_config_changes(self.config_changes, self.step)
             self.tracker.log_artifact(self.out_dir / "config.yaml", f"config/step_{self.step}")
 
-
     # ------------------------------------------------------------------ what a trainer supplies
     def train_micro_batch(self, batch) -> StepResult:
         """Forward, backward and (at a boundary) optimizer step of one micro-batch, with one reduction over ranks
@@ -360,14 +260,6 @@ class Trainer:
         return not self.engine.was_step_applied()
 
     # ------------------------------------------------------------------ the loop
-    def _start_perf(self) -> perf.StepPerf:
-        """Peak FLOP/s (run.peak_tflops, the GPU table, or a CPU matmul measured now) and engine.step timed."""
-        peak, source = perf.peak_tflops(self.device, self.precision, self.cfg.run.peak_tflops)
-        self.log(f"perf: peak {peak:.4g} TFLOP/s per device ({source}); FLOPs per image counted on the first step")
-        p = perf.StepPerf(peak, self.world)
-        self.engine.step = p.timed(self.engine.step)  # optimizer time; an instance attribute over the method
-        return p
-
     def _micro_batch(self, batch):
         """The trainer's micro-batch step; the run's first finite one also counts its FLOPs (FlopCounterMode)."""
         if self._flops_counted:
@@ -386,7 +278,8 @@ class Trainer:
         sums: dict = {}  # numpy arrays on the host
         n_micro, preempt, t0 = 0, False, time.perf_counter()
         if self.perf is None:
-            self.perf = self._start_perf()
+            self.perf = perf.start_step_perf(self.engine, self.device, self.precision, self.cfg.run.peak_tflops,
+                                             self.world, self.log)
         pf = self.perf
         pf.other_s += pf.lap()  # since the last step: the epoch's evaluation, set_epoch
         for batch in self.loader:
@@ -535,17 +428,9 @@ class Trainer:
         if self.perf is not None:
             metrics.update(self.perf.figures(images, self.device))
         self.tracker.log_metrics(metrics, self.step)
-        if not self.is_main:
-            return
-        keys = [k for k in self.console_keys if k in metrics]
-        short = {"wait": metrics.get("perf/data_wait_frac"), "mfu": metrics.get("perf/mfu")}  # the perf short form
-        short = {k: f"{v:.1%}" for k, v in short.items() if v is not None}
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix({**{k: f"{metrics[k]:.4g}" for k in keys if k != "lr"}, **short}, refresh=False)
-        elif logging_step:
-            parts = " ".join([*(f"{k}={metrics[k]:.4g}" for k in keys), *(f"{k}={v}" for k, v in short.items())])
-            print(f"{self.log_prefix} step {self.step}/{self.total_steps} epoch {self.epoch} {parts}", flush=True)
+        if self.is_main:
+            show_step(self._bar, metrics, [k for k in self.console_keys if k in metrics], logging_step,
+                      f"{self.log_prefix} step {self.step}/{self.total_steps} epoch {self.epoch}")
 
     def _end_epoch(self, used_up: bool) -> None:
         """The epoch's evaluation (logged), the epoch count, and a checkpoint every checkpoint_every_epochs."""
@@ -564,9 +449,7 @@ class Trainer:
         return self.step < self.total_steps and (self.max_epochs is None or self.epoch < self.max_epochs)
 
     def run(self) -> int:
-        if self.is_main and self.cfg.run.progress_bar and sys.stderr.isatty():
-            from tqdm import tqdm
-            self._bar = tqdm(total=self.total_steps, initial=self.step, desc=self.progress_desc, unit="step")
+        self._bar = open_bar(self.cfg, self.is_main, self.total_steps, self.step, self.progress_desc)
         self.log(self.describe())
         self.heartbeat = Heartbeat(self.rank, self.world)
         code = EXIT_OK
@@ -604,31 +487,3 @@ class Trainer:
                 self._bar.close()
             self.tracker.close("FINISHED" if code in (EXIT_OK, EXIT_PREEMPTED) else "FAILED")
         return code
-
-
-def main(args, parser, schema, make_trainer, name: str = "hvpmtl") -> int:
-    """argv (or parsed args) -> config -> trainer -> its exit code. A config or data error, during set-up or
-    later, is one line on stderr and exit 2 on every rank, no traceback."""
-    if not isinstance(args, argparse.Namespace):
-        args = parser().parse_args(args)
-    ours = not dist.is_initialized()  # the process group is torn down by whoever made it
-    show_notices_as_lines()
-    code = EXIT_CONFIG
-    try:
-        cfg = load_config(args.config, args.overrides, schema=schema)
-        code = make_trainer(cfg, args.resume).run()
-    except ConfigError as e:
-        print(f"{name}: config error: {e}", file=sys.stderr, flush=True)
-    except DataError as e:
-        print(f"{name}: data error: {e}", file=sys.stderr, flush=True)
-    except checkpoint.CheckpointError as e:  # nothing trained from it; the lock is released at exit
-        print(f"{name}: checkpoint error: {e}", file=sys.stderr, flush=True)
-        code = EXIT_CHECKPOINT
-    except Exception as e:  # noqa: BLE001 -- the input boundary (hvpmtl/cli.py): a file, folder or disk problem
-        from hvpmtl.cli import report_input_error  # is one line and exit 2; anything else is said to be a bug
-        code = report_input_error(e, name)
-    if code == EXIT_PEER_LOST:
-        os._exit(code)  # a process group with a dead peer can hang in its own teardown
-    if ours:
-        destroy_process_group()
-    return code

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from hvpmtl.config import load_config
-from hvpmtl.train.tracking import Tracker, ui_link
+from hvpmtl.train.tracking.tracker import Tracker
+from hvpmtl.train.tracking.ui import ui_link
 
 from .checkout import REPO, checkout_env, make_checkout
 
@@ -107,7 +108,7 @@ def test_the_closing_message_links_the_run_the_demo_just_made(tmp_path):
     bin_.mkdir(parents=True)
     (bin_ / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
     (bin_ / "deepspeed").write_text(
-        f"#!{sys.executable}\nfrom hvpmtl.config import load_config\nfrom hvpmtl.train.tracking import Tracker\n"
+        f"#!{sys.executable}\nfrom hvpmtl.config import load_config\nfrom hvpmtl.train.tracking.tracker import Tracker\n"
         "t = Tracker(load_config('configs/demo_cpu.yaml'), active=True)\nt.log_metrics({'loss': 1.0}, 1)\nt.close()\n")
     for f in bin_.iterdir():
         f.chmod(0o755)

@@ -185,6 +185,6 @@ def test_run_folders_named_in_the_docs_are_the_configs_output_dirs():
     assert named, "the docs name no run folder"
     # a folder a documented command itself creates (`--out runs/x` of a benchmark) is not a config's to name
     made = {m for f in files for m in re.findall(r"--out (runs/[\w.-]+)", f.read_text())}
-    store = {"runs/mlflow.db", "runs/mlartifacts"}  # the default MLflow store and its artifacts (train/tracking.py)
+    store = {"runs/mlflow.db", "runs/mlartifacts"}  # the default MLflow store and its artifacts (train/tracking/check.py)
     wrong = {(str(f), m) for f, m in named if m not in dirs | made | store}
     assert not wrong, f"run folders no config writes: {sorted(wrong)}"

@@ -16,7 +16,7 @@ from hvpmtl.eval.visualize import (IMAGENET_MEAN, IMAGENET_STD, LINE_PX, class_n
                                    mim_panel, read_metrics, swav_health, to_uint8, whole_image_logits, whole_images)
 from hvpmtl.models.collapse import collapse_figures, swav_sums
 from hvpmtl.models.meta_arch import Student
-from hvpmtl.train.tracking import Tracker
+from hvpmtl.train.tracking.tracker import Tracker
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM_CLASSES = 24  # the synthetic dictionary's

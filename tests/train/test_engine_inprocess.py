@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from hvpmtl import checkpoint
-from hvpmtl.config import load_config
+from hvpmtl.config import check_batch_sizes, load_config
+from hvpmtl.train.exit_codes import EXIT_NONFINITE
 from hvpmtl.train.pretrain import Pretrainer
-from hvpmtl.train.runtime import EXIT_NONFINITE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from host_syncs import ListLoader  # noqa: E402  (a loader over fixed batches, with the engine's loader interface)
@@ -148,7 +148,7 @@ def test_every_shipped_ds_config_checks_for_overflow_explicitly(trainer, name, p
     precision fill-in (bf16.check_grad_overflow; compute_grad_norm makes ZeRO-1/2 skip on an inf norm in fp32)."""
     import json
 
-    from hvpmtl.train.runtime import build_ds_config
+    from hvpmtl.train.deepspeed_setup import build_ds_config
 
     root = Path(__file__).resolve().parents[2]
     raw = json.loads((root / "ds_configs" / name).read_text())
@@ -158,5 +158,5 @@ def test_every_shipped_ds_config_checks_for_overflow_explicitly(trainer, name, p
         assert zero["compute_grad_norm"] is True
     cfg = trainer.cfg.model_copy(deep=True)
     cfg.run.ds_config = str(root / "ds_configs" / name)
-    ds = build_ds_config(cfg, 1, precision)
+    ds = build_ds_config(cfg, check_batch_sizes(cfg, 1), precision)
     assert ds["bf16"] == {"enabled": precision == "bf16", "check_grad_overflow": True}

@@ -188,7 +188,7 @@ def test_non_finite_fine_tuning_losses_are_skipped_counted_and_stop_with_exit_4(
     from host_syncs import ListLoader
 
     from hvpmtl.train.finetune import Finetuner
-    from hvpmtl.train.runtime import EXIT_NONFINITE
+    from hvpmtl.train.exit_codes import EXIT_NONFINITE
 
     out = tmp_path / "nan"
     cfg = load_config(TINY, ["model.random_init=true", f"data.train_dir={shapes['train']}",

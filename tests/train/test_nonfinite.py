@@ -15,8 +15,8 @@ import torch
 from hvpmtl import checkpoint
 from hvpmtl.checkpoint import safe_load
 from hvpmtl.config import load_config
+from hvpmtl.train.exit_codes import EXIT_NONFINITE, EXIT_OK
 from hvpmtl.train.pretrain import Pretrainer
-from hvpmtl.train.runtime import EXIT_NONFINITE, EXIT_OK
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -12,7 +12,9 @@ from mlflow import MlflowClient
 
 from hvpmtl.cli import main as cli_main
 from hvpmtl.config import ConfigError, load_config
-from hvpmtl.train.tracking import EXPERIMENT_KIND, STATE_FILE, Tracker, TrackingUnreachable, check_tracking
+from hvpmtl.train.tracking.check import EXPERIMENT_KIND, TrackingUnreachable, check_tracking
+from hvpmtl.train.tracking.state import STATE_FILE
+from hvpmtl.train.tracking.tracker import Tracker
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))

@@ -1,0 +1,26 @@
+"""Rank 0's view of the loop's progress: a tqdm bar of the steps (run.progress_bar, when stderr is a terminal),
+else a line of the step's figures every run.log_every steps."""
+from __future__ import annotations
+
+import sys
+
+
+def open_bar(cfg, is_main: bool, total: int, initial: int, desc: str):
+    """A tqdm bar of the run's steps on rank 0 when run.progress_bar is on and stderr is a terminal, else None."""
+    if is_main and cfg.run.progress_bar and sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(total=total, initial=initial, desc=desc, unit="step")
+    return None
+
+
+def show_step(bar, metrics: dict, keys: list[str], logging_step: bool, head: str) -> None:
+    """One optimizer step on the console: the bar moves on with the step's figures (but the LR), or on a logging
+    step `head` and the figures are printed. Both end with the perf short form (data wait, MFU)."""
+    short = {"wait": metrics.get("perf/data_wait_frac"), "mfu": metrics.get("perf/mfu")}
+    short = {k: f"{v:.1%}" for k, v in short.items() if v is not None}
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix({**{k: f"{metrics[k]:.4g}" for k in keys if k != "lr"}, **short}, refresh=False)
+    elif logging_step:
+        parts = " ".join([*(f"{k}={metrics[k]:.4g}" for k in keys), *(f"{k}={v}" for k, v in short.items())])
+        print(f"{head} {parts}", flush=True)
