@@ -8,7 +8,6 @@ from hvpmtl.train.args import finetune_parser
 
 if __name__ == "__main__":
     args = finetune_parser().parse_args()
-    from hvpmtl.eval.export import read_backbone_file
     from hvpmtl.train.finetune import main
 
-    sys.exit(main(args, read_weights=read_backbone_file))
+    sys.exit(main(args))

@@ -11,8 +11,8 @@ Started on every rank by launchers/finetune.py (deepspeed, torchrun or srun):
     deepspeed launchers/finetune.py --config configs/finetune_simmim.yaml \
         --set model.init=runs/x/backbone.safetensors --set data.train_dir=... --set data.val_dir=...
 
-The backbone comes from model.init (an `hvpmtl export` file, read by the launcher's reader: hvpmtl/train
-never imports hvpmtl/eval) or at random (model.random_init); AdamW with layer-wise LR decay; the learning
+The backbone comes from model.init (an `hvpmtl export` file, read by hvpmtl.checkpoint.read_backbone_file)
+or at random (model.random_init); AdamW with layer-wise LR decay; the learning
 rate warms up from optim.warmup_lr to its peak (`peak_lr`: optim.lr, as in pre-training), then follows
 optim.schedule (cosine, poly or step) to the end of optim.epochs or optim.max_steps. After every epoch the
 task evaluates on all ranks; the best figure is kept and the model's predictions are logged as an image
@@ -59,7 +59,7 @@ class Finetuner(Trainer):
     loss_prefix = "train/"
     console_keys = ("train/loss", "lr", "img_per_s")
 
-    def __init__(self, cfg: FinetuneConfig, resume: str = "auto", read_weights=None):
+    def __init__(self, cfg: FinetuneConfig, resume: str = "auto"):
         super().__init__(cfg, resume)
         o = cfg.optim
         self.max_epochs = o.epochs
@@ -70,7 +70,7 @@ class Finetuner(Trainer):
         self.loader, self.num_classes = self.task.loader, self.task.num_classes
 
         seed_everything(cfg.run.seed)  # identical head initialisation on every rank
-        model = self.task.build_model(read_weights)
+        model = self.task.build_model()
         self.lr = peak_lr(cfg, self.global_batch)
         self.steps_per_epoch = max(1, len(self.loader) // o.grad_accum_steps)
         self.total_steps = o.epochs * self.steps_per_epoch
@@ -153,7 +153,6 @@ class Finetuner(Trainer):
             self.log(f"fine-tuned model written to {path}")
 
 
-def main(args=None, read_weights=None) -> int:
+def main(args=None) -> int:
     """argv list or parsed args (launchers/finetune.py parses before the heavy imports, for a fast --help)."""
-    return entry.main(args, finetune_parser, FinetuneConfig,
-                      lambda cfg, resume: Finetuner(cfg, resume, read_weights), name="hvpmtl finetune")
+    return entry.main(args, finetune_parser, FinetuneConfig, Finetuner, name="hvpmtl finetune")

@@ -28,7 +28,6 @@ def test_backbone_files_with_a_payload_are_refused_by_eval_and_fine_tuning(tmp_p
 
     from hvpmtl.cli import main as hvpmtl_main
     from hvpmtl.config import ConfigError, FinetuneConfig
-    from hvpmtl.eval.export import read_backbone_file  # what launchers/finetune.py hands to fine-tuning
     from hvpmtl.train.tasks.classification import build_model
 
     marker = tmp_path / "pwned"
@@ -45,7 +44,7 @@ def test_backbone_files_with_a_payload_are_refused_by_eval_and_fine_tuning(tmp_p
     cfg = load_config("configs/finetune_tiny.yaml", [f"data.train_dir={tmp_path}", f"data.val_dir={tmp_path}",
                                                      f"model.init={bad}"], schema=FinetuneConfig)
     with pytest.raises(ConfigError, match="model.init: .*refused to load"):
-        build_model(cfg, 3, read_backbone_file)
+        build_model(cfg, 3)
     assert not marker.exists()
     # the same files without the payload are read (numpy arrays in a .pkl, tensors in a .pth)
     del obj["x"]

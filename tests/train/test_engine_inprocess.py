@@ -105,14 +105,14 @@ def test_gradient_accumulation_equals_the_joined_micro_batch(tmp_path):
                                                               f"optim.micro_batch_size={micro}",
                                                               f"optim.grad_accum_steps={accum}"])
         t = Pretrainer(cfg, resume="none")
-        teacher_before = [p.clone() for p in t.teacher.parameters()]
+        teacher_before = [p.clone() for p in t.meta.teacher.parameters()]
         updates = []
-        orig = t.teacher.update
-        t.teacher.update = lambda *a, **k: (updates.append(1), orig(*a, **k))
+        orig = t.meta.teacher.update
+        t.meta.teacher.update = lambda *a, **k: (updates.append(1), orig(*a, **k))
         t.loader.set_epoch(0)
         assert t.train_one_epoch() == 0 and t.step == 1
         t.tracker.close()
-        runs[name] = (_params(t), [p.clone() for p in t.teacher.parameters()], len(updates),
+        runs[name] = (_params(t), [p.clone() for p in t.meta.teacher.parameters()], len(updates),
                       (t.out_dir / "metrics.jsonl").read_text())
         assert any(not torch.equal(a, b) for a, b in zip(teacher_before, runs[name][1]))
     (pa, ta, na, ma), (pb, tb, nb, mb) = runs["joined"], runs["accum"]

@@ -94,7 +94,7 @@ def _cfg(tmp_path, *more):
 
 def test_init_from_export_copies_every_backbone_weight(exported, tmp_path):
     cfg = _cfg(tmp_path, f"model.init={exported}")
-    model = build_model(cfg, 5, read_backbone_file)
+    model = build_model(cfg, 5)
     state, _ = read_backbone_file(exported)
     own = model.state_dict()
     assert set(own) - set(state) == {"head.weight", "head.bias"}
@@ -103,7 +103,7 @@ def test_init_from_export_copies_every_backbone_weight(exported, tmp_path):
     # a different architecture is refused, naming the file
     bad = _cfg(tmp_path, f"model.init={exported}", "model.backbone=vit_small_patch16_224")
     with pytest.raises((ConfigError, RuntimeError), match="size mismatch|does not fit"):
-        build_model(bad, 5, read_backbone_file)
+        build_model(bad, 5)
 
 
 def test_layer_decay_scales(tmp_path):

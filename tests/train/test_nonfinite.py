@@ -69,7 +69,7 @@ def _corrupt(t):
     with torch.no_grad():
         dict(t.engine.module.named_parameters())[PATCH].view(-1)[0] = math.nan
         t.engine.optimizer.single_partition_of_fp32_groups[0][0] = math.nan
-        dict(t.teacher.named_parameters())[PATCH].view(-1)[0] = math.nan
+        dict(t.meta.teacher.named_parameters())[PATCH].view(-1)[0] = math.nan
 
 
 def test_a_skipped_optimizer_step_is_counted_warned_and_moves_nothing(tmp_path, capsys):
@@ -93,9 +93,9 @@ def test_a_skipped_optimizer_step_is_counted_warned_and_moves_nothing(tmp_path, 
     t.hooks.append(Snap())
     at_skip = []
     skipped = t._skipped_step
-    t._skipped_step = lambda: (at_skip.append((_params(t.engine.module), _params(t.teacher))), skipped())[1]
-    update = t.teacher.update
-    t.teacher.update = lambda student, m: (teacher_updates.append(m), update(student, m))
+    t._skipped_step = lambda: (at_skip.append((_params(t.engine.module), _params(t.meta.teacher))), skipped())[1]
+    update = t.meta.teacher.update
+    t.meta.teacher.update = lambda student, m: (teacher_updates.append(m), update(student, m))
 
     t.loader = ListLoader(batches[:3])
     assert t.train_one_epoch() is None
@@ -185,7 +185,7 @@ def test_rollback_reloads_the_last_good_state_and_the_data_moves_on(tmp_path, ca
                             "batches": 4, "reason": "non-finite losses (last from asl, swav, mim, distill, loss)"}]
     # 4: step 3's batch, the 2 failed ones, and run.rollback_skip_batches=1 more
     assert _equal(_params(t.engine.module), good_weights)
-    assert all(torch.equal(p, good_teacher[n]) for n, p in t.teacher.named_parameters())
+    assert all(torch.equal(p, good_teacher[n]) for n, p in t.meta.teacher.named_parameters())
     assert checkpoint.nonfinite_state(t.engine, t.finite_also()) == ""
     sched = t.engine.lr_scheduler
     assert sched.last_epoch == 2  # the schedule went back with the step counter

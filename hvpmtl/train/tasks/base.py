@@ -31,7 +31,7 @@ class FinetuneTask:
         self.num_classes and self.classes (names, written to classes.json)."""
         raise NotImplementedError
 
-    def build_model(self, read_weights) -> nn.Module:
+    def build_model(self) -> nn.Module:
         raise NotImplementedError
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
@@ -53,26 +53,24 @@ class FinetuneTask:
         return {}
 
 
-def read_init(cfg, read_weights) -> dict[str, torch.Tensor]:
-    """The exported backbone of model.init as a timm state dict (every `hvpmtl export` format)."""
+def read_init(cfg) -> dict[str, torch.Tensor]:
+    """The exported backbone of model.init as a timm state dict (every `hvpmtl export` format, read by
+    hvpmtl.checkpoint.read_backbone_file: never unpickled beyond tensors and numpy arrays)."""
     from hvpmtl import checkpoint
 
-    if read_weights is None:
-        raise ConfigError(f"model.init {cfg.model.init}: no reader of exported backbones was given; start "
-                          "fine-tuning through launchers/finetune.py (or pass read_weights)")
     try:
-        state, _ = read_weights(cfg.model.init)
+        state, _ = checkpoint.read_backbone_file(cfg.model.init)
     except (ValueError, checkpoint.CheckpointError) as e:  # unreadable, or a file that would run code
         raise ConfigError(f"model.init: {e}") from None
     return state
 
 
-def load_pyramid_init(pyramid, cfg, read_weights, log) -> None:
+def load_pyramid_init(pyramid, cfg, log) -> None:
     """model.init into a BackbonePyramid: every backbone weight loaded, or a ConfigError naming the file and
     the missing/unexpected keys (a file of another architecture or toolbox would otherwise load nothing)."""
     if cfg.model.random_init:
         return
-    state = read_init(cfg, read_weights)
+    state = read_init(cfg)
     try:
         report = pyramid.load_backbone(state)
     except ValueError as e:

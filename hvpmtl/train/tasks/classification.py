@@ -16,18 +16,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hvpmtl import checkpoint
 from hvpmtl.config import ConfigError, FinetuneConfig
 from hvpmtl.data.formats.issues import DataError
 from hvpmtl.dist import all_gather_rows, sum_to_host
 from hvpmtl.metrics import average_precision
-from hvpmtl.train.tasks.base import FinetuneTask
+from hvpmtl.train.tasks.base import FinetuneTask, read_init
 
 
-def build_model(cfg: FinetuneConfig, num_classes: int, read_weights=None) -> nn.Module:
-    """timm classifier; weights from model.init unless random_init. `read_weights(path) -> (timm state dict,
-    metadata)` reads the exported file: launchers/finetune.py hands over hvpmtl.eval.export.read_backbone_file
-    (every `hvpmtl export` format); hvpmtl/train itself never imports hvpmtl/eval."""
+def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
+    """timm classifier; weights from model.init (any `hvpmtl export` format: base.read_init) unless random_init."""
     import timm
     from safetensors.torch import save_file
 
@@ -37,13 +34,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int, read_weights=None) -> nn.
         kw["fc_norm"] = False  # keep the pre-trained final norm, pool after it (as the pre-training features)
     if m.random_init:
         return timm.create_model(m.backbone, pretrained=False, **kw)
-    if read_weights is None:
-        raise ConfigError(f"model.init {m.init}: no reader of exported backbones was given; start fine-tuning "
-                          "through launchers/finetune.py (or pass read_weights)")
-    try:
-        state, _ = read_weights(m.init)
-    except (ValueError, checkpoint.CheckpointError) as e:  # unreadable, or a file that would run code
-        raise ConfigError(f"model.init: {e}") from None
+    state = read_init(cfg)
     with tempfile.TemporaryDirectory() as tmp:  # timm's file loader adapts sizes; give it safetensors
         f = Path(tmp) / "init.safetensors"
         save_file({k: v.float().contiguous() for k, v in state.items()}, str(f))
@@ -113,14 +104,14 @@ class ClassificationTask(FinetuneTask):
             raise ConfigError(f"model.num_classes={self.num_classes} but {d.train_dir} has {len(classes)} classes")
         self.classes = classes
 
-    def build_model(self, read_weights) -> nn.Module:
+    def build_model(self) -> nn.Module:
         d = self.cfg.data
         if d.mixup > 0 or d.cutmix > 0:
             from timm.data import Mixup
             self.mixup = Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=d.mixup_prob,
                                switch_prob=d.mixup_switch_prob, mode="batch", label_smoothing=d.label_smoothing,
                                num_classes=self.num_classes)
-        return build_model(self.cfg, self.num_classes, read_weights)
+        return build_model(self.cfg, self.num_classes)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         return param_groups(model, self.cfg, lr)

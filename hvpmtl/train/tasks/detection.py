@@ -44,7 +44,7 @@ class DetectionTask(FinetuneTask):
         for split, ann in ((train, d.train_ann), (val, d.val_ann)):
             self.log(f"data: {ann}: {len(split)} images; {split.skipped.describe()}")
 
-    def build_model(self, read_weights) -> nn.Module:
+    def build_model(self) -> nn.Module:
         from hvpmtl.models.detector import build_maskrcnn
 
         m, d = self.cfg.model, self.cfg.data
@@ -53,7 +53,7 @@ class DetectionTask(FinetuneTask):
                                rpn_post_nms_top_n_train=m.rpn_proposals, rpn_post_nms_top_n_test=m.rpn_proposals,
                                rpn_pre_nms_top_n_train=2 * m.rpn_proposals, rpn_pre_nms_top_n_test=m.rpn_proposals,
                                box_batch_size_per_image=m.roi_samples)
-        load_pyramid_init(model.backbone.body, self.cfg, read_weights, self.log)
+        load_pyramid_init(model.backbone.body, self.cfg, self.log)
         return model.to(self.device)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:

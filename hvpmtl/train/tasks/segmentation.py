@@ -69,13 +69,13 @@ class SegmentationTask(FinetuneTask):
         self.classes = class_names(d.root, self.num_classes)
         self.log(f"data: {train.describe()}; {val.describe()}")
 
-    def build_model(self, read_weights) -> nn.Module:
+    def build_model(self) -> nn.Module:
         from hvpmtl.models.segmenter import build_upernet
 
         m = self.cfg.model
         model = build_upernet(m.backbone, self.num_classes, img_size=m.img_size, drop_path_rate=m.drop_path_rate,
                               decoder_channels=m.decoder_channels, aux_head=m.aux_head)
-        load_pyramid_init(model.pyramid, self.cfg, read_weights, self.log)
+        load_pyramid_init(model.pyramid, self.cfg, self.log)
         if self.world > 1 and self.device.type == "cuda":  # mmseg's SyncBN: a few crops per GPU
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif self.cfg.optim.micro_batch_size < 2:
