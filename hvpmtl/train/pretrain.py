@@ -53,6 +53,9 @@ class Pretrainer(Trainer):
         self.start_run(resumed, {"backbone": cfg.model.backbone})
         self._report_left_out()
 
+    def finite_also(self) -> tuple:
+        return (("teacher", self.meta.teacher),)
+
     def _build_loader(self):
         cfg = self.cfg
         patch = patch_size_of(cfg.model.backbone, cfg.model.img_size)

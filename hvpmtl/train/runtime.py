@@ -176,9 +176,9 @@ class Trainer:
             meta.load_state(client, rank_state)
 
     def finite_also(self) -> tuple:
-        """(name, module) pairs checked finite with the engine's state before every save: the EMA teacher
-        (pre-training's `teacher`), if the trainer has one."""
-        return (("teacher", getattr(self, "teacher", None)),)
+        """(name, module) pairs checked finite with the engine's state before every save (pre-training: its EMA
+        teacher)."""
+        return ()
 
     def save_checkpoint(self, loader, client: dict, rank_state: dict) -> Path | None:
         """Saves unless the state holds inf/NaN on some rank (then nothing is written, `latest` stays on the
