@@ -19,7 +19,7 @@ test: setup
 	bash tools/install_system_deps.sh
 	$(PY) -m pytest tests --durations=40
 
-# No process launches (no `slow`, no `cluster` test): under 3 minutes on 2 cores.
+# No process launches and no DeepSpeed engine trained (no `slow`, no `cluster` test): under 3 minutes on 2 cores.
 test-fast: setup
 	$(PY) -m pytest tests -m "not cluster and not slow"
 

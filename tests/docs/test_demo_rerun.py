@@ -14,6 +14,8 @@ from hvpmtl.train.tracking.ui import ui_link
 
 from .checkout import REPO, checkout_env, make_checkout
 
+pytestmark = pytest.mark.slow  # each test runs launchers/demo.sh (bash, Python processes)
+
 UI = "http://127.0.0.1:5000"  # where the demo's `mlflow ui` command serves
 
 

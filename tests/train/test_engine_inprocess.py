@@ -15,6 +15,8 @@ from hvpmtl.train.pretrain import Pretrainer
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from host_syncs import ListLoader  # noqa: E402  (a loader over fixed batches, with the engine's loader interface)
 
+pytestmark = pytest.mark.slow  # each test trains a DeepSpeed engine in this process (tens of seconds)
+
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):

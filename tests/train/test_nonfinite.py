@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from host_syncs import ListLoader  # noqa: E402  (a loader over fixed batches, with the engine's loader interface)
 
+pytestmark = pytest.mark.slow  # each test trains DeepSpeed engines (in this process or on 2 ranks)
+
 INF = float("inf")
 PATCH = "backbone.model.patch_embed.proj.weight"  # used by every forward of every view
 
