@@ -44,7 +44,7 @@ def _rendezvous_variables_do_not_outlive_a_test():
             os.environ[k] = v
 
 
-LAUNCHING_FIXTURES = {"pretrain_run", "launch"}  # fixtures that start processes
+LAUNCHING_FIXTURES = {"pretrain_run", "launch", "s3"}  # fixtures that start processes (s3: a moto_server)
 
 
 def pytest_collection_modifyitems(config, items):

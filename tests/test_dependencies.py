@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -77,6 +78,7 @@ def closure(reqs: list[Requirement]) -> set[str]:
     return seen
 
 
+@pytest.mark.slow
 def test_hvpmtl_imports_from_its_declared_requirements_alone(tmp_path):
     """A site-packages holding only the declared distributions' closure (links to this venv's files), Python
     started without its own site-packages: every hvpmtl module imports."""

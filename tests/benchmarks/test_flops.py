@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import flops  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real ZeRO-2 steps and full-size models counted (tens of seconds)
+
 TINY = ROOT / "configs/test_tiny.yaml"
 
 

@@ -137,6 +137,7 @@ def _reduce_worker(rank, world, init_file, scores, codes, z, out_dir):
     torch.save(collapse_figures(reduced), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_reduce_to_the_global_figures(tmp_path):
     scores, codes, z = _random_case()
     mp.spawn(_reduce_worker, args=(2, str(tmp_path / "init"), scores, codes, z, str(tmp_path)), nprocs=2, join=True)

@@ -67,6 +67,7 @@ def _bn_worker(rank, world, init_file, out_dir):
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_one_rank_of_the_joined_batch(tmp_path):
     mp.spawn(_bn_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

@@ -207,6 +207,7 @@ def test_non_finite_fine_tuning_losses_are_skipped_counted_and_stop_with_exit_4(
     assert [r["nonfinite_skipped"] for r in rows if "nonfinite_skipped" in r] == [1, 2]
 
 
+@pytest.mark.slow
 def test_the_fine_tuner_draws_the_progress_bar_when_asked(shapes, tmp_path):
     """run.progress_bar (on a terminal): a tqdm bar of the fine-tuning's steps instead of the step lines."""
     import fcntl

@@ -60,6 +60,7 @@ def assert_stages_agree(runs: dict) -> None:
         assert torch.allclose(w, w0, rtol=1e-4, atol=1e-5), (stage, (w - w0).abs().max().item())
 
 
+@pytest.mark.slow
 def test_zero_stages_0_1_2_give_the_same_losses_in_one_rank(tmp_path):
     runs = {s: run_stage(s, tmp_path) for s in STAGES}
     assert runs[0]["world"] == 1
