@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 import torch.distributed as dist
 
@@ -24,6 +25,10 @@ def main(args, parser, schema, make_trainer, name: str = "hvpmtl") -> int:
         args = parser().parse_args(args)
     ours = not dist.is_initialized()  # the process group is torn down by whoever made it
     show_notices_as_lines()
+    # DeepSpeed's ZeRO calls this deprecated torch collective itself (deepspeed/comm/torch.py): a warning per
+    # rank that nobody running hvpmtl can act on
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     code = EXIT_CONFIG
     try:
         cfg = load_config(args.config, args.overrides, schema=schema)

@@ -3,6 +3,7 @@ else a line of the step's figures every run.log_every steps."""
 from __future__ import annotations
 
 import sys
+import time
 
 
 def open_bar(cfg, is_main: bool, total: int, initial: int, desc: str):
@@ -24,3 +25,19 @@ def show_step(bar, metrics: dict, keys: list[str], logging_step: bool, head: str
     elif logging_step:
         parts = " ".join([*(f"{k}={metrics[k]:.4g}" for k in keys), *(f"{k}={v}" for k, v in short.items())])
         print(f"{head} {parts}", flush=True)
+
+
+class Eta:
+    """Time left at the pace of this process's steps so far (evaluations and checkpoints included: the wall
+    time a user waits), from the step it started at; '' until a step is done."""
+
+    def __init__(self, step: int, total: int):
+        self.t0, self.step0, self.total = time.monotonic(), step, total
+
+    def text(self, step: int, now: float | None = None) -> str:
+        done = step - self.step0
+        if done <= 0:
+            return ""
+        left = max(self.total - step, 0) * ((now if now is not None else time.monotonic()) - self.t0) / done
+        m, s = divmod(int(round(left)), 60)
+        return f"eta {m // 60}h{m % 60:02d}m" if m >= 60 else f"eta {m}m{s:02d}s"

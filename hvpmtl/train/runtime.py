@@ -37,7 +37,7 @@ from hvpmtl.train import perf, resume_changes
 from hvpmtl.train.deepspeed_setup import DTYPES, build_ds_config, prepare_deepspeed, resolve_precision
 from hvpmtl.train.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED
 from hvpmtl.train.preemption import Preemption
-from hvpmtl.train.progress import open_bar, show_step
+from hvpmtl.train.progress import Eta, open_bar, show_step
 from hvpmtl.train.tracking.check import connect
 from hvpmtl.train.tracking.tracker import Tracker
 
@@ -430,7 +430,8 @@ class Trainer:
         self.tracker.log_metrics(metrics, self.step)
         if self.is_main:
             show_step(self._bar, metrics, [k for k in self.console_keys if k in metrics], logging_step,
-                      f"{self.log_prefix} step {self.step}/{self.total_steps} epoch {self.epoch}")
+                      f"{self.log_prefix} step {self.step}/{self.total_steps} epoch {self.epoch} "
+                      f"{self._eta.text(self.step)}".rstrip())
 
     def _end_epoch(self, used_up: bool) -> None:
         """The epoch's evaluation (logged), the epoch count, and a checkpoint every checkpoint_every_epochs."""
@@ -450,6 +451,7 @@ class Trainer:
 
     def run(self) -> int:
         self._bar = open_bar(self.cfg, self.is_main, self.total_steps, self.step, self.progress_desc)
+        self._eta = Eta(self.step, self.total_steps)
         self.log(self.describe())
         self.heartbeat = Heartbeat(self.rank, self.world)
         code = EXIT_OK

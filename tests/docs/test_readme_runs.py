@@ -193,6 +193,9 @@ def test_the_readme_cpu_commands_run_on_a_fresh_clone(tmp_path):
             assert "online eval step 0 (random init): kNN mAP" in cp.stdout, cp.stdout[-3000:]
             assert "online eval step 16: kNN mAP" in cp.stdout and "(random init: " in cp.stdout, cp.stdout[-3000:]
             assert "?workflowType=machine_learning" in cp.stdout[cp.stdout.index("== done."):], cp.stdout[-3000:]
+            assert " eta " in cp.stdout, cp.stdout[-3000:]  # the step lines say the time left
+            # no deprecation noise on the console (DeepSpeed's own deprecated collective is filtered by the entry)
+            assert "FutureWarning" not in cp.stdout + cp.stderr, (cp.stdout + cp.stderr)[-3000:]
             assert (out / "backbone.safetensors").is_file() and (out / "config.yaml").is_file()
             again = run(root, line)  # and a second `make demo` says it is done, trains nothing
             assert "the demo already ran to step 16" in again.stdout, again.stdout
