@@ -90,3 +90,32 @@ def sha256_file(path: str | os.PathLike, fsync: bool = False) -> str:
         if fsync:
             os.fsync(f.fileno())
     return digest
+
+
+def torch_save(obj, path: str | os.PathLike, **kwargs) -> None:
+    """`torch.save(obj, path, **kwargs)` through a Python file, so that a write the kernel refuses (disk full, quota,
+    I/O error) is its OSError naming `path`. torch's own file writer reports it as a RuntimeError that names neither
+    ("PytorchStreamWriter failed writing file data/0: file write failed"); through a Python file the kernel's
+    OSError is raised by `write` and stays the context of the RuntimeError torch raises on top of it ("unexpected
+    pos") while it closes the archive."""
+    import torch
+
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f, **kwargs)
+    except Exception as e:  # noqa: BLE001 -- re-raised unless the kernel refused a write
+        refused = os_error_within(e)
+        if refused is None:
+            raise
+        raise OSError(refused.errno, refused.strerror, os.fspath(path)) from e
+
+
+def os_error_within(e: BaseException) -> Optional[OSError]:
+    """The OSError with an errno that `e` is, or that raised it (its cause or context chain), else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None

@@ -3,17 +3,13 @@
 Before writing, one all-reduced flag says whether the weights, the fp32 master partitions, the optimizer
 state (and the trainer's extra modules: the EMA teacher) are finite on every rank (`nonfinite_state`). A
 non-finite state is not written at all (`NonFiniteState`), so it is never COMPLETE nor `latest`; the
-manifest records `weights_finite: true`. A reader passes over a tag whose manifest says false, and scans
-the tensors of a tag written before the flag existed (`check_finite`).
+manifest records `weights_finite: true` (a manifest without the flag is of an unsupported format: manifest.py).
+A reader passes over a tag whose manifest says false (`check_finite`).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-import hvpmtl.checkpoint.safe_load as safe_load
-from hvpmtl.checkpoint.manifest import MODEL_FILE, ZERO_FILE
 from hvpmtl.dist import sum_to_host
 
 
@@ -58,34 +54,8 @@ def nonfinite_state(engine, also=()) -> str:
     return "inf/NaN in " + ", ".join(bad) if bad else ""
 
 
-def _nonfinite_in_file(path: Path) -> str:
-    """'' when every floating tensor stored in the file is finite, else the first key path that is not.
-    For checkpoints written before the manifest's weights_finite flag (reads every tensor once)."""
-    obj = safe_load.load_torch(path, mmap=True)
-    todo = [("", obj)]
-    while todo:
-        where, x = todo.pop()
-        if torch.is_tensor(x):
-            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-                return f"{path.name}: inf/NaN in {where.lstrip('.') or 'a tensor'}"
-        elif isinstance(x, dict):
-            todo += [(f"{where}.{k}", v) for k, v in x.items()]
-        elif isinstance(x, (list, tuple)):
-            todo += [(f"{where}[{i}]", v) for i, v in enumerate(x)]
-    return ""
-
-
-def check_finite(tag_dir: Path, manifest: dict, names) -> str:
-    """'' when the tag's state is finite: its manifest says so, or (a tag from before the flag) the named
-    model and optimizer files hold no inf/NaN."""
-    flag = manifest.get("weights_finite")
-    if flag is False:
+def check_finite(manifest: dict) -> str:
+    """'' when the tag's manifest says its state is finite, else why not."""
+    if manifest.get("weights_finite") is not True:
         return "its weights are not finite (weights_finite: false in its manifest)"
-    if flag is True:
-        return ""
-    for rel in names:
-        if rel == MODEL_FILE or ZERO_FILE.fullmatch(rel):
-            why = _nonfinite_in_file(tag_dir / rel)
-            if why:
-                return f"its weights are not finite ({why})"
     return ""

@@ -84,20 +84,28 @@ def read_manifests(ckpt_dir: Path) -> list[tuple[Path, dict]]:
 
 
 def read_manifest(tag_dir: Path) -> dict:
-    """The manifest of a tag, normalised; ValueError with the reason when there is none or it is unreadable.
-    Manifests of hvpmtl before run ids (sizes only) read as run_id None."""
+    """The manifest of a tag; ValueError with the reason when there is none or it is unreadable. A manifest
+    without `format` >= MANIFEST_FORMAT, a run id and the weights_finite flag is of a checkpoint format this
+    hvpmtl does not read."""
     marker = tag_dir / MANIFEST
     if not marker.is_file():
         raise ValueError("no COMPLETE manifest (the save was interrupted)")
     try:
         m = json.loads(marker.read_text())
-        files = m["files"] if isinstance(m, dict) else None
+        if not isinstance(m, dict):
+            raise ValueError("not a JSON object")
+        fmt, run_id = m.get("format"), m.get("run_id")
+        if type(fmt) is not int or fmt < MANIFEST_FORMAT or not isinstance(run_id, str) or not run_id:
+            raise ValueError(f"format {fmt if fmt is not None else '(none)'}"
+                             f"{'' if isinstance(run_id, str) and run_id else ' without a run id'}: written by an "
+                             f"unsupported checkpoint format (this hvpmtl reads format {MANIFEST_FORMAT} and later)")
+        if not isinstance(m.get("weights_finite"), bool):
+            raise ValueError(f"format {fmt} without the weights_finite flag: written by an unsupported checkpoint "
+                             "format (a development version of hvpmtl)")
+        files = m["files"]
         if not isinstance(files, dict):
             raise ValueError("'files' is not a mapping of file names")
-        if m.get("format", 1) < 2:  # {name: size}
-            m = {"format": 1, "run_id": None, "step": m["step"], "files": {k: {"size": int(v)} for k, v in files.items()},
-                 "world_size": sum(1 for k in files if RANK_FILE.fullmatch(k))}
-        for name, e in m["files"].items():
+        for name, e in files.items():
             if not isinstance(e, dict) or "size" not in e:
                 raise ValueError(f"bad entry for {name}")
         int(m["step"]), int(m["world_size"])

@@ -59,8 +59,8 @@ def new_run_id() -> str:
 
 
 def folder_run_id(ckpt_dir: Path) -> Optional[str]:
-    """The run that last wrote here: the one `latest` names, else the newest manifest's; None for none or
-    a pre-run-id checkpoint."""
+    """The run that last wrote here: the one `latest` names, else the newest readable manifest's; None when
+    no manifest is readable."""
     latest = ckpt_dir / "latest"
     if latest.is_file():
         try:
@@ -71,7 +71,7 @@ def folder_run_id(ckpt_dir: Path) -> Optional[str]:
     return found[-1][1]["run_id"] if found else None
 
 
-def open_run(out_dir: str | Path, how: str = "auto", *, log=print, lock: bool = True) -> RunState:
+def open_run(out_dir: str | Path, how: str = "auto", *, log=print) -> RunState:
     """Claim `out_dir` for this job and decide, once for all ranks, what to resume. Collective: every rank
     calls it after the process group exists and before the model is built (a refusal costs seconds).
 
@@ -85,12 +85,11 @@ def open_run(out_dir: str | Path, how: str = "auto", *, log=print, lock: bool = 
 
     def claim():
         nonlocal held
-        held = RunLock(out_dir, log=log).acquire() if lock else None
+        held = RunLock(out_dir, log=log).acquire()
         try:
             return _decide_mode(out_dir, how, log)
         except BaseException:
-            if held is not None:
-                held.release()
+            held.release()
             raise
 
     run_id, proposals, parent = rank0_decides(claim)
@@ -98,7 +97,7 @@ def open_run(out_dir: str | Path, how: str = "auto", *, log=print, lock: bool = 
     try:
         if proposals:
             run.choice = _agree(run, [Path(p) for p in proposals], explicit=how not in RESUME_MODES, log=log)
-            if run.run_id is None:  # 'auto' continues the run it resumes (a pre-run-id checkpoint gets a new id)
+            if run.run_id is None:  # 'auto' continues the run it resumes
                 run.run_id = run.choice.manifest["run_id"]
             if run.parent is None and run.run_id == run.choice.manifest["run_id"]:
                 run.parent = run.choice.manifest.get("parent")  # a fork stays one in every later manifest
@@ -119,7 +118,7 @@ def _decide_mode(out_dir: Path, how: str, log) -> tuple[Optional[str], list[str]
         if manifests:
             raise CheckpointError(
                 f"--resume none, but {ckpt_dir} holds checkpoints ({', '.join(t.name for t, _ in manifests[-3:])}) "
-                f"of run {manifests[-1][1]['run_id'] or '(no run id)'}. Continue it with --resume auto, or start "
+                f"of run {manifests[-1][1]['run_id']}. Continue it with --resume auto, or start "
                 f"over with --resume fresh (its files move to {out_dir / SUPERSEDED_DIR}/)")
         return new_run_id(), [], None
     if how == "fresh":
@@ -128,16 +127,16 @@ def _decide_mode(out_dir: Path, how: str, log) -> tuple[Optional[str], list[str]
     if how == "auto":
         current = folder_run_id(ckpt_dir)
         mine = [t for t, m in manifests if m["run_id"] == current]
-        others = sorted({m["run_id"] or "(no run id)" for t, m in manifests if m["run_id"] != current})
+        others = sorted({m["run_id"] for t, m in manifests if m["run_id"] != current})
         if others:
             log(f"{ckpt_dir}: ignoring the checkpoints of other runs ({', '.join(others)}); "
-                f"this run is {current or '(no run id)'}")
+                f"this run is {current}")
         readable = {x for x, _ in manifests}
         for t in tag_dirs(ckpt_dir):
             if t not in readable:
                 try:
                     read_manifest(t)
-                except ValueError as e:  # the reason: none (an interrupted save) or unreadable
+                except ValueError as e:  # the reason: none (an interrupted save), unreadable or of another format
                     notice(f"checkpoint {t} is not usable ({e}); trying an older one")
         return None, [str(t) for t in reversed(mine)], None
     tag = resolve_tag(ckpt_dir, how)
@@ -148,7 +147,7 @@ def _decide_mode(out_dir: Path, how: str, log) -> tuple[Optional[str], list[str]
     # continuing the run's newest tag keeps its id; an older one (a rewind) or another folder's forks a new run
     same_folder = tag.parent.resolve() == ckpt_dir.resolve()
     newest = [t for t, x in manifests if x["run_id"] == m["run_id"]][-1:] if same_folder else []
-    if same_folder and newest == [tag] and m["run_id"]:
+    if same_folder and newest == [tag]:
         return m["run_id"], [str(tag)], None
     return new_run_id(), [str(tag)], f"{m['run_id']}/{tag.name}"
 
@@ -205,7 +204,7 @@ def _verify_part(tag_dir: Path, rank: int, world: int) -> tuple[str, Optional[di
         names = [n for n, e in m["files"].items() if needed_by(e, rank)]
     else:  # rank 0 converts every file; each rank reads every old rank's state
         names = list(m["files"]) if rank == 0 else rank_files
-    why = check_contents(tag_dir, m, names) or check_finite(tag_dir, m, names)
+    why = check_contents(tag_dir, m, names) or check_finite(m)
     if why:
         return why, None
     try:

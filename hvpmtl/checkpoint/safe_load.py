@@ -9,8 +9,9 @@ reads goes through one of these:
   numpy's array reconstruction.
 - `load_numpy_pickle(path)`: a plain pickle of dicts, lists and numpy arrays (Detectron2's
   `.pkl`), through an unpickler that resolves only numpy's array-rebuilding globals.
-- `WeightsOnlyCheckpointEngine`: DeepSpeed's torch checkpoint engine with `load` made weights-only;
-  `install(engine)` puts it into a DeepSpeed engine, so `engine.load_checkpoint` is safe too.
+- `WeightsOnlyCheckpointEngine`: DeepSpeed's torch checkpoint engine with `load` made weights-only (and
+  `save` reporting a full disk as an OSError naming the file); `install(engine)` puts it into a DeepSpeed
+  engine, so `engine.load_checkpoint` is safe too (and `checkpoint.save` installs it before saving).
 
 A refused file raises `UnsafeFileError` naming the file and the global it asked for.
 """
@@ -21,6 +22,8 @@ import pickle
 from pathlib import Path
 
 import torch
+
+from hvpmtl.fileio import torch_save
 
 
 class UnsafeFileError(ValueError):
@@ -37,7 +40,7 @@ def deepspeed_safe_globals() -> list:
 
 
 def numpy_safe_globals() -> list:
-    """numpy arrays as plain data (the RNG state in rank files of hvpmtl before 2026-11, Detectron2 .pkl)."""
+    """numpy arrays as plain data (Detectron2 .pkl, torch files that hold numpy arrays)."""
     import numpy as np
 
     kinds = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType") and n[:-5] in
@@ -103,10 +106,14 @@ def _checkpoint_engine_class():
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-        """DeepSpeed's torch engine; `load` is weights-only (saving is unchanged)."""
+        """DeepSpeed's torch engine; `load` is weights-only, `save` writes through a Python file so that a disk
+        that is full is the kernel's OSError naming the file, not torch's RuntimeError without either."""
 
         def load(self, path: str, map_location=None):
             return load_torch(path, map_location=map_location)
+
+        def save(self, state_dict, path: str):
+            torch_save(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
 
     return WeightsOnlyCheckpointEngine
 

@@ -17,15 +17,14 @@ import socket
 import time
 from pathlib import Path
 
-import torch
-
+import hvpmtl.checkpoint.safe_load as safe_load
 from hvpmtl.checkpoint.finite import NonFiniteState, nonfinite_state
 from hvpmtl.checkpoint.manifest import (MANIFEST, MANIFEST_FORMAT, MODEL_FILE, RANK_FILE, SUPERSEDED_DIR, ZERO_FILE,
                                         CheckpointError, check_presence, rank0_decides, read_manifest, step_of,
                                         tag_dirs, tag_for)
 from hvpmtl.checkpoint.run import RunState
 from hvpmtl.dist import barrier, broadcast_object, gather_objects, rank_world
-from hvpmtl.fileio import atomic_write, sha256_file
+from hvpmtl.fileio import atomic_write, sha256_file, torch_save
 
 
 def save(engine, run: RunState, step: int, client_state: dict, rank_state: dict, keep: int, also=()) -> Path:
@@ -46,8 +45,9 @@ def save(engine, run: RunState, step: int, client_state: dict, rank_state: dict,
     if rank == 0 and tag_dir.exists():  # an interrupted save of this run, or a tag of another run
         _clear_tag(tag_dir, run)
     barrier()
+    safe_load.install(engine)  # its save writes through a Python file: a full disk is an OSError naming the file
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rank_state, tag_dir / f"rank_{rank}.pt")
+    torch_save(rank_state, tag_dir / f"rank_{rank}.pt")
     barrier()
     entries = {}  # the files this rank wrote: hashed and synced from its own page cache
     for p in sorted(tag_dir.iterdir()):
@@ -82,20 +82,20 @@ def save(engine, run: RunState, step: int, client_state: dict, rank_state: dict,
 def _clear_tag(tag_dir: Path, run: RunState) -> None:
     try:
         owner = read_manifest(tag_dir)["run_id"]
-    except ValueError:
-        owner = run.run_id  # no manifest: debris of an interrupted save
+    except ValueError:  # no manifest: debris of an interrupted save; an unreadable one: nobody known
+        owner = "unknown-run" if (tag_dir / MANIFEST).exists() else run.run_id
     if owner == run.run_id:
         shutil.rmtree(tag_dir)
         return
-    dest = run.out_dir / SUPERSEDED_DIR / f"{owner or 'unknown-run'}" / "checkpoints"
+    dest = run.out_dir / SUPERSEDED_DIR / owner / "checkpoints"
     dest.mkdir(parents=True, exist_ok=True)
     os.replace(tag_dir, dest / tag_dir.name)
 
 
 def prune(ckpt_dir: Path, run_id: str, just_written: Path, keep: int) -> list[Path]:
     """Keep this run's newest `keep` complete tags up to the one just written (always kept); remove its other
-    tags and the manifest-less debris of crashed saves older than it. Other runs' tags are never touched.
-    Returns the folders removed."""
+    tags and the manifest-less debris of crashed saves older than it. Other runs' tags, and tags whose manifest
+    is unreadable (damaged, or of another checkpoint format), are never touched. Returns the folders removed."""
     removed = []
     own_ok = []
     limit = step_of(just_written)
@@ -105,7 +105,7 @@ def prune(ckpt_dir: Path, run_id: str, just_written: Path, keep: int) -> list[Pa
         try:
             m = read_manifest(t)
         except ValueError:
-            if step_of(t) < limit:
+            if step_of(t) < limit and not (t / MANIFEST).exists():
                 removed.append(t)
             continue
         if m["run_id"] != run_id:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -67,27 +68,6 @@ def save_timm_backbone(backbone, path: str | Path, metadata: Optional[dict] = No
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def find_checkpoint(run_dir: str | Path, checkpoint: Optional[str | Path] = None) -> Path:
-    """The given checkpoint (a tag folder or a tag name under <run>/checkpoints, checked complete) or the
-    newest complete one."""
-    import hvpmtl.checkpoint as ckpt
-
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    try:
-        if checkpoint is not None:
-            tag = ckpt.resolve_tag(ckpt_dir, checkpoint)
-            ok, why = ckpt.is_complete(tag)
-            if not ok:
-                raise ExportError(f"--checkpoint {checkpoint}: not a usable checkpoint ({why})")
-            return tag
-    except ckpt.CheckpointError as e:
-        raise ExportError(str(e)) from None
-    found = ckpt.candidates(ckpt_dir)
-    if not found:
-        raise ExportError(f"{run_dir}: no complete checkpoint under {ckpt_dir}")
-    return found[0]
 
 
 def read_run_backbone(run_dir: str | Path, checkpoint: Optional[str | Path] = None, which: str = "auto"):
@@ -175,6 +155,10 @@ def write_export(state: dict[str, torch.Tensor], out: str | Path, fmt: str, info
         _write_format(state, tmp, fmt, out.suffix, info, meta, prefix, features_only)
         _shared_mode(tmp)
         os.replace(tmp, out)
+    except OSError as e:  # the disk full while writing: one line naming --out (hvpmtl/cli.py), not the temporary
+        if e.filename not in (None, str(tmp)):
+            raise
+        raise OSError(e.errno, e.strerror, str(out)) from None
     finally:
         tmp.unlink(missing_ok=True)
     return out
@@ -182,25 +166,32 @@ def write_export(state: dict[str, torch.Tensor], out: str | Path, fmt: str, info
 
 def _write_format(state, path: Path, fmt: str, suffix: str, info: dict, meta: dict, prefix: str,
                   features_only: bool) -> None:
-    import torch
     from safetensors.torch import save_file
 
+    from hvpmtl.fileio import torch_save
+
     if fmt == "timm":
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path),
-                  metadata={"format": "pt", **{k: str(v) for k, v in meta.items()}})
+        try:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path),
+                      metadata={"format": "pt", **{k: str(v) for k, v in meta.items()}})
+        except Exception as e:  # noqa: BLE001 -- safetensors' Rust writer says the OS error in its message
+            code = re.search(r"\(os error (\d+)\)", str(e))  # "No space left on device (os error 28)"
+            if isinstance(e, OSError) or code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
         return
     if features_only:
         state = _features_only_state(state, info["timm_model"], int(info["img_size"]))
     keyed = {prefix + k: v for k, v in state.items()}
     if fmt in ("mmdet", "mmseg"):
-        torch.save({"state_dict": keyed, "meta": {"hvpmtl": meta}}, path)
+        torch_save({"state_dict": keyed, "meta": {"hvpmtl": meta}}, path)
     elif suffix == ".pkl":
         obj = {"model": {k: v.numpy() for k, v in keyed.items()}, "__author__": "hvpmtl",
                "matching_heuristics": True, "hvpmtl": meta}
         with open(path, "wb") as f:
             pickle.dump(obj, f)
     else:
-        torch.save({"model": keyed, "__author__": "hvpmtl", "matching_heuristics": True, "hvpmtl": meta}, path)
+        torch_save({"model": keyed, "__author__": "hvpmtl", "matching_heuristics": True, "hvpmtl": meta}, path)
 
 
 def format_for(out: Path, fmt: Optional[str]) -> str:

@@ -71,8 +71,9 @@ class Student(nn.Module):
         return self.asl(logits, labels) / logits.shape[0]
 
     def _autocast(self, x: torch.Tensor):
-        # With half-precision weights (DeepSpeed bf16) fp32 tensors made on the fly (timm Swin's shifted-window
-        # attention mask on H100, seen 2026-11-26) would otherwise meet bf16 activations in a matmul.
+        # With half-precision weights (DeepSpeed bf16) the forward runs under autocast to their dtype: fp32 tensors
+        # a model makes on the fly (timm Swin's shifted-window attention mask) must not meet bf16 activations in a
+        # matmul.
         return autocast(x.device.type, self.backbone.mask_token.dtype)
 
     def forward(self, view1, view2, mask, labels, teacher_sim=None, queue=None, freeze_prototypes: bool = False,

@@ -29,10 +29,12 @@ def main(args, parser, schema, make_trainer, name: str = "hvpmtl") -> int:
     # rank that nobody running hvpmtl can act on
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning)
-    code = EXIT_CONFIG
+    code, peer_lost = EXIT_CONFIG, False
     try:
         cfg = load_config(args.config, args.overrides, schema=schema)
-        code = make_trainer(cfg, args.resume).run()
+        trainer = make_trainer(cfg, args.resume)
+        code = trainer.run()
+        peer_lost = getattr(trainer, "peer_lost", False)
     except ConfigError as e:
         print(f"{name}: config error: {e}", file=sys.stderr, flush=True)
     except DataError as e:
@@ -43,7 +45,7 @@ def main(args, parser, schema, make_trainer, name: str = "hvpmtl") -> int:
     except Exception as e:  # noqa: BLE001 -- the input boundary (hvpmtl/cli.py): a file, folder or disk problem
         from hvpmtl.cli import report_input_error  # is one line and exit 2; anything else is said to be a bug
         code = report_input_error(e, name)
-    if code == EXIT_PEER_LOST:
+    if code == EXIT_PEER_LOST or peer_lost:
         os._exit(code)  # a process group with a dead peer can hang in its own teardown
     if ours:
         destroy_process_group()

@@ -2,7 +2,7 @@
 
 A run resumed with another config either applies each change from the resumed step or refuses it, never
 half-applies it. The config a checkpoint was trained with travels in each rank's state (`rank_state["config"]`,
-read before the model is built; older checkpoints: the run's config.yaml), and the diff is taken key by key on
+read before the model is built), and the diff is taken key by key on
 the flattened configs with paths made absolute.
 
 Refused (FIXED): what the weights, the optimizer's shapes or the data order depend on: the model (except
@@ -20,10 +20,8 @@ the trainer says the schedule's shape (`schedule_shape`, kept in checkpoints) wh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 
 from hvpmtl.config import ConfigError, absolute_paths, flatten
 
@@ -77,17 +75,10 @@ def diff(old: dict, new: dict) -> list[Change]:
     return [Change(k, a[k], b[k]) for k in b if k in a and a[k] != b[k]]
 
 
-def saved_config(rank_state: Optional[dict], out_dir: Path) -> tuple[Optional[dict], str]:
-    """(the config the checkpoint was trained with, where it came from): the rank state's copy, else the run's
-    config.yaml (checkpoints from before issue 23), else (None, '')."""
-    if rank_state is not None and isinstance(rank_state.get("config"), dict):
-        return rank_state["config"], "the checkpoint"
-    path = Path(out_dir) / "config.yaml"
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None, ""
-    return (loaded, str(path)) if isinstance(loaded, dict) else (None, "")
+def saved_config(rank_state: Optional[dict]) -> Optional[dict]:
+    """The config the checkpoint was trained with (every save puts it in each rank's state), or None."""
+    config = (rank_state or {}).get("config")
+    return config if isinstance(config, dict) else None
 
 
 def check_changes(old: dict, new: dict, source: str) -> list[Change]:
@@ -107,15 +98,15 @@ def describe(changes: list[Change]) -> str:
     return "; ".join(str(c) for c in changes)
 
 
-def changes_at_resume(choice, out_dir: Path, cfg) -> list[Change]:
+def changes_at_resume(choice, cfg) -> list[Change]:
     """The config keys a resume from `choice` (hvpmtl.checkpoint.Choice; None: a fresh start) changes; a
     ConfigError naming any it cannot change, before the data, model or engine is built."""
     if choice is None:
         return []
-    old, source = saved_config(choice.rank_state, out_dir)
+    old = saved_config(choice.rank_state)
     if old is None:
         return []
-    return check_changes(old, absolute_paths(cfg), source)
+    return check_changes(old, absolute_paths(cfg), "the checkpoint")
 
 
 # ---------------------------------------------------------------------------- the LR schedule at the resumed step

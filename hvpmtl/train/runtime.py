@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import random
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -31,13 +30,15 @@ import torch
 import torch.distributed as dist
 
 from hvpmtl import checkpoint
-from hvpmtl.config import absolute_paths, check_batch_sizes, save_config
+from hvpmtl.config import ConfigError, absolute_paths, check_batch_sizes, save_config
+from hvpmtl.data.formats.issues import DataError
 from hvpmtl.dist import Heartbeat, StepResult, apply_collective_timeout, init_distributed
 from hvpmtl.train import perf, resume_changes
 from hvpmtl.train.deepspeed_setup import DTYPES, build_ds_config, prepare_deepspeed, resolve_precision
-from hvpmtl.train.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED
+from hvpmtl.train.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
 from hvpmtl.train.preemption import Preemption
 from hvpmtl.train.progress import Eta, open_bar, show_step
+from hvpmtl.train.stop_notes import clear_stop_note, exit_for_lost_peer, write_stop_note
 from hvpmtl.train.tracking.check import connect
 from hvpmtl.train.tracking.tracker import Tracker
 
@@ -85,7 +86,7 @@ class Trainer:
         # the output_dir lock and the resume decision, agreed by all ranks before anything is built
         self.run_state = checkpoint.open_run(self.out_dir, resume, log=self.log)
         # the config keys this resume changes: applied from the resumed step, or refused here (issue 23)
-        self.config_changes = resume_changes.changes_at_resume(self.run_state.choice, self.out_dir, cfg)
+        self.config_changes = resume_changes.changes_at_resume(self.run_state.choice, cfg)
         self.step, self.epoch = 0, 0
         self.tracker = None
         self.preemption = None
@@ -454,6 +455,8 @@ class Trainer:
         self._eta = Eta(self.step, self.total_steps)
         self.log(self.describe())
         self.heartbeat = Heartbeat(self.rank, self.world)
+        self.peer_lost = False
+        clear_stop_note(self.out_dir, self.rank)  # a previous process's
         code = EXIT_OK
         try:
             for hook in self.hooks:  # before the first step (the online evaluation of a new run's random init)
@@ -473,16 +476,19 @@ class Trainer:
                     code = EXIT_NONFINITE
                 else:
                     self.finish()
+        except (ConfigError, DataError) as e:
+            # this rank stops on an input error (a bad image: exit 2); its peers, which then lose it in a
+            # collective, read why and stop with the same exit code instead of "a peer died" (exit 5)
+            if self.world > 1:
+                write_stop_note(self.out_dir, self.rank, e)
+            raise
         except (RuntimeError, dist.DistError) as e:
             lost = self.heartbeat.lost_ranks()
             if not lost:
                 raise
-            # a collective failed because a peer died or hung: say which, instead of a bare gloo/NCCL error
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            print(f"{self.log_prefix} rank {self.rank}: a collective failed at step {self.step + 1}: {lost}. "
-                  f"The job cannot continue; restart it with --resume auto from the last checkpoint. "
-                  f"({type(e).__name__}: {first})", file=sys.stderr, flush=True)
-            code = EXIT_PEER_LOST
+            self.peer_lost = True  # the process group cannot be torn down cleanly (entry.py exits at once)
+            code = exit_for_lost_peer(self.out_dir, self.world, self.rank, f"{self.log_prefix} rank {self.rank}",
+                                      self.step + 1, lost, e)
         finally:
             self.heartbeat.close()
             if self._bar is not None:

@@ -64,15 +64,8 @@ def plant(path: Path, marker: Path, keep_keys=True) -> None:
     torch.save(obj, path)
 
 
-def nan_in_model_file(tag: Path) -> None:
-    """A NaN in the module's weights of a tag, manifest resealed without the weights_finite flag: what a run of
-    hvpmtl before the flag wrote when its weights had turned NaN."""
-    path = tag / ck.MODEL_FILE
-    state = torch.load(path, weights_only=False)
-    key = next(k for k, v in state["module"].items() if v.is_floating_point())
-    state["module"][key].view(-1)[0] = float("nan")
-    path.unlink()  # a hard-linked copy
-    torch.save(state, path)
+def drop_finite_flag(tag: Path) -> None:
+    """The tag's manifest resealed without the weights_finite flag (a development version's format)."""
     m = json.loads((tag / "COMPLETE").read_text())
     m.pop("weights_finite")
     rewrite(tag / "COMPLETE", json.dumps(m))

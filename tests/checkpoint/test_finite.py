@@ -1,12 +1,12 @@
-"""hvpmtl.checkpoint.finite (issue 19): every manifest says its weights are finite; a tag that is not, by its
-manifest or (written before the flag) by its tensors, is passed over."""
+"""hvpmtl.checkpoint.finite (issue 19): every manifest says its weights are finite; a tag whose manifest says
+not, or says nothing (an unsupported format), is passed over."""
 import json
 import warnings
 
 import pytest
 
 from hvpmtl import checkpoint as ck
-from tests.checkpoint.tagged_run import STEPS, nan_in_model_file, open_quietly, rewrite
+from tests.checkpoint.tagged_run import STEPS, drop_finite_flag, open_quietly, rewrite
 
 
 def test_every_manifest_says_its_weights_are_finite(trainer):
@@ -14,17 +14,17 @@ def test_every_manifest_says_its_weights_are_finite(trainer):
         assert json.loads((trainer.ckpt_dir / ck.tag_for(s) / "COMPLETE").read_text())["weights_finite"] is True
 
 
-def test_resume_passes_over_a_checkpoint_with_nan_weights_written_before_the_flag(copy):
+def test_a_manifest_without_the_finite_flag_is_an_unsupported_format_and_passed_over(copy):
     tag = copy / "checkpoints" / ck.tag_for(6)
-    nan_in_model_file(tag)
-    assert ck.check_contents(tag, ck.read_manifest(tag), [ck.MODEL_FILE]) == ""  # intact as a file
+    drop_finite_flag(tag)
+    with pytest.raises(ValueError, match="without the weights_finite flag: written by an unsupported checkpoint"):
+        ck.read_manifest(tag)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         run = open_quietly(copy)
     assert run.choice.tag_dir.name == ck.tag_for(4)
     said = " ".join(str(x.message) for x in w)
-    assert f"{ck.tag_for(6)} could not be loaded (its weights are not finite ({ck.MODEL_FILE}: inf/NaN in module." \
-        in said, said
+    assert f"{ck.tag_for(6)}" in said and "unsupported checkpoint format" in said, said
 
 
 def test_a_manifest_that_says_not_finite_is_passed_over_by_resume_and_candidates(copy):

@@ -5,7 +5,6 @@ import os
 import shutil
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
@@ -121,24 +120,29 @@ def test_a_load_that_fails_half_way_stops_the_run(trainer, copy):
         ck.resume(trainer.engine, run, log=lambda m: None)
 
 
-def test_checkpoints_of_hvpmtl_before_run_ids_are_resumed_into_a_new_run(copy):
-    """Manifests of sizes only, rank files with numpy RNG arrays (what earlier versions wrote)."""
-    for s in STEPS:
-        tag = copy / "checkpoints" / ck.tag_for(s)
-        m = json.loads((tag / "COMPLETE").read_text())
-        rewrite(tag / "COMPLETE", json.dumps({"step": s, "files": {k: e["size"] for k, e in m["files"].items()}}))
-    rank_file = copy / "checkpoints" / ck.tag_for(6) / "rank_0.pt"
-    state = torch.load(rank_file, weights_only=True)
-    state["rng"]["numpy"] = np.random.get_state()  # a tuple holding an ndarray
-    rank_file.unlink()
-    torch.save(state, rank_file)
-    m = json.loads((rank_file.parent / "COMPLETE").read_text())
-    m["files"]["rank_0.pt"] = rank_file.stat().st_size
-    rewrite(rank_file.parent / "COMPLETE", json.dumps(m))
-    run = open_quietly(copy)
-    assert run.choice.tag_dir.name == ck.tag_for(6) and run.run_id
-    ck.set_rng_state(run.choice.rank_state["rng"])
-    assert ck.prune(copy / "checkpoints", run.run_id, copy / "checkpoints" / ck.tag_for(6), keep=1) == []
+def test_a_manifest_of_an_unsupported_format_is_passed_over_refused_by_name_and_never_pruned(trainer, copy):
+    """A manifest without format 2 and a run id (sizes only) is unreadable: passed over like a damaged one,
+    refused when asked for by name, and never pruned (unlike the manifest-less debris of a crashed save)."""
+    ckpt = copy / "checkpoints"
+    tag = ckpt / ck.tag_for(6)
+    m = json.loads((tag / "COMPLETE").read_text())
+    rewrite(tag / "COMPLETE", json.dumps({"step": 6, "files": {k: e["size"] for k, e in m["files"].items()}}))
+    unsupported = r"unreadable manifest: format \(none\) without a run id: written by an unsupported checkpoint format"
+    with pytest.raises(ValueError, match=unsupported):
+        ck.read_manifest(tag)
+    with pytest.warns(UserWarning, match=r"step_00000006 is not usable \(" + unsupported):
+        run = open_quietly(copy)
+    assert run.choice.tag_dir.name == ck.tag_for(4) and run.run_id == trainer.run_state.run_id
+    with pytest.raises(ck.CheckpointError, match=r"--resume step_00000006: not a usable checkpoint \(" + unsupported):
+        open_quietly(copy, ck.tag_for(6))
+    m["format"] = 1  # a format number below 2, run id present: unreadable too
+    rewrite(tag / "COMPLETE", json.dumps(m))
+    with pytest.raises(ValueError, match=r"unreadable manifest: format 1: written by an unsupported checkpoint format"):
+        ck.read_manifest(tag)
+    (ckpt / ck.tag_for(7)).mkdir()  # debris of a crashed save
+    removed = ck.prune(ckpt, run.run_id, ckpt / ck.tag_for(8), keep=1)  # this run just wrote step 8
+    assert sorted(p.name for p in removed) == [ck.tag_for(2), ck.tag_for(4), ck.tag_for(7)]
+    assert tag.is_dir() and (tag / ck.MODEL_FILE).is_file()
 
 
 def test_a_run_folder_with_glob_characters_in_its_path_resumes(trainer, copy):

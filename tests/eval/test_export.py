@@ -10,16 +10,22 @@ import timm
 import torch
 from safetensors import safe_open
 
+from hvpmtl import checkpoint
 from hvpmtl.cli import main as hvpmtl_main
 from hvpmtl.config import load_config
-from hvpmtl.eval.export import ExportError, export_run, find_checkpoint, read_backbone_file, read_run_backbone
+from hvpmtl.eval.export import ExportError, export_run, read_backbone_file, read_run_backbone
 from hvpmtl.models.backbone import MaskableBackbone
+
+
+def _newest_tag(run_dir):
+    """The tag an export without --checkpoint reads: the newest complete one (hvpmtl.checkpoint.read_backbone)."""
+    return checkpoint.candidates(run_dir / "checkpoints")[0]
 
 
 def _source_backbone(run_dir, key):
     """The checkpoint's MaskableBackbone (teacher from the client state, or the student's module)."""
     cfg = load_config(run_dir / "config.yaml")
-    ckpt = torch.load(find_checkpoint(run_dir) / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(_newest_tag(run_dir) / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     sd = ckpt["teacher"] if key == "teacher" else ckpt["module"]
     bb = MaskableBackbone(cfg.model.backbone, cfg.model.img_size)
     bb.load_state_dict({k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")})
@@ -126,11 +132,11 @@ def test_export_cli_and_errors(pretrain_run, tmp_path, capsys):
     assert hvpmtl_main(["export", "--run-dir", str(run_dir), "--format", "timm", "--out", str(out)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["out"] == str(out)
     with safe_open(str(out), framework="pt") as f:
-        assert f.metadata()["checkpoint"] == find_checkpoint(run_dir).name
+        assert f.metadata()["checkpoint"] == _newest_tag(run_dir).name
     # a run without a teacher (distillation off) cannot export one
     copy = tmp_path / "run_copy"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("*optim_states*"))
-    tag = copy / "checkpoints" / find_checkpoint(run_dir).name
+    tag = copy / "checkpoints" / _newest_tag(run_dir).name
     f = tag / "mp_rank_00_model_states.pt"
     ckpt = torch.load(f, weights_only=False)
     ckpt["teacher"] = None
@@ -157,14 +163,15 @@ def test_export_cli_and_errors(pretrain_run, tmp_path, capsys):
 
 def test_checkpoint_by_tag_name_and_the_weights_are_named(pretrain_run, tmp_path, capsys):
     run_dir = pretrain_run["dir"]
-    tag = find_checkpoint(run_dir)
+    tag = _newest_tag(run_dir)
     out = tmp_path / "bb.safetensors"
     assert hvpmtl_main(["export", "--run-dir", str(run_dir), "--checkpoint", tag.name, "--out", str(out)]) == 0
     io = capsys.readouterr()
     result = json.loads(io.out.strip().splitlines()[-1])
     assert result == {"out": str(out), "format": "timm", "which": "student", "checkpoint": tag.name, "step": 2}
     assert f"using the student of {run_dir.resolve()} at {tag.name} (step 2): after 2 steps" in io.err
-    assert find_checkpoint(run_dir, tag.name) == find_checkpoint(run_dir, tag) == tag
+    by_path, by_name = read_run_backbone(run_dir, tag)[2], read_run_backbone(run_dir, tag.name)[2]
+    assert by_path["checkpoint"] == by_name["checkpoint"] == tag.name
     assert hvpmtl_main(["export", "--run-dir", str(run_dir), "--checkpoint", "step_00000099",
                         "--out", str(tmp_path / "y.safetensors")]) == 2
     assert f"neither a folder nor a tag under {run_dir / 'checkpoints'} (tags there: {tag.name}" in capsys.readouterr().err

@@ -78,7 +78,9 @@ def test_checkpoints_keep_last_n_and_fall_back_past_damaged_ones(trainer):
     broken.write_bytes(b"\0" * broken.stat().st_size)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        run = checkpoint.open_run(trainer.out_dir, "auto", lock=False)  # this process holds the lock already
+        trainer.run_state.lock.release()  # a requeued job: the previous one (this trainer) has let go of the folder
+        run = checkpoint.open_run(trainer.out_dir, "auto")
+        trainer.run_state.lock = run.lock  # the later saves of this module's trainer write under the new lock
         found = checkpoint.resume(trainer.engine, run, log=lambda m: None)
     assert found is not None and found[0].name == checkpoint.tag_for(11) and found[1]["step"] == 11
     assert any("step_00000013 could not be loaded" in str(x.message) for x in w)

@@ -157,7 +157,9 @@ def test_a_nonfinite_state_is_never_saved_and_resume_passes_over_it(tmp_path, ca
     assert [p.name for p in checkpoint.tag_dirs(t.ckpt_dir)] == [checkpoint.tag_for(1)]
 
     # a requeue resumes the good state
-    run = checkpoint.open_run(t.out_dir, "auto", lock=False)
+    t.run_state.lock.release()  # the stopped job has let go of the folder
+    run = checkpoint.open_run(t.out_dir, "auto")
+    run.lock.release()
     tag, client, _ = checkpoint.resume(t.engine, run, log=lambda m: None)
     assert tag.name == checkpoint.tag_for(1) and client["step"] == 1
     assert checkpoint.nonfinite_state(t.engine) == ""

@@ -1,7 +1,8 @@
 """Issue 23, items 1 and 2: a resume with changed inputs. A config key that can change is applied from the resumed
 step (the LR schedule rebuilt at that step, a line naming the change and the new schedule, config.yaml the config
-that trains), one that cannot is refused naming it before the model is built; the documented fix for a bad image
-(validate --write-skip-list, then data.skip_list) resumes the same run with `--resume auto` on 1 and 2 ranks."""
+that trains, the same MLflow run told from which step), one that cannot is refused naming it before the model is built;
+the documented fixes for a bad image (validate --write-skip-list then data.skip_list, or data.skip_corrupt) resume
+the same run with `--resume auto` on 1 and 2 ranks."""
 import json
 import math
 import subprocess
@@ -128,6 +129,41 @@ def test_a_changed_lr_applies_from_the_resumed_step(four_steps, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_changed_lr_is_recorded_in_the_same_mlflow_run(tmp_path):
+    """MLflow cannot change a logged parameter: the run keeps `optim.lr` as it started, gets the parameter
+    `resumed_at_step_<N>/optim.lr` with the new value, the tag `config.optim.lr` (the value training uses now),
+    the tag `hvpmtl.config_changes.step_<N>` (the change as printed) and config.yaml of step N as an artifact.
+    Read back from the sqlite store with MLflow's own client: one run, continued, not a second one."""
+    from mlflow import MlflowClient
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "run"
+    track = ["--set", "tracking.enabled=true", "--set", f"tracking.tracking_uri={uri}"]
+    code, log = _pretrain(out, *track, "--set", "optim.max_steps=2")
+    assert code == 0, log[-3000:]
+    code, log = _pretrain(out, *track, "--set", "optim.max_steps=3", "--set", "optim.lr=0.01")
+    assert code == 0, log[-3000:]
+    assert "Traceback" not in log
+    printed = next(x for x in log.splitlines() if "resumed at step 2 with changes: " in x)
+    assert "optim.lr 0.0001 -> 0.01" in printed  # (and optim.max_steps 2 -> 3, the longer run)
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("hvpmtl").experiment_id])
+    assert len(runs) == 1  # the resumed process continued the run
+    run = client.get_run(runs[0].info.run_id)
+    assert run.data.params["optim.lr"] == "0.0001"  # what it started with: MLflow keeps parameters
+    assert run.data.params["resumed_at_step_2/optim.lr"] == "0.01"
+    assert run.data.tags["config.optim.lr"] == "0.01"
+    assert run.data.params["resumed_at_step_2/optim.max_steps"] == "3"
+    recorded = run.data.tags["hvpmtl.config_changes.step_2"]
+    assert "optim.lr 0.0001 -> 0.01" in recorded and recorded in printed  # the changes as the trainer printed them
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "lr")) == [1, 2, 3]
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "config/step_2")]
+    assert artifacts == ["config/step_2/config.yaml"]
+    saved = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config/step_2/config.yaml",
+                                                          str(tmp_path))).read_text())
+    assert saved["optim"]["lr"] == 0.01
+
+
+@pytest.mark.slow
 def test_a_changed_micro_batch_says_the_new_schedule(four_steps, tmp_path):
     out = _copy(four_steps, tmp_path / "run")
     code, log = _pretrain(out, "--set", "optim.max_steps=5", "--set", "optim.micro_batch_size=2")
@@ -200,3 +236,37 @@ def test_stop_on_a_bad_image_fix_as_told_and_resume_the_same_run(tmp_path, ranks
              if "lr" in json.loads(x)]
     assert steps[-(8 - last):] == list(range(last + 1, 9))  # the same run went on from its last checkpoint
     assert f"resumed at step {last} with changes: data.skip_list" in log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_stop_on_a_bad_image_then_skip_corrupt_resumes_the_same_run(tmp_path, ranks):
+    """The other fix the message names: `--set data.skip_corrupt=true` (no validate run) and `--resume auto`. The
+    same run goes on from its last checkpoint (same run id, steps continue), the truncated sample is left out when
+    read, named by file:line and counted."""
+    from hvpmtl.checkpoint import read_manifest
+    micro = 4 // ranks
+    syn, line = _bad_image_data(tmp_path)
+    out = tmp_path / "run"
+    code, log = _pretrain(out, *_data_args(syn), "--set", f"optim.micro_batch_size={micro}", ranks=ranks)
+    assert code == 2, log[-3000:]
+    assert f"train.txt:{line}" in log and "data.skip_corrupt: true" in log and "Traceback" not in log
+    latest = (out / "checkpoints/latest").read_text().strip()
+    last = int(latest.split("_")[1])
+    assert last >= 2
+    run_id = read_manifest(out / "checkpoints" / latest)["run_id"]
+    code, log = _pretrain(out, *_data_args(syn), "--set", f"optim.micro_batch_size={micro}",
+                          "--set", "data.skip_corrupt=true", ranks=ranks)
+    assert code == 0, log[-3000:]
+    assert "Traceback" not in log
+    assert f"resumed at step {last} with changes: data.skip_corrupt False -> True" in log
+    # left out when read (no validator verdict: the population is unchanged), named and counted
+    assert f"train.txt:{line} (" in log and "left out (data.skip_corrupt), 1 so far" in log
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "lr" in r]
+    assert steps[:last] == list(range(1, last + 1))  # the first process's steps
+    assert steps[-(8 - last):] == list(range(last + 1, 9))  # then the same run from its checkpoint, not from 0
+    final = [r for r in rows if "lr" in r][-1]
+    # the victim is in rank 0's share of its global batch (epoch_batches: [batch, rank, micro]), whose count is logged
+    assert final["data/failed_reads"] == 1 and final["data/left_out"] == 1
+    assert read_manifest(out / "checkpoints/step_00000008")["run_id"] == run_id  # the same run, not a new one

@@ -56,11 +56,7 @@ def reseal(tag: Path) -> None:
     """Rewrite the manifest to match the files as they are (what someone who 'repairs' a checkpoint does)."""
     m = json.loads((tag / "COMPLETE").read_text())
     for name, e in m["files"].items():
-        size = (tag / name).stat().st_size
-        if isinstance(e, dict):
-            e.update(size=size, sha256=hashlib.sha256((tag / name).read_bytes()).hexdigest())
-        else:  # a manifest of sizes only (hvpmtl before checksums)
-            m["files"][name] = size
+        e.update(size=(tag / name).stat().st_size, sha256=hashlib.sha256((tag / name).read_bytes()).hexdigest())
     (tag / "COMPLETE").unlink()
     (tag / "COMPLETE").write_text(json.dumps(m))
 

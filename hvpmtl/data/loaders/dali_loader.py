@@ -18,7 +18,7 @@ import torch
 from hvpmtl.data.formats import jpeg
 from hvpmtl.data.formats.issues import DataError
 from hvpmtl.data.loaders import augment
-from hvpmtl.data.loaders.file_reader import BatchSource, FileReader, explain_failure
+from hvpmtl.data.loaders.file_reader import BatchSource, FileReader, LeftOut, explain_failure
 from hvpmtl.data.loaders.order import (epoch_batches, kept_positions, pass_order, population_mismatch, population_of,
                                        remaining_order, remap_order, same_population)
 from hvpmtl.data.loaders.prepare import Prepared
@@ -96,7 +96,7 @@ class LivePipeline:
             self.reader.close()
 
 
-class EpochLoader:
+class EpochLoader(LeftOut):
     """An epoch-based DALI loader with resumable state; subclasses give the views and the batch dict.
 
     Samples come from a prepared list under `root` (external_source, global per-epoch permutation)
@@ -142,14 +142,6 @@ class EpochLoader:
     @property
     def epoch(self) -> int:
         return self.pos.epoch
-
-    @property
-    def skipped_corrupt(self) -> int:
-        """Samples left out at start-up (parse errors, skip list, skip_corrupt)."""
-        return self.skipped.at_start
-
-    def skipped_description(self) -> str:
-        return self.skipped.describe()
 
     def __len__(self) -> int:
         """Batches per epoch on each rank (the same on every rank)."""
@@ -368,7 +360,7 @@ class EpochLoader:
             pass
 
 
-class EvalLoader:
+class EvalLoader(LeftOut):
     """Single view, no augmentation (resize + centre crop), every sample once over all ranks.
 
     Rank r takes ids r, r+W, r+2W, ... in order, in batches of B with a partial last one, so ranks
@@ -394,13 +386,6 @@ class EvalLoader:
         self.num_samples = len(self.labels)
         ids = np.arange(rank, self.num_samples, world_size)
         self.batches = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
-
-    @property
-    def skipped_corrupt(self) -> int:
-        return self.skipped.at_start
-
-    def skipped_description(self) -> str:
-        return self.skipped.describe()
 
     def __len__(self) -> int:
         return len(self.batches)

@@ -21,6 +21,21 @@ from hvpmtl.data.loaders.root_guard import RootGuard
 log = logging.getLogger(__name__)
 
 
+class LeftOut:
+    """What a loader left out, for the loaders (and the random-tensor source) that hold `skipped` (a
+    prepare.Skipped): start-up's counts, and the runtime count FileReader keeps."""
+
+    skipped: Skipped
+
+    @property
+    def skipped_corrupt(self) -> int:
+        """Samples left out at start-up (parse errors, skip list, skip_corrupt)."""
+        return self.skipped.at_start
+
+    def skipped_description(self) -> str:
+        return self.skipped.describe()
+
+
 class FileReader:
     """Reads the encoded images of a batch of ids with a few threads (file I/O releases the GIL) and
     checks each one's JPEG header on the bytes read (format, markers, end of image, width x height

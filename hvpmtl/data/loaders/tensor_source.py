@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 
 from hvpmtl.config import DataConfig
+from hvpmtl.data.loaders.file_reader import LeftOut
 from hvpmtl.data.loaders.masks import SimMIMMaskGenerator
 from hvpmtl.data.loaders.prepare import Skipped
 
 
-class TensorSource:
+class TensorSource(LeftOut):
     def __init__(self, cfg: DataConfig, *, batch_size: int, patch_size: int, rank: int, world_size: int,
                  num_samples: int = 4096, device="cpu", dtype=torch.float32):
         self.cfg, self.batch_size, self.rank, self.world = cfg, batch_size, rank, world_size
@@ -23,11 +24,7 @@ class TensorSource:
         self.mask_gen = SimMIMMaskGenerator(cfg.img_size, cfg.mask_patch_size, patch_size, cfg.mask_ratio)
         self.epoch = 0
         self.position = 0  # batches consumed in the current epoch
-        self.skipped = Skipped(total=num_samples)
-        self.skipped_corrupt = 0
-
-    def skipped_description(self) -> str:
-        return self.skipped.describe()
+        self.skipped = Skipped(total=num_samples)  # nothing is left out
 
     def __len__(self) -> int:
         return self.num_samples // (self.batch_size * self.world)
