@@ -44,6 +44,6 @@ setup(
         "safetensors",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout", "scikit-learn", "moto[server]", "click", "packaging"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "scikit-learn", "duckdb", "pandas", "moto[server]", "click", "packaging"]},
     entry_points={"console_scripts": ["hvpmtl=hvpmtl.cli:main"]},
 )

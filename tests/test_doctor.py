@@ -13,7 +13,8 @@ import pytest
 
 from hvpmtl.cli import build_parser
 from hvpmtl.data.formats.index_build import build_list_index
-from hvpmtl.data.formats.index_file import TRAILER
+from hvpmtl.data.formats.index_file import DataIndex
+from hvpmtl.data.formats.index_format import SHA_BLANK
 from hvpmtl.data.formats.issues import DataError
 from hvpmtl.doctor import preflight
 from hvpmtl.doctor.cli import doctor_parser
@@ -173,13 +174,15 @@ def write_list(path: Path, lines: list[str]) -> Path:
     return path
 
 
-def test_index_identity_is_the_trailer_sha256_of_the_whole_file(tmp_path):
+def test_index_identity_is_the_stored_sha256_of_the_whole_file(tmp_path):
     lst = write_list(tmp_path / "train.txt", ["a/1.jpg\t0:1\t2:0.9", "b/2.jpg\t1:1"])
     idx = build_list_index(lst, num_classes=4, log=lambda m: None)
     data = idx.read_bytes()
     ident = index_identity(idx)
-    # independent: the sha256 of every byte before the 40-byte trailer
-    assert ident["id"] == "sha256:" + hashlib.sha256(data[:-TRAILER]).hexdigest()
+    digest = ident["id"].removeprefix("sha256:").encode()
+    # independent: the sha256 of every byte of the file, the digest's two copies (the schema after the magic and
+    # in the footer) read as the blank its writer hashed
+    assert data.count(digest) == 2 and hashlib.sha256(data.replace(digest, SHA_BLANK)).hexdigest() == digest.decode()
     assert ident["samples"] == 2 and ident["bytes"] == len(data)
     copy_ = tmp_path / "copy.hvpidx"
     shutil.copy(idx, copy_)
@@ -195,8 +198,9 @@ def test_index_identity_of_a_missing_or_damaged_index_is_a_data_error(tmp_path):
     lst = write_list(tmp_path / "train.txt", ["a/1.jpg\t0:1"])
     idx = build_list_index(lst, num_classes=2, log=lambda m: None)
     data = idx.read_bytes()
-    idx.write_bytes(data[:-TRAILER] + b"garbage!" + data[-32:])
-    with pytest.raises(DataError, match="no checksum trailer"):
+    digest = DataIndex(idx).checksum.encode()
+    idx.write_bytes(data.replace(digest, b"garbage!" + digest[8:]))
+    with pytest.raises(DataError, match="no sha256 checksum"):
         index_identity(idx)
 
 

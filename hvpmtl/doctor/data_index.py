@@ -1,8 +1,7 @@
 """The data index a rank maps: which file the config points it to, and its identity (the checksum its writer
-put in its trailer), the same on every rank of a run."""
+put in its metadata), the same on every rank of a run."""
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Optional
@@ -10,7 +9,7 @@ from typing import Optional
 
 def index_path_of(cfg) -> tuple[Optional[Path], str]:
     """(the data index the run maps, '') or (None, why there is none to check)."""
-    from hvpmtl.data.formats.index_file import default_index_path
+    from hvpmtl.data.formats.index_format import default_index_path
 
     d = cfg.data
     if d.format == "tensors":
@@ -27,28 +26,15 @@ def index_path_of(cfg) -> tuple[Optional[Path], str]:
 
 
 def index_identity(path: Path) -> dict:
-    """The cheapest identity of a data index: the sha256 the writer put in its trailer over every byte before it
-    (40 bytes read; the header is checked by opening it), else, for an index written before the trailer, the
-    sha256 of its JSON header (which holds the source's key and every array's layout). DataError when it is
-    missing or damaged."""
-    from hvpmtl.data.formats.index_file import TRAILER, TRAILER_MAGIC, DataIndex
-    from hvpmtl.data.formats.issues import DataError
+    """The cheapest identity of a data index: the sha256 over the whole file that its writer stored in its
+    metadata (read from the footer while opening it, which checks its structure; no array is read). DataError
+    when it is missing or damaged."""
+    from hvpmtl.data.formats.index_file import DataIndex
 
     idx = DataIndex(path)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            if idx.has_checksum:
-                f.seek(size - TRAILER)
-                tail = f.read(TRAILER)
-                if tail[:len(TRAILER_MAGIC)] != TRAILER_MAGIC:
-                    raise DataError(f"{path}: damaged data index: no checksum trailer where its header says; "
-                                    "rebuild it with `hvpmtl data index`")
-                ident = "sha256:" + tail[len(TRAILER_MAGIC):].hex()
-            else:
-                n = int.from_bytes(f.read(16)[8:], "little")
-                ident = "header-sha256:" + hashlib.sha256(f.read(n)).hexdigest()
-        return {"path": str(path), "id": ident, "samples": idx.num_samples, "bytes": size}
+        return {"path": str(path), "id": "sha256:" + idx.checksum, "samples": idx.num_samples,
+                "bytes": os.path.getsize(path)}
     finally:
         idx.close()
 

@@ -1,4 +1,4 @@
-"""Building the data index (the format: index_file.py): from a list file (the one list parse, streamed to
+"""Building the data index (the format: index_format.py): from a list file (the one list parse, streamed to
 disk) or from a shard folder's manifest, labels.npz and DALI index files; the validator's verdicts written
 in; the build lock and what killed builds leave behind.
 """
@@ -17,8 +17,9 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import pyarrow as pa
 
-from hvpmtl.data.formats.index_file import (CHUNK_ROWS, FIRST_ERROR, ISSUE_CODES, UNCHECKED, DataIndex, Streamed,
-                                            default_index_path, temp_name, write_index_file)
+from hvpmtl.data.formats.index_file import DataIndex
+from hvpmtl.data.formats.index_format import CHUNK_ROWS, FIRST_ERROR, UNCHECKED, Streamed, default_index_path, temp_name
+from hvpmtl.data.formats.index_write import write_index_file
 from hvpmtl.data.formats.issues import CODES, DataError, Issue
 from hvpmtl.data.formats.list_parse import iter_list_blocks, list_issues
 from hvpmtl.data.formats.shards import LABELS, MANIFEST, load_shard_set, read_index, sample_key, samples_end
@@ -34,22 +35,10 @@ def file_key(path: str | os.PathLike, content_hash: bool = True) -> dict:
     return key
 
 
-def _issue_arrays(issues: list[Issue], files: list[str]) -> dict:
+def _issue_rows(issues: list[Issue], files: list[str]) -> list:
+    """The issues as the index stores them: [code, file number in `files`, line, detail, path]."""
     fid = {f: i for i, f in enumerate(files)}
-    code_ix = {c: i for i, c in enumerate(ISSUE_CODES)}
-    details = [i.message.encode(errors="surrogateescape") for i in issues]
-    paths = [i.path.encode(errors="surrogateescape") for i in issues]
-
-    def blob(parts):
-        off = np.zeros(len(parts) + 1, np.int64)
-        np.cumsum([len(p) for p in parts], out=off[1:])
-        return off, np.frombuffer(b"".join(parts), np.uint8)
-    do, db = blob(details)
-    po, pb = blob(paths)
-    return {"issue_code": np.asarray([code_ix[i.code] for i in issues], np.uint8),
-            "issue_line": np.asarray([i.line for i in issues], np.int64),
-            "issue_file": np.asarray([fid[i.file] for i in issues], np.int32),
-            "issue_detail_offsets": do, "issue_detail_blob": db, "issue_path_offsets": po, "issue_path_blob": pb}
+    return [[i.code, fid[i.file], int(i.line), i.message, i.path] for i in issues]
 
 
 def _detail(issue: Issue) -> Issue:
@@ -164,10 +153,9 @@ def write_list_index(list_file: str | os.PathLike, out: Path, *, num_classes: Op
         codes = (mm["codes"], list(table)) if len(table) <= 256 and len(mm["codes"]) == len(mm["confs"]) else None
         arrays = _sample_arrays(header, mm["paths"], path_off, mm["lines"], mm["counts"], mm["classes"],
                                 mm["confs"], keep, codes)
-        arrays.update(_issue_arrays(issues, [str(src)]))
         header["issue_files"] = [str(src)]
         header["issue_counts"] = _count_codes(issues)
-        return write_index_file(out, header, arrays)
+        return write_index_file(out, header, arrays, _issue_rows(issues, header["issue_files"]))
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -237,12 +225,13 @@ def _sample_arrays(header: dict, blob: np.ndarray, path_off: np.ndarray, lines: 
     else:
         conf_arr = Streamed(np.float32, nnz, segments(label_off, confs))
     line_dt = _smallest_int(int(lines.max()) if len(lines) else 0)
+    whole = kept is None and len(blob) == blob_len and len(classes) == nnz  # every row: the inputs as they are
     return {
         "path_offsets": Streamed(off_dt, n + 1, cumulative(lambda r: path_off[r + 1] - path_off[r], off_dt)),
-        "path_blob": Streamed(np.uint8, blob_len, segments(path_off, blob)),
+        "path_blob": blob if whole else Streamed(np.uint8, blob_len, segments(path_off, blob)),
         "lines": Streamed(line_dt, n, lambda: (lines[r].astype(line_dt) for r in rows_chunks())),
         "indptr": Streamed(ptr_dt, n + 1, cumulative(lambda r: counts[r], ptr_dt)),
-        "classes": Streamed(np.int32, nnz, segments(label_off, classes)),
+        "classes": np.asarray(classes, np.int32) if whole else Streamed(np.int32, nnz, segments(label_off, classes)),
         "confs": conf_arr,
         "verdict": np.zeros(n, np.uint8), "width": np.zeros(n, np.uint16), "height": np.zeros(n, np.uint16),
     }
@@ -352,13 +341,12 @@ def write_shard_index(folder: str | os.PathLike, out: Path, *, verdicts=None, ve
     for i in issues:
         if i.file not in header["issue_files"]:
             header["issue_files"].append(i.file)
-    arrays.update(_issue_arrays(issues, header["issue_files"]))
     header["issue_counts"] = _count_codes(issues)
     header["shards"] = [s["name"] for s in ss.manifest["shards"]]
     header["per_shard"] = np.bincount(shard_of[shard_of >= 0], minlength=len(ss.tars)).tolist()
     header["absent"] = int(np.count_nonzero(shard_of < 0))
     header.update(verdict_stats(arrays["verdict"], arrays["width"], arrays["height"], n))
-    return write_index_file(out, header, arrays)
+    return write_index_file(out, header, arrays, _issue_rows(issues, header["issue_files"]))
 
 
 # ----------------------------------------------------------------------------- verdicts
@@ -379,13 +367,13 @@ def verdict_stats(verdict: np.ndarray, width: np.ndarray, height: np.ndarray, n:
 
 def with_verdicts(index: DataIndex, verdict: np.ndarray, width: np.ndarray, height: np.ndarray, meta: dict) -> Path:
     """Rewrite the index (atomically, as a new file) with the validator's verdicts."""
-    header = {k: v for k, v in index.header.items() if k not in ("format", "arrays")}
+    header = {k: v for k, v in index.header.items() if k != "format"}
     header["verdicts"] = meta
     header.update(verdict_stats(verdict, width, height, len(verdict)))
     arrays = dict(index.arrays)
     arrays["verdict"], arrays["width"], arrays["height"] = (np.asarray(verdict, np.uint8),
                                                           np.asarray(width, np.uint16), np.asarray(height, np.uint16))
-    return write_index_file(index.path, header, arrays)
+    return write_index_file(index.path, header, arrays, index.issue_rows())
 
 
 # ----------------------------------------------------------------------------- the build lock

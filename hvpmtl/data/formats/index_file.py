@@ -1,157 +1,42 @@
-"""The data index: one compact binary file per data set, built once, memory-mapped read-only by every
-rank (the 8 ranks of a node share one copy in the page cache).
-
-    <source>.hvpidx      (default: beside the list file, or beside the shard folder)
-    bytes 0-7   magic b"HVPIDX\\0\\1";  8-15 header length H (little-endian u64)
-    16..16+H    JSON header: format, kind (list | shards), the source's key (size, mtime_ns, sha256),
-                counts, the confidence table, the validator's settings, and where each array starts
-    then        the arrays, 64-byte aligned:
-                path_offsets, path_blob     the image paths as one byte blob
-                lines                       1-based line in the list file (int32 when it fits)
-                indptr, classes, confs      CSR labels: class int32, confidence as one byte into
-                                            `conf_table` (Tencent has 3 values) or float32
-                verdict, width, height      the validator's verdict per sample (0 = not checked) and
-                                            the size from the JPEG header (0 = unknown)
-                shard, shard_pos            shards only: the tar and 1-based position of a sample id
-                issue_*                     parse issues (file, line, code, detail, path)
-
-The verdict codes are defined here (VERDICTS and the names below), and only here. Building an index:
-index_build.py; whether one is fresh, and building it at start-up: index_fresh.py.
-"""
+"""Reading the data index (the format: index_format.py): `DataIndex` maps the file, checks what it cannot afford
+to trust before any array is used, reads a batch's rows by pread, and verifies the whole file offline."""
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
-import socket
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 import numpy as np
+import pyarrow as pa
 
+from hvpmtl.data.formats.index_format import (CHUNK_ROWS, COLUMN_TYPES, FORMAT, KEY_FORMAT, KEY_HEADER, KEY_ISSUES,
+                                              KEY_SHA256, LIST_COLUMNS, MAGIC, NUMPY, OLD_MAGIC, PER_SAMPLE, REBUILD,
+                                              SHARD_COLUMNS, VERDICTS, checksum_digest, checksum_spots,
+                                              default_index_path, is_int, schema_regions)
 from hvpmtl.data.formats.issues import CODES, DataError, Issue, make_issue
-from hvpmtl.fileio import atomic_file
-
-MAGIC = b"HVPIDX\x00\x01"
-FORMAT = "hvpmtl-data-index-v1"
-SUFFIX = ".hvpidx"
-ALIGN = 64
-CHUNK_ROWS = 1 << 20  # rows per streamed chunk when writing
-# verdict byte -> code; 0 = not checked, 1 = fine; the rest are the validator's issue codes
-VERDICTS = ("unchecked", "ok", "grayscale", "cmyk", "missing-file", "unreadable", "zero-byte", "truncated",
-            "corrupt-jpeg", "not-jpeg", "bad-shard", "duplicate-path", "oversized", "bad-path")
-VERDICT = {c: i for i, c in enumerate(VERDICTS)}
-UNCHECKED, OK = 0, 1
-FIRST_ERROR = VERDICT["missing-file"]  # verdict bytes from here on are errors
-USABLE = (VERDICT["ok"], VERDICT["grayscale"], VERDICT["cmyk"])
-ISSUE_CODES = tuple(CODES)
 
 
-def default_index_path(source: str | os.PathLike) -> Path:
-    return Path(str(source).rstrip("/") + SUFFIX)
-
-
-# ----------------------------------------------------------------------------- the file format
-
-# Every array's name and the dtypes it may have: a header naming anything else is refused before mapping
-# (numpy would otherwise build whatever dtype a damaged header names, objects included).
-ARRAY_DTYPES = {
-    "path_offsets": ("<i4", "<i8"), "path_blob": ("|u1",), "lines": ("<i4", "<i8"), "indptr": ("<i4", "<i8"),
-    "classes": ("<i4",), "confs": ("|u1", "<f4"), "verdict": ("|u1",), "width": ("<u2",), "height": ("<u2",),
-    "shard": ("<i4",), "shard_pos": ("<i4",), "issue_code": ("|u1",), "issue_line": ("<i8",),
-    "issue_file": ("<i4",), "issue_detail_offsets": ("<i8",), "issue_detail_blob": ("|u1",),
-    "issue_path_offsets": ("<i8",), "issue_path_blob": ("|u1",),
-}
-PER_SAMPLE = ("lines", "verdict", "width", "height")  # one value per sample
-MAX_HEADER = 256 << 20  # bytes of JSON header; 17.6k shard names take ~1 MB
-TRAILER_MAGIC = b"HVPSUM\x00\x01"  # then the sha256 of every byte before the trailer
-TRAILER = len(TRAILER_MAGIC) + 32
-REBUILD = "rebuild it with `hvpmtl data index` (never edit or overwrite an index in place)"
-
-
-class Streamed:
-    """An array written in chunks (so a big one never sits in memory twice): `chunks()` yields
-    numpy arrays of `dtype` whose lengths add up to `length`."""
-
-    def __init__(self, dtype, length: int, chunks: Callable[[], Iterable[np.ndarray]]):
-        self.dtype, self.length, self.chunks = np.dtype(dtype), int(length), chunks
-
-
-def _as_streamed(a) -> Streamed:
-    if isinstance(a, Streamed):
-        return a
-    a = np.ascontiguousarray(a)
-    return Streamed(a.dtype, a.size, lambda: (a.reshape(-1)[i:i + CHUNK_ROWS * 8] for i in range(0, a.size,
-                                                                                                 CHUNK_ROWS * 8)))
-
-
-def _header_text(head: dict, data_len: int) -> tuple[bytes, int]:
-    """(the JSON header, where the arrays start): the header records the file's final size, which
-    depends on the header's own length, so lay it out until both agree."""
-    base = 4096
-    for _ in range(8):
-        text = json.dumps(dict(head, file_size=base + data_len + TRAILER, checksum="sha256"),
-                          separators=(",", ":")).encode()
-        need = -(-(16 + len(text)) // 4096) * 4096
-        if need == base:
-            return text, base
-        base = need
-    raise RuntimeError("index header layout does not settle")  # cannot happen: base only grows
-
-
-def temp_name(path: Path, kind: str) -> str:
-    """A temporary name beside `path` that says whose it is: `.<name>.<kind>-<host>-<pid>`."""
-    return f".{path.name}.{kind}-{socket.gethostname()}-{os.getpid()}"
-
-
-def write_index_file(path: str | os.PathLike, header: dict, arrays: dict) -> Path:
-    """Write header + arrays + a sha256 trailer to a new file renamed over `path` (fsync'ed): readers
-    see the old file or the new one, never half of one, and a job that maps the old one keeps it."""
-    path = Path(path)
-    specs = {k: _as_streamed(v) for k, v in arrays.items()}
-    layout, pos = {}, 0
-    for k, s in specs.items():
-        pos = -(-pos // ALIGN) * ALIGN
-        layout[k] = [pos, s.dtype.str, s.length]
-        pos += s.length * s.dtype.itemsize
-    # the arrays start after the header, at a 4 KiB boundary: offsets in the JSON are relative to it
-    text, base = _header_text(dict(header, format=FORMAT, arrays=layout), pos)
-    h = hashlib.sha256()
-    with atomic_file(path, temp_name(path, "tmp"), mode=0o644) as f:
-        def put(b) -> None:
-            h.update(b)
-            f.write(b)
-        put(MAGIC + len(text).to_bytes(8, "little") + text)
-        at = 16 + len(text)
-        for k, s in specs.items():
-            put(bytes(base + layout[k][0] - at))  # zero padding: hashed like the rest
-            n = 0
-            for c in s.chunks():
-                c = np.ascontiguousarray(c, s.dtype)
-                put(memoryview(c).cast("B"))
-                n += c.size
-            if n != s.length:
-                raise RuntimeError(f"index array {k}: wrote {n} of {s.length} values")
-            at = base + layout[k][0] + n * s.dtype.itemsize
-        put(bytes(base + pos - at))
-        f.write(TRAILER_MAGIC + h.digest())
-    return path
-
-
-def is_int(v, lo: int = 0, hi: int = 2**62) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+def _shown(s: str) -> str:
+    """A stored text as the format before showed it: bytes that are not UTF-8 as \\xNN."""
+    try:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode()
 
 
 class DataIndex:
-    """A mapped index. Arrays are read-only numpy views of the mapping; nothing is copied.
+    """A mapped index. Arrays are read-only numpy views of the mapping (through Arrow's zero-copy IPC reader);
+    nothing is copied.
 
-    Nothing in the file is trusted before it is checked: the header's length, every array's name,
-    dtype (a closed list) and extent against the file's size, the lengths against the sample count,
-    the end points of the CSR offsets; all before the arrays are mapped (O(1): no array is scanned).
-    The file stays open: `check_unchanged()` (one fstat, called before each batch's rows are read)
-    turns an index truncated or rewritten in place under a running job into a DataError instead of
-    a SIGBUS. `verify()` checks the whole-file checksum and every array's invariants (offline)."""
+    Nothing in the file is trusted before it is checked: the magic at both ends, the footer's length, the format
+    and header, every column's name and type (a closed list), every buffer's extent inside the file, the lengths
+    against the sample count, the CSR end points; all before an array is used (O(1): no array is scanned). The
+    file stays open: `check_unchanged()` (one fstat, called before each batch's rows are read) turns an index
+    truncated or rewritten in place under a running job into a DataError instead of a SIGBUS, and `take()` reads a
+    batch's rows with pread at the arrays' file offsets. `verify()` checks the whole-file checksum and every
+    array's invariants (offline)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -165,107 +50,212 @@ class DataIndex:
         try:
             self._open(f)
         except BaseException:
-            f.close()
+            self.close(f)
             raise
         self._file = f
 
     def _damaged(self, what: str) -> DataError:
         return DataError(f"{self.path}: damaged data index: {what}; {REBUILD}")
 
-    def _open(self, f) -> None:
-        st = os.fstat(f.fileno())
-        size = st.st_size
-        head = f.read(16)
-        if len(head) < 16 or head[:8] != MAGIC:
-            raise DataError(f"{self.path}: not an hvpmtl data index (rebuild it with `hvpmtl data index`)")
-        n = int.from_bytes(head[8:], "little")
-        if n > min(size - 16, MAX_HEADER):
-            raise self._damaged(f"header length {n} runs past the file's {size} bytes")
+    def _old_format(self, fd: int, size: int) -> DataError:
+        """An index of the custom format before Arrow IPC: named with the command that rebuilds it (its JSON
+        header says from what, when it can be read)."""
+        cmd = "hvpmtl data index --list LIST (or --shards FOLDER)"
         try:
-            self.header = json.loads(f.read(n))
-        except (ValueError, RecursionError):
-            raise self._damaged("the header is not JSON") from None
-        h = self.header
-        if not isinstance(h, dict) or h.get("format") != FORMAT:
-            fmt = h.get("format") if isinstance(h, dict) else None
-            raise DataError(f"{self.path}: index format {str(fmt)[:80]}, expected {FORMAT}; rebuild it")
-        self.has_checksum = h.get("checksum") == "sha256"
-        if "file_size" in h and h["file_size"] != size:
-            raise DataError(f"{self.path}: truncated or changed data index ({size} bytes, written as "
-                            f"{h['file_size']}); {REBUILD}")
-        if not is_int(h.get("num_samples")) or h.get("kind") not in ("list", "shards") or \
-                not isinstance(h.get("arrays"), dict):
-            raise self._damaged("header fields kind, num_samples or arrays are missing or of the wrong type")
-        base = -(-(16 + n) // 4096) * 4096
-        end = size - (TRAILER if self.has_checksum else 0)
-        layout = {}
-        for k, spec in h["arrays"].items():
-            if k not in ARRAY_DTYPES:
-                raise self._damaged(f"unknown array '{str(k)[:40]}'")
-            if not (isinstance(spec, list) and len(spec) == 3 and is_int(spec[0]) and is_int(spec[2])
-                    and spec[1] in ARRAY_DTYPES[k]):
-                raise self._damaged(f"array {k}: layout {str(spec)[:80]} (dtypes allowed: "
-                                    f"{', '.join(ARRAY_DTYPES[k])})")
-            off, dt, length = spec
-            if base + off + length * np.dtype(dt).itemsize > end:
-                raise DataError(f"{self.path}: truncated data index (array {k} runs past the end); {REBUILD}")
-            layout[k] = (off, dt, length)
-        self._check_lengths(layout)
-        self._at = {k: (base + off, np.dtype(dt), length) for k, (off, dt, length) in layout.items()}
-        self._size, self._mtime = size, st.st_mtime_ns
-        self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        if self._mm is not None and len(self._mm) != size:  # changed between fstat and mmap
-            raise DataError(f"{self.path}: the data index changed while it was opened; open it again")
-        self.arrays: dict[str, np.ndarray] = {}
-        for k, (off, dt, length) in layout.items():
-            self.arrays[k] = np.frombuffer(self._mm, dt, length, base + off) if length else np.zeros(0, dt)
-        self._check_ends()
+            n = int.from_bytes(os.pread(fd, 8, 8), "little")
+            h = json.loads(os.pread(fd, n, 16)) if n <= min(size - 16, 64 << 20) else {}
+            if h.get("kind") in ("list", "shards") and isinstance(h.get("source"), str):
+                cmd = f"hvpmtl data index --{h['kind']} {h['source']}"
+                if is_int(h.get("num_classes")):
+                    cmd += f" --num-classes {h['num_classes']}"
+                if default_index_path(h["source"]) != self.path.resolve():
+                    cmd += f" --out {self.path}"
+        except (ValueError, RecursionError, AttributeError, OSError):
+            pass
+        return DataError(f"{self.path}: a data index in the old format (hvpmtl-data-index-v1, before Arrow IPC), "
+                         f"which this hvpmtl does not read; rebuild it with `{cmd}`")
 
-    def _check_lengths(self, layout: dict) -> None:
-        h = self.header
-        n = h["num_samples"]
-        need = dict.fromkeys(("path_offsets", "indptr"), n + 1)
-        need.update(dict.fromkeys(PER_SAMPLE, n))
-        need.update(classes=None, confs=None, path_blob=None)
-        if h["kind"] == "shards":
-            need.update(shard=n, shard_pos=n)
-        for k, want in need.items():
-            if k not in layout:
-                raise self._damaged(f"array {k} is missing")
-            if want is not None and layout[k][2] != want:
-                raise self._damaged(f"array {k} holds {layout[k][2]} values, {want} expected for {n} samples")
-        nnz = h.get("nnz")
-        if not is_int(nnz) or layout["classes"][2] != nnz or layout["confs"][2] != nnz:
-            raise self._damaged(f"{layout['classes'][2]} classes and {layout['confs'][2]} confidences for nnz {nnz}")
-        table = h.get("conf_table")
-        if layout["confs"][1] == "|u1":
-            if not (isinstance(table, list) and len(table) <= 256 and (table or nnz == 0) and
-                    all(isinstance(v, (int, float)) and 0 < v <= 1 for v in table)):
-                raise self._damaged("the confidence table is missing or holds values outside (0, 1]")
+    def _open(self, f) -> None:
+        fd = f.fileno()
+        st = os.fstat(fd)
+        size = st.st_size
+        head = os.pread(fd, 8, 0)
+        if head == OLD_MAGIC:
+            raise self._old_format(fd, size)
+        if head[:6] != MAGIC:
+            raise DataError(f"{self.path}: not an hvpmtl data index (rebuild it with `hvpmtl data index`)")
+        if size < 18 or os.pread(fd, 6, size - 6) != MAGIC:
+            raise DataError(f"{self.path}: truncated data index (no Arrow footer at its end); {REBUILD}")
+        if not schema_regions(fd, size):
+            raise self._damaged(f"the schema or footer length runs past the file's {size} bytes")
+        self._size, self._mtime = size, st.st_mtime_ns
+        self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        if len(self._mm) != size:  # changed between fstat and mmap
+            raise DataError(f"{self.path}: the data index changed while it was opened; open it again")
+        self._buf = pa.py_buffer(self._mm)
+        try:
+            reader = pa.ipc.open_file(pa.BufferReader(self._buf))
+            self._read_metadata(reader.schema.metadata or {})
+            if reader.num_record_batches != 1:
+                raise self._damaged(f"{reader.num_record_batches} record batches, 1 expected")
+            self._check_columns(reader.schema)
+            batch = reader.get_batch(0)
+            batch.validate()
+        except (pa.ArrowException, OSError) as e:  # Arrow's own checks (flatbuffers, body extents)
+            why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise self._damaged(f"Arrow cannot read it ({why})") from None
+        self._batch = batch
+        self._map(batch)
+
+    def _read_metadata(self, meta: dict) -> None:
+        def text(key: str) -> str:
+            v = meta.get(key.encode())
+            if v is None:
+                raise self._damaged(f"no {key} in its metadata")
+            try:
+                return v.decode()
+            except UnicodeDecodeError:
+                raise self._damaged(f"{key} is not UTF-8") from None
+        fmt = meta.get(KEY_FORMAT.encode())
+        if fmt is None:
+            raise DataError(f"{self.path}: not an hvpmtl data index (an Arrow file without {KEY_FORMAT} in its "
+                            "metadata); rebuild it with `hvpmtl data index`")
+        if fmt != FORMAT.encode():
+            raise DataError(f"{self.path}: index format {fmt[:80]!r}, expected {FORMAT}; rebuild it")
+        try:
+            h = json.loads(text(KEY_HEADER))
+        except (ValueError, RecursionError):
+            raise self._damaged("its header is not JSON") from None
+        if not isinstance(h, dict) or not is_int(h.get("num_samples")) or h.get("kind") not in ("list", "shards"):
+            raise self._damaged("header fields kind or num_samples are missing or of the wrong type")
+        if not is_int(h.get("nnz")):
+            raise self._damaged(f"nnz {str(h.get('nnz'))[:40]}")
         if not is_int(h.get("max_class", -1), -1, 2**31 - 1):
             raise self._damaged(f"max_class {str(h.get('max_class'))[:40]}")
         if not is_int(h.get("max_labels", 0), 0, 2**31):
             raise self._damaged(f"max_labels {str(h.get('max_labels'))[:40]}")
-        issues = [k for k in layout if k.startswith("issue_")]
-        if issues:
-            m = layout["issue_code"][2] if "issue_code" in layout else -1
-            for k in ("issue_code", "issue_line", "issue_file"):
-                if layout.get(k, (0, 0, -2))[2] != m:
-                    raise self._damaged(f"issue arrays of different lengths ({k})")
-            for k in ("issue_detail_offsets", "issue_path_offsets"):
-                if layout.get(k, (0, 0, -2))[2] != m + 1:
-                    raise self._damaged(f"issue arrays of different lengths ({k})")
-            files = h.get("issue_files", [])
-            if not isinstance(files, list) or not all(isinstance(x, str) for x in files):
-                raise self._damaged("issue_files is not a list of names")
+        files = h.get("issue_files", [])
+        if not isinstance(files, list) or not all(isinstance(x, str) for x in files):
+            raise self._damaged("issue_files is not a list of names")
+        self.checksum = text(KEY_SHA256)
+        if len(self.checksum) != 64 or not all(c in "0123456789abcdef" for c in self.checksum):
+            raise self._damaged(f"no sha256 checksum in its metadata ({KEY_SHA256} is {self.checksum[:70]!r})")
+        self._issues_text = text(KEY_ISSUES)
+        self._issues = None
+        self.has_checksum = True
+        h["format"] = FORMAT
+        self.header = h
 
-    def _check_ends(self) -> None:
-        """The CSR end points (a few values): every row's slice must lie inside its values array."""
-        a = self.arrays
-        for ptr, values in (("indptr", "classes"), ("path_offsets", "path_blob"),
-                            ("issue_detail_offsets", "issue_detail_blob"), ("issue_path_offsets", "issue_path_blob")):
-            if ptr in a and (int(a[ptr][0]) != 0 or int(a[ptr][-1]) != len(a[values])):
-                raise self._damaged(f"{ptr} runs from {int(a[ptr][0])} to {int(a[ptr][-1])}, not 0 to {len(a[values])}")
+    def _check_columns(self, schema: pa.Schema) -> None:
+        names = schema.names
+        want = SHARD_COLUMNS if self.header["kind"] == "shards" else LIST_COLUMNS
+        for name in names:
+            if name not in want:
+                raise self._damaged(f"unknown column '{str(name)[:40]}'")
+        if len(set(names)) != len(names) or set(names) != set(want):
+            raise self._damaged(f"columns {', '.join(names)[:200]}; expected {', '.join(want)}")
+        for field in schema:
+            if field.type not in COLUMN_TYPES[field.name]:
+                raise self._damaged(f"column {field.name} has type {str(field.type)[:120]} (allowed: "
+                                    f"{'; '.join(str(t) for t in COLUMN_TYPES[field.name])})")
+
+    def _view(self, name: str, buf: Optional[pa.Buffer], dtype, length: int) -> None:
+        """Array `name`: `length` values of `dtype` at the start of `buf`, which must lie inside the file."""
+        dtype = np.dtype(dtype)
+        need = length * dtype.itemsize
+        if need == 0:
+            self._at[name] = (0, dtype, 0)
+            self.arrays[name] = np.zeros(0, dtype)
+            return
+        if buf is None or buf.size < need:
+            raise self._damaged(f"array {name} holds {0 if buf is None else buf.size} bytes, {need} expected")
+        off = buf.address - self._buf.address
+        if not 0 <= off <= self._size - need:
+            raise DataError(f"{self.path}: truncated data index (array {name} runs past the end); {REBUILD}")
+        self._at[name] = (off, dtype, length)
+        self.arrays[name] = np.frombuffer(buf, dtype, length)
+
+    def _offsets(self, name: str, buf: Optional[pa.Buffer], dtype, n: int) -> None:
+        """The n + 1 offsets of a variable-length column (Arrow may store none for 0 rows: then [0])."""
+        if n == 0 and (buf is None or buf.size < np.dtype(dtype).itemsize):
+            self._at[name] = (0, np.dtype(dtype), 0)
+            self.arrays[name] = np.zeros(1, dtype)
+        else:
+            self._view(name, buf, dtype, n + 1)
+
+    def _plain(self, arr: pa.Array, what: str) -> list:
+        if arr.offset != 0 or arr.null_count != 0:
+            raise self._damaged(f"{what}: offset {arr.offset}, {arr.null_count} nulls (none expected)")
+        return arr.buffers()
+
+    def _map(self, batch: pa.RecordBatch) -> None:
+        """The numpy views (by the array names of the format before) and their file offsets for take()."""
+        h, n = self.header, self.header["num_samples"]
+        if batch.num_rows != n:
+            raise self._damaged(f"{batch.num_rows} rows for {n} samples")
+        self.arrays: dict[str, np.ndarray] = {}
+        self._at: dict[str, tuple[int, np.dtype, int]] = {}
+        col = batch.column("path")
+        wide = col.type in (pa.large_string(), pa.large_binary())
+        bufs = self._plain(col, "column path")
+        self._offsets("path_offsets", bufs[1], np.int64 if wide else np.int32, n)
+        blob = self._ends("path_offsets", bufs[2], "path")
+        self._view("path_blob", bufs[2], np.uint8, blob)
+        for name, column in PER_SAMPLE.items():
+            if column not in batch.schema.names:
+                continue
+            col = batch.column(column)
+            if isinstance(col, pa.DictionaryArray):
+                self._plain(col, f"column {column}")
+                col = col.indices
+            bufs = self._plain(col, f"column {column}")
+            self._view(name, bufs[1], NUMPY[col.type], n)
+        col = batch.column("labels")
+        bufs = self._plain(col, "column labels")
+        self._offsets("indptr", bufs[1], np.int64 if isinstance(col, pa.LargeListArray) else np.int32, n)
+        item = col.values
+        self._plain(item, "labels' items")
+        nnz = self._ends("indptr", None, "labels", len(item))
+        if nnz != h["nnz"]:
+            raise self._damaged(f"{nnz} labels, nnz {h['nnz']} in the header")
+        self._view("classes", self._plain(item.field(0), "labels' classes")[1], np.int32, nnz)
+        conf = item.field(1)
+        if isinstance(conf, pa.DictionaryArray):
+            self._plain(conf, "labels' confidences")
+            values = conf.dictionary  # at most 256 float32 (Arrow's to_numpy() would import pandas)
+            vbuf = values.buffers()[1]
+            if values.null_count or values.offset or (len(values) and (vbuf is None or vbuf.size < 4 * len(values))):
+                raise self._damaged("the confidence table is not plain float32 values")
+            table = np.frombuffer(vbuf, np.float32, len(values)) if len(values) else np.zeros(0, np.float32)
+            if len(table) > 256 or (nnz and not len(table)) or not np.all((table > 0) & (table <= 1)):
+                raise self._damaged("the confidence table is missing or holds values outside (0, 1]")
+            h["conf_table"] = [float(v) for v in table]
+            conf = conf.indices
+            dt = np.uint8
+        else:
+            h["conf_table"] = None
+            dt = np.float32
+        self._view("confs", self._plain(conf, "labels' confidences")[1], dt, nnz)
+        names = batch.column("verdict").dictionary
+        try:
+            names.validate(full=True)  # 14 strings: their offsets are read below
+        except pa.ArrowInvalid as e:
+            raise self._damaged(f"the verdict names: {str(e)[:120]}") from None
+        verdicts = names.to_pylist()
+        if verdicts != list(VERDICTS[:len(verdicts)]):
+            raise self._damaged(f"verdict names {str(verdicts)[:120]}, not a prefix of {', '.join(VERDICTS)}")
+        self._verdict_names = len(verdicts)
+
+    def _ends(self, ptr: str, blob: Optional[pa.Buffer], what: str, values: Optional[int] = None) -> int:
+        """The CSR end points (two values): offsets start at 0 and end inside (at the end of) their values.
+        Returns the number of values."""
+        a = self.arrays[ptr]
+        first, last = int(a[0]), int(a[-1])
+        top = values if values is not None else (blob.size if blob is not None else 0)
+        if first != 0 or not 0 <= last <= top or (values is not None and last != values):
+            raise self._damaged(f"{ptr} ({what}) runs from {first} to {last}, not 0 to "
+                                f"{values if values is not None else f'at most {top}'}")
+        return last
 
     def check_unchanged(self) -> None:
         """DataError when the file under the mapping was truncated or rewritten in place (one fstat).
@@ -280,6 +270,10 @@ class DataIndex:
                             f"{st.st_size} bytes): the job stops before it reads damaged labels. A data index must "
                             "never be overwritten in place: build a new one (`hvpmtl data index` writes a new file "
                             "and renames it), then restart the job")
+
+    def file_offset(self, name: str) -> int:
+        """Where array `name`'s first value lies in the file."""
+        return self._at[name][0]
 
     def take(self, name: str, pos) -> np.ndarray:
         """array `name` at positions `pos`, read with pread rather than through the mapping: a batch's
@@ -335,42 +329,85 @@ class DataIndex:
         table = self.header.get("conf_table")
         return np.asarray(table, np.float32)[raw] if table is not None else raw.astype(np.float32)
 
+    def issue_rows(self) -> list:
+        """The stored issues as written ([code, file number, line, detail, path] each), checked."""
+        if self._issues is None:
+            try:
+                rows = json.loads(self._issues_text)
+            except (ValueError, RecursionError):
+                raise self._damaged("its issues are not JSON") from None
+            files = self.header.get("issue_files", [])
+            if not isinstance(rows, list):
+                raise self._damaged("its issues are not a list")
+            for j, r in enumerate(rows):
+                if not (isinstance(r, list) and len(r) == 5 and r[0] in CODES and is_int(r[1], 0, len(files) - 1)
+                        and is_int(r[2]) and isinstance(r[3], str) and isinstance(r[4], str)):
+                    raise self._damaged(f"stored issue {j} is out of range")
+            self._issues = rows
+        return self._issues
+
     def issues(self, errors_only: bool = False, limit: Optional[int] = None) -> list[Issue]:
         """The stored parse/shard issues, in file order."""
         files = self.header.get("issue_files", [])
         out = []
-        codes, lines, fid = self.issue_code, self.issue_line, self.issue_file
-        do, db, po, pb = self.issue_detail_offsets, self.issue_detail_blob, self.issue_path_offsets, self.issue_path_blob
-        for j in range(len(codes)):
-            if codes[j] >= len(ISSUE_CODES) or not 0 <= fid[j] < len(files) or not do[j] <= do[j + 1] <= len(db) \
-                    or not po[j] <= po[j + 1] <= len(pb):
-                raise self._damaged(f"stored issue {j} is out of range")
-            code = ISSUE_CODES[codes[j]]
+        for code, fid, line, detail, path in self.issue_rows():
             if errors_only and CODES[code][0] != "error":
                 continue
-            detail = bytes(db[do[j]:do[j + 1]]).decode(errors="backslashreplace")
-            path = bytes(pb[po[j]:po[j + 1]]).decode(errors="backslashreplace")
-            out.append(make_issue(code, files[fid[j]], int(lines[j]), detail, path))
+            out.append(make_issue(code, files[fid], line, _shown(detail), _shown(path)))
             if limit is not None and len(out) >= limit:
                 break
         return out
 
+    def summary(self) -> list[str]:
+        """What `hvpmtl data index --show` prints (counts the class ids and verdicts: a pass over those arrays)."""
+        h, a = self.header, self.arrays
+        key = h.get("key") or {}
+        if self.kind == "list":
+            built = (f"{self.source} ({key.get('size', 0):,} bytes, mtime_ns {key.get('mtime_ns')}, sha256 "
+                     f"{str(key.get('sha256'))[:16]}…)")
+        else:
+            built = (f"{self.source} (manifest.json sha256 {str((key.get('manifest') or {}).get('sha256'))[:16]}…, "
+                     f"{len(h.get('shards', []))} tars; {h.get('absent', 0):,} samples in no tar)")
+        used = np.zeros(max(0, h.get("max_class", -1)) + 1, bool)
+        for s in range(0, len(a["classes"]), CHUNK_ROWS * 8):
+            c = a["classes"][s:s + CHUNK_ROWS * 8]
+            used[c[(c >= 0) & (c < len(used))]] = True
+        verdicts = np.zeros(len(VERDICTS), np.int64)
+        for s in range(0, len(self), CHUNK_ROWS * 8):
+            verdicts += np.bincount(a["verdict"][s:s + CHUNK_ROWS * 8], minlength=len(VERDICTS))[:len(VERDICTS)]
+        table = h.get("conf_table")
+        confs = (f"{len(table)} distinct ({', '.join(f'{v:.6g}' for v in table[:8])}"
+                 f"{', …' if len(table) > 8 else ''}), one byte each" if table is not None else "float32")
+        meta = h.get("verdicts") or {}
+        by = (f"by {meta.get('by')}" + (f", root {meta['root']}" if meta.get("root") else "") +
+              f", full decode {'yes' if meta.get('full_decode') else 'no'}") if meta else "no validator run yet"
+        issues = h.get("issue_counts") or {}
+        size = self._size
+        return [
+            f"{self.path}",
+            f"  format       {h['format']} (Arrow IPC: pandas.read_feather, pyarrow, duckdb; docs/DATA.md)",
+            f"  kind         {self.kind}, built from {built}",
+            f"  samples      {len(self):,} (of {h.get('num_lines', len(self)):,} lines)",
+            f"  labels       {h['nnz']:,} ({h['nnz'] / max(1, len(self)):.2f} per sample, at most "
+            f"{h.get('max_labels', 0)}); confidences: {confs}",
+            f"  classes      {int(used.sum()):,} used, ids up to {h.get('max_class', -1)} (num_classes "
+            f"{h.get('num_classes')})",
+            "  verdicts     " + ", ".join(f"{VERDICTS[i]} {int(v):,}" for i, v in enumerate(verdicts) if v) +
+            f" ({by})",
+            f"  issues       {sum(issues.values()):,}" +
+            (": " + ", ".join(f"{k} {v:,}" for k, v in sorted(issues.items())) if issues else ""),
+            f"  size         {size:,} bytes ({size / 2**20:.1f} MiB); sha256 {self.checksum}" if size >= 2**20 else
+            f"  size         {size:,} bytes; sha256 {self.checksum}",
+        ]
+
     def verify(self, progress=None) -> list[str]:
         """Every problem a full read finds (offline: `hvpmtl data index --verify`, the validator): the
-        whole-file checksum, then each array's invariants in chunks (offsets rising, classes and
-        confidence codes in range, per-sample sizes), which also covers indexes without a checksum."""
+        whole-file checksum, then each array's invariants in chunks (offsets rising, classes, confidence
+        codes and verdicts in range, per-sample sizes)."""
         problems = []
-        if self.has_checksum:
-            h = hashlib.sha256()
-            want = bytes(self._mm[self._size - 32:])
-            with open(self.path, "rb") as f:  # read(), not the mapping: no SIGBUS if it shrinks meanwhile
-                left = self._size - TRAILER
-                while left > 0 and (chunk := f.read(min(8 << 20, left))):
-                    h.update(chunk)
-                    left -= len(chunk)
-                    if progress is not None:
-                        progress.add(len(chunk))
-            if bytes(self._mm[self._size - TRAILER:self._size - 32]) != TRAILER_MAGIC or h.digest() != want:
+        with open(self.path, "rb") as f:
+            spots = checksum_spots(f.fileno(), self._size, self.checksum.encode())
+            if spots is None or checksum_digest(f, self._size, spots, progress) != self.checksum:
                 problems.append("the sha256 checksum does not match the content")
         a, hd = self.arrays, self.header
         top = hd.get("max_class", -1)
@@ -403,17 +440,18 @@ class DataIndex:
             problems.append(str(e))
         v = a["verdict"]
         for s in range(0, len(v), CHUNK_ROWS * 8):
-            if len(v[s:s + CHUNK_ROWS * 8]) and int(v[s:s + CHUNK_ROWS * 8].max()) >= len(VERDICTS):
+            if len(v[s:s + CHUNK_ROWS * 8]) and int(v[s:s + CHUNK_ROWS * 8].max()) >= self._verdict_names:
                 problems.append(f"verdict codes outside the table near sample {s}")
         return problems
 
-    def close(self) -> None:
+    def close(self, f=None) -> None:
         self.arrays = {}
+        self._batch = self._buf = None
         if self._mm is not None:
             try:
                 self._mm.close()
             except BufferError:  # views still alive: the mapping goes with them
                 pass
-        f = self.__dict__.get("_file")
+        f = f or self.__dict__.get("_file")
         if f is not None:
             f.close()

@@ -19,7 +19,8 @@ from typing import Callable, Optional
 
 from hvpmtl.data.formats.index_build import (clean_leftovers, index_lock, shard_sources, write_list_index,
                                              write_shard_index)
-from hvpmtl.data.formats.index_file import DataIndex, default_index_path, is_int
+from hvpmtl.data.formats.index_file import DataIndex
+from hvpmtl.data.formats.index_format import default_index_path, is_int
 from hvpmtl.data.formats.issues import DataError
 from hvpmtl.data.formats.shards import MANIFEST
 from hvpmtl.fileio import sha256_file

@@ -12,7 +12,7 @@ A shard folder holds
     manifest.json      sample and shard counts, class count, source list, seed, per shard its sample
                        count and tar size
 Training reads none of the tars' contents at start-up: it maps the data index built from these
-files (index_file.py).
+files (index_format.py).
 """
 from __future__ import annotations
 

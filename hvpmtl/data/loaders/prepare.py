@@ -21,7 +21,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from hvpmtl.data.formats import jpeg
-from hvpmtl.data.formats.index_file import FIRST_ERROR, UNCHECKED, VERDICT, VERDICTS, DataIndex
+from hvpmtl.data.formats.index_file import DataIndex
+from hvpmtl.data.formats.index_format import FIRST_ERROR, UNCHECKED, VERDICT, VERDICTS
 from hvpmtl.data.formats.index_fresh import ensure_index
 from hvpmtl.data.formats.issues import DataError, Issue, make_issue, refusal
 from hvpmtl.data.formats.list_file import LabelList

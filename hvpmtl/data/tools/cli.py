@@ -62,9 +62,16 @@ def _make_synthetic(args) -> int:
 
 def _index(args) -> int:
     from hvpmtl.data.formats.index_build import build_list_index, build_shard_index
-    from hvpmtl.data.formats.index_file import DataIndex, default_index_path
+    from hvpmtl.data.formats.index_file import DataIndex
+    from hvpmtl.data.formats.index_format import default_index_path
     from hvpmtl.data.formats.index_fresh import up_to_date
     from hvpmtl.data.tools.jobs import Progress
+    if args.show is not None and not (args.list or args.shards):
+        if not args.show and not args.out:
+            print("hvpmtl data index --show: name the index (--show INDEX), or its --list or --shards",
+                  file=sys.stderr)
+            return 2
+        return _show_index(Path(args.show or args.out), None, None, args.num_classes)
     if bool(args.list) == bool(args.shards):
         print("hvpmtl data index: give either --list or --shards", file=sys.stderr)
         return 2
@@ -73,6 +80,8 @@ def _index(args) -> int:
     kind, source = ("list", args.list) if args.list else ("shards", args.shards)
     out = Path(args.out) if args.out else default_index_path(source)
     num_classes = _num_classes(args) if args.list else args.num_classes
+    if args.show is not None:
+        return _show_index(Path(args.show) if args.show else out, kind, source, num_classes)
     if args.verify:
         return _verify_index(out, kind, source, num_classes)
     t = time.perf_counter()
@@ -112,6 +121,27 @@ def _verify_index(out: Path, kind: str, source: str, num_classes) -> int:
               file=sys.stderr)
         return 2
     print(f"{out}: verified (checksum, structure, fresh by content) in {time.perf_counter() - t:.1f} s")
+    return 0
+
+
+def _show_index(path: Path, kind, source, num_classes) -> int:
+    """`index --show`: what the index holds, what it was built from, and whether it is fresh (no array is
+    changed; the class ids and verdicts are counted)."""
+    from hvpmtl.data.formats.index_file import DataIndex
+    from hvpmtl.data.formats.index_fresh import staleness
+    idx = DataIndex(path)
+    try:
+        if kind is not None and idx.kind != kind:
+            fresh = f"no: it indexes {idx.kind}, not {kind}"
+        else:
+            try:
+                why = staleness(idx, source or idx.source, num_classes)
+                fresh = f"no: {why}" if why else "yes (by size and mtime; `--verify` also checks content and checksum)"
+            except DataError as e:
+                fresh = f"unknown: {e}"
+        print("\n".join(idx.summary() + [f"  fresh        {fresh}"]))
+    finally:
+        idx.close()
     return 0
 
 
@@ -332,6 +362,10 @@ def add_parser(subparsers) -> None:
     x.add_argument("--force", action="store_true",
                    help="rebuild even when the index is up to date (without it: rebuilt unless the source's content "
                         "hash, the class count and the index's checksum all match)")
+    x.add_argument("--show", nargs="?", const="", default=None, metavar="INDEX",
+                   help="build nothing: print what the index holds (samples, labels, classes, verdicts, issues, "
+                        "size), what it was built from and whether it is fresh; INDEX, else --out, else the index "
+                        "of --list or --shards")
     x.add_argument("--verify", action="store_true",
                    help="build nothing: read the whole index (sha256 checksum, array invariants) and check it against "
                         "the source's content; exit 2 naming the problem")

@@ -26,7 +26,8 @@ import numpy as np
 
 from hvpmtl.data.formats import jpeg
 from hvpmtl.data.formats.index_build import build_shard_index
-from hvpmtl.data.formats.index_file import VERDICT, DataIndex
+from hvpmtl.data.formats.index_file import DataIndex
+from hvpmtl.data.formats.index_format import VERDICT
 from hvpmtl.data.formats.issues import DataError
 from hvpmtl.data.formats.list_parse import csr_take
 from hvpmtl.data.formats.shards import FORMAT, LABELS, MANIFEST, write_index  # noqa: F401 (write_index: index-shards)

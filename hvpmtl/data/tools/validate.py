@@ -29,7 +29,8 @@ import numpy as np
 from hvpmtl.data.formats import jpeg
 from hvpmtl.data.formats.dictionary import read_dictionary
 from hvpmtl.data.formats.index_build import build_shard_index, with_verdicts
-from hvpmtl.data.formats.index_file import USABLE, VERDICT, VERDICTS, DataIndex, default_index_path
+from hvpmtl.data.formats.index_file import DataIndex
+from hvpmtl.data.formats.index_format import USABLE, VERDICT, VERDICTS, default_index_path
 from hvpmtl.data.formats.index_fresh import ensure_index
 from hvpmtl.data.formats.issues import DataError, Issue, Report, format_report, make_issue  # noqa: F401 (re-exported)
 from hvpmtl.data.formats.list_parse import no_label_issues

@@ -1,4 +1,6 @@
 """The data index: the same data as the parse, compact, keyed to its source, built once under a lock."""
+import hashlib
+import json
 import multiprocessing
 import os
 import threading
@@ -8,7 +10,8 @@ import numpy as np
 import pytest
 
 from hvpmtl.data.formats.index_build import build_list_index
-from hvpmtl.data.formats.index_file import DataIndex, default_index_path
+from hvpmtl.data.formats.index_file import DataIndex
+from hvpmtl.data.formats.index_format import default_index_path
 from hvpmtl.data.formats.index_fresh import ensure_index
 from hvpmtl.data.formats.issues import DataError
 from hvpmtl.data.formats.list_file import read_list_file, write_list_file
@@ -43,6 +46,39 @@ def test_index_holds_what_the_parse_holds(tmp_path, distinct):
         [(i.code, i.line, i.message) for i in issues if i.code != "no-labels"]
     assert not idx.verdict.any()  # nothing checked yet
     assert not idx.classes.flags.writeable  # a read-only mapping, shared by every rank
+
+
+def test_the_index_opens_in_pandas_and_duckdb_as_built(tmp_path):
+    """The index is an Arrow IPC (Feather v2) file: what docs/DATA.md shows reads the paths, lines and labels the
+    parse holds, and the verdicts by name."""
+    import duckdb
+    import pandas as pd
+    import pyarrow.feather as feather
+
+    p = _write(tmp_path)
+    ref, _ = read_list_file(p, 50)
+    path = build_list_index(p, num_classes=50)
+    paths = [bytes(ref.path_blob[ref.path_offsets[i]:ref.path_offsets[i + 1]]).decode() for i in range(len(ref))]
+    labels = [[(int(c), float(f)) for c, f in zip(ref.classes[ref.indptr[i]:ref.indptr[i + 1]],
+                                                 ref.confs[ref.indptr[i]:ref.indptr[i + 1]])] for i in range(len(ref))]
+    df = pd.read_feather(path)
+    assert list(df.columns) == ["path", "line", "labels", "verdict", "width", "height"]
+    assert df["path"].tolist() == paths and df["line"].tolist() == ref.lines.tolist()
+    assert [[(d["class"], d["conf"]) for d in row] for row in df["labels"]] == labels
+    assert set(df["verdict"].astype(str)) == {"unchecked"}
+    t = feather.read_table(path, memory_map=True)  # zero-copy; duckdb scans it by its Python name
+    got = duckdb.sql("select path, line, labels from t order by line").fetchall()
+    assert [r[0] for r in got] == paths and [r[1] for r in got] == ref.lines.tolist()
+    assert [[(d["class"], d["conf"]) for d in r[2]] for r in got] == labels
+    empty = duckdb.sql("select count(*) from t where len(labels) = 0").fetchall()[0][0]
+    assert empty == int((np.diff(ref.indptr) == 0).sum()) > 0
+    # docs/DATA.md's lines, as they are there
+    rows = duckdb.sql("select path, line, len(labels) as n from t where verdict <> 'ok'").fetchall()
+    assert sorted(rows) == sorted((q, int(li), len(lab)) for q, li, lab in zip(paths, ref.lines, labels))
+    assert json.loads(t.schema.metadata[b"hvpmtl.header"])["key"]["size"] == p.stat().st_size
+    meta = t.schema.metadata
+    assert meta[b"hvpmtl.index"] == b"hvpmtl-data-index-v2"
+    assert json.loads(meta[b"hvpmtl.header"])["key"]["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def test_fresh_stale_and_copied(tmp_path):

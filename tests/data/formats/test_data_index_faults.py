@@ -4,9 +4,11 @@ command (`hvpmtl data ...` in a process or through hvpmtl.cli.main, or the pre-t
 in a message naming the file, never a traceback, a signal or a wait past its bound."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -14,12 +16,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 import hvpmtl.data.formats.index_build as index_mod
 from hvpmtl.cli import main as cli_main
 from hvpmtl.data.formats.index_build import build_list_index
-from hvpmtl.data.formats.index_file import DataIndex, default_index_path
+from hvpmtl.data.formats.index_file import DataIndex
+from hvpmtl.data.formats.index_format import default_index_path
 from hvpmtl.data.formats.index_fresh import ensure_index
 from hvpmtl.data.formats.issues import DataError
 from hvpmtl.data.formats.list_file import write_list_file
@@ -48,73 +52,71 @@ def _hvpmtl(*args, cwd, timeout=120):
     return rc, out
 
 
-def _header(path: Path) -> tuple[int, bytes]:
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[8:16], "little")
-    return n, raw[16:16 + n]
-
-
-def _patch_header(path: Path, old: bytes, new: bytes) -> None:
-    """Replace bytes of the JSON header in place, keeping its length (disk damage, a bad edit)."""
-    assert len(old) == len(new)
-    n, text = _header(path)
-    assert text.count(old) == 1, (old, text[:300])
-    with open(path, "r+b") as f:
-        f.seek(16)
-        f.write(text.replace(old, new))
-
-
-def _array_offset(idx: DataIndex, name: str) -> int:
-    """Byte offset of array `name` in the file."""
-    return idx.arrays[name].__array_interface__["data"][0] - \
-        np.frombuffer(idx._mm, np.uint8).__array_interface__["data"][0]
-
-
-def _poke(path: Path, array: str, pos: int, value) -> None:
-    idx = DataIndex(path)
-    a = idx.arrays[array]
-    off = _array_offset(idx, array) + pos * a.dtype.itemsize
-    raw = np.asarray([value], a.dtype).tobytes()
-    idx.close()
-    with open(path, "r+b") as f:
-        f.seek(off)
-        f.write(raw)
-
-
-# ----------------------------------------------------------------------------- the header and the arrays
-
-
-DAMAGES = {
-    "header length 2^62": lambda p: _overwrite(p, 8, (2**62).to_bytes(8, "little")),
-    "unknown dtype": lambda p: _patch_dtype(p, b"<i4", b"xx9"),
-    "object dtype": lambda p: _patch_dtype(p, b"<i4", b"|O8"),
-    "array past the end": lambda p: _patch_extent(p),
-    "unknown array": lambda p: _patch_header(p, b'"verdict"', b'"verdicX"'),
-    "truncated": lambda p: os.truncate(p, p.stat().st_size - 100),
-    "indptr end": lambda p: _poke(p, "indptr", 200, 7),
-}
-
-
 def _overwrite(p: Path, at: int, raw: bytes) -> None:
     with open(p, "r+b") as f:
         f.seek(at)
         f.write(raw)
 
 
-def _patch_dtype(p: Path, old: bytes, new: bytes) -> None:
-    n, text = _header(p)
-    at = text.index(b'"classes":[')
-    seg = text[at:text.index(b"]", at) + 1]
-    _patch_header(p, seg, seg.replace(old, new))
+def _poke(path: Path, array: str, pos: int, value) -> None:
+    """Overwrite value `pos` of array `array` in place (disk damage, a bad edit)."""
+    idx = DataIndex(path)
+    a = idx.arrays[array]
+    off = idx.file_offset(array) + pos * a.dtype.itemsize
+    raw = np.asarray([value], a.dtype).tobytes()
+    idx.close()
+    _overwrite(path, off, raw)
 
 
-def _patch_extent(p: Path) -> None:
-    n, text = _header(p)
-    at = text.index(b'"classes":[')
-    seg = text[at:text.index(b"]", at) + 1]
-    count = seg.rsplit(b",", 1)[1][:-1]
-    bigger = str(int(count) * 9 + 7).encode()[:len(count)].rjust(len(count), b"9")
-    _patch_header(p, seg, seg[:-1 - len(count)] + bigger + b"]")
+# ----------------------------------------------------------------------------- the header and the arrays
+
+
+def _patch_schema(p: Path, old: bytes, new: bytes) -> None:
+    """Replace bytes of the schema in place, keeping their length: it is stored twice (after the magic and in
+    the footer), both are changed."""
+    assert len(old) == len(new)
+    raw = p.read_bytes()
+    assert raw.count(old) == 2, old
+    at = [raw.index(old), raw.rindex(old)]
+    for a in at:
+        _overwrite(p, a, new)
+
+
+def _retype(p: Path, column: str, make) -> None:
+    """Rewrite the index with `column` replaced by `make(old column)`, metadata kept: a file whose column has
+    a type the index does not have (another tool's, or a bad edit)."""
+    t = pa.ipc.open_file(pa.py_buffer(p.read_bytes())).read_all()  # in memory: the file is rewritten below
+    meta = t.schema.metadata
+    t = t.set_column(t.schema.get_field_index(column), column, make(t.column(column)))
+    with pa.OSFile(str(p), "wb") as sink, pa.ipc.new_file(sink, t.schema.with_metadata(meta)) as w:
+        w.write_table(t)
+
+
+def _past_the_end(p: Path) -> None:
+    """The record batch's buffer of class ids claims 1 GiB more bytes than the file holds."""
+    idx = DataIndex(p)
+    at, nbytes = idx.file_offset("classes"), len(idx.classes) * 4
+    idx.close()
+    raw = p.read_bytes()
+    buf = pa.py_buffer(raw)
+    reader = pa.ipc.MessageReader.open_stream(pa.BufferReader(buf.slice(8)))  # the stream after the magic
+    while (m := reader.read_next_message()).type != "record batch":
+        pass
+    meta, body = m.metadata.address - buf.address, m.body.address - buf.address
+    spec = struct.pack("<qq", at - body, nbytes)  # the Buffer {offset in the body, length} of the class ids
+    where = raw.index(spec, meta, meta + m.metadata.size)
+    _overwrite(p, where + 8, struct.pack("<q", nbytes + 2**30))
+
+
+DAMAGES = {
+    "footer length 2^31-1": lambda p: _overwrite(p, p.stat().st_size - 10, (2**31 - 1).to_bytes(4, "little")),
+    "unknown type": lambda p: _retype(p, "line", lambda c: c.cast(pa.float64())),
+    "nested type": lambda p: _retype(p, "labels", lambda c: pa.array([["x"]] * len(c), pa.list_(pa.string()))),
+    "array past the end": _past_the_end,
+    "unknown column": lambda p: _patch_schema(p, b"\x07\x00\x00\x00verdict\x00", b"\x07\x00\x00\x00verdicX\x00"),
+    "truncated": lambda p: os.truncate(p, p.stat().st_size - 100),
+    "indptr end": lambda p: _poke(p, "indptr", 200, 7),
+}
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
@@ -131,6 +133,33 @@ def test_a_damaged_index_is_named_by_verify_and_rebuilt(tmp_path, damage):
     rc, text = _hvpmtl("index", "--list", p, "--num-classes", 50, cwd=tmp_path)
     assert rc == 0 and "rebuilding" in text and "200 samples" in text, text
     assert _hvpmtl("index", "--list", p, "--num-classes", 50, "--verify", cwd=tmp_path)[0] == 0
+
+
+def _old_format_index(out: Path, source: Path) -> None:
+    """What hvpmtl wrote before Arrow IPC (hvpmtl-data-index-v1): its magic, then its JSON header (which names the
+    source and the class count), then the arrays."""
+    head = json.dumps({"format": "hvpmtl-data-index-v1", "kind": "list", "source": str(source.resolve()),
+                       "num_classes": 50}).encode()
+    out.write_bytes(b"HVPIDX\0\1" + len(head).to_bytes(8, "little") + head + bytes(4096))
+
+
+def test_an_index_in_the_old_format_is_refused_naming_the_command_and_rebuilt_like_a_stale_one(tmp_path):
+    p = _list(tmp_path)
+    out = default_index_path(p)
+    _old_format_index(out, p)
+    cmd = f"hvpmtl data index --list {p.resolve()} --num-classes 50"
+    with pytest.raises(DataError, match=re.escape(f"{out}: a data index in the old format (hvpmtl-data-index-v1, "
+                                                  f"before Arrow IPC), which this hvpmtl does not read; rebuild it "
+                                                  f"with `{cmd}`")):
+        DataIndex(out)
+    # start-up: a big data set names the command, a small one is rebuilt (the stale-index policy)
+    with pytest.raises(DataError, match="old format(.|\n)*Build the data index once with `hvpmtl data index --list"):
+        ensure_index("list", p, num_classes=50, auto_build_max=0)
+    assert len(ensure_index("list", p, num_classes=50, auto_build_max=1000, log=lambda m: None)) == 200
+    _old_format_index(out, p)
+    rc, text = _hvpmtl("index", "--list", p, "--num-classes", 50, cwd=tmp_path)
+    assert rc == 0 and "rebuilding" in text and "old format" in text and "200 samples" in text, text
+    assert DataIndex(out).header["format"] == "hvpmtl-data-index-v2"
 
 
 def test_a_flipped_valid_class_id_is_found_by_the_checksum_and_the_validator_rebuilds(tmp_path):

@@ -59,6 +59,31 @@ def test_index_command_and_progress(syn, tmp_path, capsys):
     assert "cannot read list file" in capsys.readouterr().err
 
 
+def test_index_show_says_what_the_index_holds_and_whether_it_is_fresh(syn, tmp_path, capsys):
+    lst = tmp_path / "train.txt"
+    lst.write_bytes(Path(syn["list_file"]).read_bytes())
+    assert cli_main(["data", "index", "--list", str(lst), "--num-classes", "24"]) == 0
+    capsys.readouterr()
+    index = f"{lst}.hvpidx"
+    assert cli_main(["data", "index", "--show", index]) == 0
+    text = capsys.readouterr().out
+    for want in (f"{index}\n", "format       hvpmtl-data-index-v2", f"kind         list, built from {lst}",
+                 "samples      40 (of 40 lines)", "verdicts     unchecked 40 (no validator run yet)",
+                 "issues       0", "fresh        yes"):
+        assert want in text, (want, text)
+    assert cli_main(["data", "validate", "--list", str(lst), "--root", syn["root"], "--num-classes", "24"]) == 0
+    with open(lst, "a") as f:
+        f.write("new.jpg\t1:1\n")
+    capsys.readouterr()
+    assert cli_main(["data", "index", "--list", str(lst), "--show"]) == 0  # the index beside the list
+    text = capsys.readouterr().out
+    assert "verdicts     ok 40 (by validate, root" in text and "fresh        no: " in text and "has changed" in text
+    assert cli_main(["data", "index", "--show"]) == 2
+    assert "name the index" in capsys.readouterr().err
+    assert cli_main(["data", "index", "--show", str(lst)]) == 2  # the list itself: one line, no traceback
+    assert "not an hvpmtl data index" in capsys.readouterr().err
+
+
 def test_make_synthetic_imagefolder_feeds_the_imagefolder_loader(tmp_path, capsys):
     d = tmp_path / "d"
     assert cli_main(["data", "make-synthetic", "--out", str(d), "--num-images", "24", "--holdout", "20",

@@ -9,7 +9,8 @@ import pytest
 import hvpmtl.data.tools.to_shards as shards_mod
 import hvpmtl.data.tools.validate as validate_mod
 from hvpmtl.cli import main as cli_main
-from hvpmtl.data.formats.index_file import DataIndex, default_index_path
+from hvpmtl.data.formats.index_file import DataIndex
+from hvpmtl.data.formats.index_format import default_index_path
 from hvpmtl.data.formats.issues import DataError
 from hvpmtl.data.tools.jobs import parse_part, part_units
 
