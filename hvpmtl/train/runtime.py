@@ -30,8 +30,7 @@ import torch
 import torch.distributed as dist
 
 from hvpmtl import checkpoint
-from hvpmtl.config import ConfigError, absolute_paths, check_batch_sizes, save_config
-from hvpmtl.data.formats.issues import DataError
+from hvpmtl.config import absolute_paths, check_batch_sizes, save_config
 from hvpmtl.dist import Heartbeat, StepResult, apply_collective_timeout, init_distributed
 from hvpmtl.train import perf, resume_changes
 from hvpmtl.train.deepspeed_setup import DTYPES, build_ds_config, prepare_deepspeed, resolve_precision
@@ -476,9 +475,9 @@ class Trainer:
                     code = EXIT_NONFINITE
                 else:
                     self.finish()
-        except (ConfigError, DataError) as e:
-            # this rank stops on an input error (a bad image: exit 2); its peers, which then lose it in a
-            # collective, read why and stop with the same exit code instead of "a peer died" (exit 5)
+        except Exception as e:  # noqa: BLE001 -- noted only when it is an input error (exit 2), then re-raised
+            # this rank stops on an input error (a bad image, a full disk: exit 2); its peers, which then lose it
+            # in a collective, read why and stop with the same exit code instead of "a peer died" (exit 5)
             if self.world > 1:
                 write_stop_note(self.out_dir, self.rank, e)
             raise
