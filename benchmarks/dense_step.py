@@ -6,7 +6,8 @@ hvpmtl/models/ with the recipe's AdamW, bf16 autocast on a GPU, fp32 on the CPU.
 random objects (detection needs boxes and masks); speed does not depend on their content.
 
     python benchmarks/dense_step.py --device cuda            # one GPU: both rows, JSON lines
-    python benchmarks/dense_step.py --device cpu --tiny      # the CPU twin (ViT-Tiny, small sizes): bench_gpu --tiny
+    python benchmarks/dense_step.py --device cpu --tiny      # the CPU twin (ViT-Tiny, small sizes, 64-wide heads,
+                                                             # few RoIs): bench_gpu --tiny
 
 Each row: images per second (median of --steps timed steps after --warmup), peak memory (GPU: max allocated;
 CPU: max RSS) and the step time.
@@ -26,10 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+# det_kwargs: to build_maskrcnn (the paper row: its defaults, torchvision's heads); seg_channels: UperNet's decoder
 PAPER = {"backbone": "swin_base_patch4_window7_224", "det_sizes": (480, 800), "det_max": 1333, "det_batch": 2,
-         "seg_crop": 512, "seg_batch": 2, "classes_det": 80, "classes_seg": 150}
+         "seg_crop": 512, "seg_batch": 2, "classes_det": 80, "classes_seg": 150, "det_kwargs": {},
+         "seg_channels": 512}
+# the CPU twin: the same models, narrow (64-wide pyramid, FPN and decoder) and with few proposals and sampled RoIs
+# (the per-RoI heads dominate a CPU step otherwise: ~30 s a step at the paper's widths on 2 shared cores)
 TINY = {"backbone": "vit_tiny_patch16_224", "det_sizes": (96, 128), "det_max": 160, "det_batch": 2,
-        "seg_crop": 64, "seg_batch": 2, "classes_det": 4, "classes_seg": 5}
+        "seg_crop": 64, "seg_batch": 2, "classes_det": 4, "classes_seg": 5,
+        "det_kwargs": {"fpn_channels": 64, "vit_width": 64, "rpn_pre_nms_top_n_train": 200,
+                       "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 64},
+        "seg_channels": 64}
 
 
 def _objects(h: int, w: int, n: int, classes: int, g: torch.Generator) -> dict:
@@ -69,7 +77,8 @@ def detection_row(p: dict, device: torch.device, warmup: int, steps: int) -> dic
 
     g = torch.Generator().manual_seed(0)
     short = tuple(range(p["det_sizes"][0], p["det_sizes"][1] + 1, 32))
-    model = build_maskrcnn(p["backbone"], p["classes_det"] + 1, min_size=short, max_size=p["det_max"]).to(device)
+    model = build_maskrcnn(p["backbone"], p["classes_det"] + 1, min_size=short, max_size=p["det_max"],
+                           **p["det_kwargs"]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     h, w = p["det_sizes"][1], int(p["det_sizes"][1] * 4 / 3)
     images = [torch.rand(3, h, w, generator=g).to(device) for _ in range(p["det_batch"])]
@@ -93,7 +102,8 @@ def segmentation_row(p: dict, device: torch.device, warmup: int, steps: int) -> 
 
     g = torch.Generator().manual_seed(0)
     crop, b = p["seg_crop"], p["seg_batch"]
-    model = build_upernet(p["backbone"], p["classes_seg"], img_size=crop, aux_head=True).to(device)
+    model = build_upernet(p["backbone"], p["classes_seg"], img_size=crop, decoder_channels=p["seg_channels"],
+                          aux_head=True).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=0.01)
     x = torch.rand(b, 3, crop, crop, generator=g).to(device)
     y = torch.randint(0, p["classes_seg"], (b, crop, crop), generator=g).to(device)
