@@ -27,5 +27,6 @@ def checkout_env(**extra: str) -> dict:
     """The environment of a fresh shell, with this worktree's package first (the venv may hold another checkout's)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "MASTER_", "WORLD_SIZE"))}
     env["PYTHONPATH"] = str(REPO)
+    env["TRITON_INTERPRET"] = "0"  # a user's shell: the losses' torch path on the CPU (conftest turns it on here)
     env.update(extra)
     return env
