@@ -475,15 +475,13 @@ class Trainer:
                     code = EXIT_NONFINITE
                 else:
                     self.finish()
-        except Exception as e:  # noqa: BLE001 -- noted only when it is an input error (exit 2), then re-raised
-            # this rank stops on an input error (a bad image, a full disk: exit 2); its peers, which then lose it
-            # in a collective, read why and stop with the same exit code instead of "a peer died" (exit 5)
-            if self.world > 1:
-                write_stop_note(self.out_dir, self.rank, e)
-            raise
-        except (RuntimeError, dist.DistError) as e:
-            lost = self.heartbeat.lost_ranks()
+        except Exception as e:  # noqa: BLE001 -- a lost peer is reported; an input error noted; all else re-raised
+            lost = self.heartbeat.lost_ranks() if isinstance(e, (RuntimeError, dist.DistError)) else ""
             if not lost:
+                # this rank stops on an input error (a bad image, a full disk: exit 2); its peers, which then lose
+                # it in a collective, read why and stop with the same exit code instead of "a peer died" (exit 5)
+                if self.world > 1:
+                    write_stop_note(self.out_dir, self.rank, e)
                 raise
             self.peer_lost = True  # the process group cannot be torn down cleanly (entry.py exits at once)
             code = exit_for_lost_peer(self.out_dir, self.world, self.rank, f"{self.log_prefix} rank {self.rank}",
