@@ -101,6 +101,7 @@ class Trainer:
         self._flops_counted = False
         self._saved_step = -1
         self._bar = None
+        self._eta: Eta | None = None  # made by run(); a step run outside it shows no time left
         self.heartbeat = None
 
     def log(self, msg: str) -> None:
@@ -431,7 +432,7 @@ class Trainer:
         if self.is_main:
             show_step(self._bar, metrics, [k for k in self.console_keys if k in metrics], logging_step,
                       f"{self.log_prefix} step {self.step}/{self.total_steps} epoch {self.epoch} "
-                      f"{self._eta.text(self.step)}".rstrip())
+                      f"{self._eta.text(self.step) if self._eta is not None else ''}".rstrip())
 
     def _end_epoch(self, used_up: bool) -> None:
         """The epoch's evaluation (logged), the epoch count, and a checkpoint every checkpoint_every_epochs."""
