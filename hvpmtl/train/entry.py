@@ -15,7 +15,7 @@ from hvpmtl.config import ConfigError, load_config
 from hvpmtl.data.formats.issues import DataError
 from hvpmtl.dist import destroy_process_group
 from hvpmtl.notices import show_notices_as_lines
-from hvpmtl.train.exit_codes import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_PEER_LOST
+from hvpmtl.train.exit_codes import EXIT_CHECKPOINT, EXIT_CONFIG
 
 
 def main(args, parser, schema, make_trainer, name: str = "hvpmtl") -> int:
@@ -34,7 +34,7 @@ def main(args, parser, schema, make_trainer, name: str = "hvpmtl") -> int:
         cfg = load_config(args.config, args.overrides, schema=schema)
         trainer = make_trainer(cfg, args.resume)
         code = trainer.run()
-        peer_lost = getattr(trainer, "peer_lost", False)
+        peer_lost = trainer.peer_lost
     except ConfigError as e:
         print(f"{name}: config error: {e}", file=sys.stderr, flush=True)
     except DataError as e:
@@ -45,7 +45,7 @@ def main(args, parser, schema, make_trainer, name: str = "hvpmtl") -> int:
     except Exception as e:  # noqa: BLE001 -- the input boundary (hvpmtl/cli.py): a file, folder or disk problem
         from hvpmtl.cli import report_input_error  # is one line and exit 2; anything else is said to be a bug
         code = report_input_error(e, name)
-    if code == EXIT_PEER_LOST or peer_lost:
+    if peer_lost:
         os._exit(code)  # a process group with a dead peer can hang in its own teardown
     if ours:
         destroy_process_group()

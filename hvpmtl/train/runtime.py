@@ -103,6 +103,7 @@ class Trainer:
         self._bar = None
         self._eta: Eta | None = None  # made by run(); a step run outside it shows no time left
         self.heartbeat = None
+        self.peer_lost = False  # set when a collective lost a peer: the process group cannot be torn down cleanly
 
     def log(self, msg: str) -> None:
         if self.is_main:
@@ -455,7 +456,6 @@ class Trainer:
         self._eta = Eta(self.step, self.total_steps)
         self.log(self.describe())
         self.heartbeat = Heartbeat(self.rank, self.world)
-        self.peer_lost = False
         clear_stop_note(self.out_dir, self.rank)  # a previous process's
         code = EXIT_OK
         try:
@@ -484,7 +484,7 @@ class Trainer:
                 if self.world > 1:
                     write_stop_note(self.out_dir, self.rank, e)
                 raise
-            self.peer_lost = True  # the process group cannot be torn down cleanly (entry.py exits at once)
+            self.peer_lost = True  # entry.py exits at once
             code = exit_for_lost_peer(self.out_dir, self.world, self.rank, f"{self.log_prefix} rank {self.rank}",
                                       self.step + 1, lost, e)
         finally:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from hvpmtl.config import ConfigError
-from hvpmtl.data.formats.issues import DataError
 from hvpmtl.fileio import atomic_write
 from hvpmtl.train.exit_codes import EXIT_CONFIG, EXIT_PEER_LOST
 
@@ -20,14 +18,11 @@ def stop_note_path(out_dir: Path, rank: int) -> Path:
 def write_stop_note(out_dir: Path, rank: int, e: Exception) -> None:
     """When `e` is an input error (a config, data, file or disk problem: exit 2), say so where the peers look;
     written (and synced) before this rank's sockets close, so a peer that loses it in a collective finds it."""
-    if isinstance(e, (ConfigError, DataError)):
-        first = f"{'data' if isinstance(e, DataError) else 'config'} error: {e}"
-    else:
-        from hvpmtl.cli import input_error  # the boundary's own judgement of what is an input error
+    from hvpmtl.cli import input_error  # the boundary's own judgement of what is an input error
 
-        first = input_error(e)
-        if first is None:  # a bug: the peers report a lost rank
-            return
+    first = input_error(e)
+    if first is None:  # a bug: the peers report a lost rank
+        return
     first = first.strip().splitlines()[0] if first.strip() else type(e).__name__
     try:
         atomic_write(stop_note_path(out_dir, rank), f"rank {rank} stopped on an input error: {first[:2000]}")
