@@ -37,8 +37,6 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import pyarrow as pa
 
-from hvpmtl.data.formats.issues import CODES
-
 MAGIC = b"ARROW1"  # an Arrow IPC file starts and ends with it
 OLD_MAGIC = b"HVPIDX\x00\x01"  # hvpmtl-data-index-v1, the custom format before 2026-12
 FORMAT = "hvpmtl-data-index-v2"
@@ -51,7 +49,6 @@ VERDICT = {c: i for i, c in enumerate(VERDICTS)}
 UNCHECKED, OK = 0, 1
 FIRST_ERROR = VERDICT["missing-file"]  # verdict bytes from here on are errors
 USABLE = (VERDICT["ok"], VERDICT["grayscale"], VERDICT["cmyk"])
-ISSUE_CODES = tuple(CODES)
 
 KEY_FORMAT, KEY_HEADER, KEY_ISSUES, KEY_SHA256 = "hvpmtl.index", "hvpmtl.header", "hvpmtl.issues", "hvpmtl.sha256"
 SHA_BLANK = b"hvpmtl-sha256-to-be-written-here".ljust(64, b"-")  # what the writer hashes in the digest's place

@@ -1,5 +1,5 @@
 """Writing the data index (the format: index_format.py): one record batch over the arrays' buffers (no copy),
-sealed with its sha256, renamed over the old file."""
+sealed with its sha256, renamed over the old file (hvpmtl.fileio.atomic_file)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ import pyarrow as pa
 from hvpmtl.data.formats.index_format import (FORMAT, KEY_FORMAT, KEY_HEADER, KEY_ISSUES, KEY_SHA256, SHA_BLANK,
                                               VERDICTS, checksum_digest, checksum_spots, labels_type, Streamed,
                                               temp_name)
-from hvpmtl.fileio import fsync_dir, fsync_file
+from hvpmtl.fileio import atomic_file
 
 
 def _arrow_buffer(name: str, a, spill: Callable[[], Path]) -> tuple[np.dtype, int, pa.Buffer]:
@@ -85,7 +85,7 @@ def write_index_file(path: str | os.PathLike, header: dict, arrays: dict, issues
     (fsync'ed): readers see the old file or the new one, never half of one, and a job that maps the old one
     keeps it."""
     path = Path(path)
-    tmp = path.with_name(temp_name(path, "tmp"))
+    tmp_name = temp_name(path, "tmp")
     spill_dir: list[Path] = []
 
     def spill() -> Path:
@@ -98,25 +98,19 @@ def write_index_file(path: str | os.PathLike, header: dict, arrays: dict, issues
         head = {k: v for k, v in header.items() if k not in ("format", "conf_table", "arrays", "checksum")}
         meta = {KEY_FORMAT: FORMAT, KEY_HEADER: json.dumps(head, separators=(",", ":")),
                 KEY_ISSUES: json.dumps([list(r) for r in issues], separators=(",", ":")), KEY_SHA256: SHA_BLANK}
-        open(tmp, "wb").close()  # a plain OSError naming the path when the folder is not writable
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, batch.schema.with_metadata(meta)) as w:
-            w.write_batch(batch)
-        with open(tmp, "r+b") as f:
-            size = os.fstat(f.fileno()).st_size
-            spots = checksum_spots(f.fileno(), size, SHA_BLANK)
-            if spots is None:
-                raise RuntimeError(f"{tmp}: the checksum's place is not found once in each schema copy")
-            digest = checksum_digest(f, size, spots).encode()
-            for s in spots:
-                os.pwrite(f.fileno(), digest, s)
-            fsync_file(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_file(path, tmp_name, mode=0o644) as f:
+            with pa.ipc.new_file(f, batch.schema.with_metadata(meta)) as w:
+                w.write_batch(batch)
+            f.flush()
+            with open(path.with_name(tmp_name), "r+b") as g:  # the digest, written in its place(s)
+                size = os.fstat(g.fileno()).st_size
+                spots = checksum_spots(g.fileno(), size, SHA_BLANK)
+                if spots is None:
+                    raise RuntimeError(f"{g.name}: the checksum's place is not found once in each schema copy")
+                digest = checksum_digest(g, size, spots).encode()
+                for spot in spots:
+                    os.pwrite(g.fileno(), digest, spot)
     finally:
         for d in spill_dir:
             shutil.rmtree(d, ignore_errors=True)
-    fsync_dir(path.parent)
     return path
